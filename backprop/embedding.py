@@ -1,0 +1,59 @@
+"""embedding: a gather of table rows, the twin of ``F.embedding``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from backprop import _check
+
+
+class Cache(NamedTuple):
+    indices: torch.Tensor  # (*) int; the table itself is not needed for the gradient
+    num_embeddings: int  # V
+    padding_idx: int | None  # in [0, V), already wrapped
+    dtype: torch.dtype  # of weight, so that dout can be checked
+
+
+@torch.no_grad()
+def forward(
+    indices: torch.Tensor, weight: torch.Tensor, *, padding_idx: int | None = None
+) -> tuple[torch.Tensor, Cache]:
+    """out[..., :] = weight[indices[...], :]."""
+    _check.index("indices", indices)
+    _check.floating("weight", weight)
+    _check.ndim("weight", weight, 2, "(V, E)")
+    _check.same_device(indices=indices, weight=weight)
+    V = weight.shape[0]
+    if padding_idx is not None:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        if not -V <= padding_idx < V:
+            raise ValueError(f"padding_idx must lie in [{-V}, {V - 1}] for V={V}, got {padding_idx}")
+        padding_idx %= V
+    _check.in_range("indices", indices, 0, V)
+    out = weight[indices]  # (*, E); as in F.embedding, the padding row is read like any other
+    return out, Cache(indices, V, padding_idx, weight.dtype)
+
+
+@torch.no_grad()
+def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
+    """dweight[v] = sum over positions p with indices[p] == v of dout[p]; repeats accumulate.
+    dweight[padding_idx] = 0.
+    """
+    indices, V, padding_idx, dtype = cache
+    _check.floating("dout", dout)
+    if dout.ndim != indices.ndim + 1 or dout.shape[:-1] != indices.shape:
+        raise ValueError(
+            f"dout must have shape (*indices.shape, E) = ({', '.join(map(str, indices.shape))}, E), "
+            f"got {tuple(dout.shape)}"
+        )
+    _check.dout(dout, dout.shape, dtype)
+    E = dout.shape[-1]
+    dweight = dout.new_zeros(V, E)  # (V, E)
+    # index_add_, not dweight[indices] = dout: repeated indices must sum, not overwrite
+    dweight.index_add_(0, indices.reshape(-1), dout.reshape(-1, E))
+    if padding_idx is not None:
+        dweight[padding_idx] = 0
+    return None, dweight

@@ -1,0 +1,63 @@
+"""linear: out = x @ weight.T + bias, the twin of ``F.linear``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from backprop import _check
+
+
+class Cache(NamedTuple):
+    x: torch.Tensor  # (*, D) the input, needed for dweight
+    weight: torch.Tensor  # (H, D) needed for dx
+    has_bias: bool
+
+
+@torch.no_grad()
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Cache]:
+    """out[..., h] = sum_d x[..., d] * weight[h, d] + bias[h]."""
+    _check.floating("x", x)
+    _check.floating("weight", weight)
+    _check.ndim("weight", weight, 2, "(H, D)")
+    if x.ndim < 1:
+        raise ValueError(f"x must be at least 1-D (*, D), got 0-D with shape {tuple(x.shape)}")
+    H, D = weight.shape
+    if x.shape[-1] != D:
+        raise ValueError(
+            f"x must have D={D} features in its last dimension to match weight (H, D)=({H}, {D}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    _check.same_dtype("weight", weight, "x", x)
+    if bias is not None:
+        _check.floating("bias", bias)
+        _check.shape("bias", bias, (H,), "(H,) to match weight")
+        _check.same_dtype("bias", bias, "x", x)
+    _check.same_device(x=x, weight=weight, bias=bias)
+
+    x2 = x.reshape(-1, D)  # (N, D) with N the product of the leading dimensions
+    if bias is None:
+        out = x2 @ weight.t()  # (N, H)
+    else:
+        out = torch.addmm(bias, x2, weight.t())  # (N, H)
+    return out.reshape(*x.shape[:-1], H), Cache(x, weight, bias is not None)
+
+
+@torch.no_grad()
+def backward(
+    dout: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """out = x @ W.T + b  gives
+    dx = dout @ W,   dW = dout.T @ x (summed over leading dims),   db = dout.sum(leading dims).
+    """
+    x, weight, has_bias = cache
+    H, D = weight.shape
+    _check.dout(dout, (*x.shape[:-1], H), x.dtype)
+    dout2 = dout.reshape(-1, H)  # (N, H)
+    dx = (dout2 @ weight).reshape(x.shape)  # (*, D)
+    dweight = dout2.t() @ x.reshape(-1, D)  # (H, D)
+    dbias = dout2.sum(0) if has_bias else None  # (H,)
+    return dx, dweight, dbias

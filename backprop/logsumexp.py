@@ -1,0 +1,64 @@
+"""logsumexp: log(sum(exp(x))) along dims, the twin of ``torch.logsumexp``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from backprop import _check
+
+
+class Cache(NamedTuple):
+    x: torch.Tensor  # (*) the input (the caller holds it anyway: no new buffer)
+    shift: torch.Tensor  # x's shape with the reduced dims of size 1: the row max, 0 where not finite
+    sumexp: torch.Tensor  # same shape: sum(exp(x - shift))
+    dims: tuple[int, ...]  # reduced dims, non-negative
+    keepdim: bool
+
+
+def _dims(dim: int | tuple[int, ...] | list[int], ndim: int) -> tuple[int, ...]:
+    raw = (dim,) if isinstance(dim, int) and not isinstance(dim, bool) else dim
+    if not isinstance(raw, (tuple, list)) or len(raw) == 0:
+        raise TypeError(f"dim must be an int or a non-empty tuple of ints, got {dim!r}")
+    dims = tuple(_check.wrap_dim("dim", d, ndim) for d in raw)
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dim must not repeat a dimension, got {dim!r}")
+    return dims
+
+
+@torch.no_grad()
+def forward(
+    x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False
+) -> tuple[torch.Tensor, Cache]:
+    """out = m + log(sum(exp(x - m))) along dim, with m the max along dim (shifted coordinates)."""
+    _check.floating("x", x)
+    dims = _dims(dim, x.ndim)
+    if x.ndim > 0:
+        for d in dims:
+            if x.shape[d] == 0:
+                raise ValueError(f"x must have a non-empty dim {d} to reduce over, got shape {tuple(x.shape)}")
+    if x.ndim == 0:
+        dims = ()  # reducing a 0-d tensor is the identity, as in torch
+    shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
+    # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead, as torch does
+    shift = torch.where(shift.isfinite(), shift, 0.0)
+    sumexp = torch.exp(x - shift).sum(dim=dims, keepdim=True) if dims else torch.exp(x - shift)
+    out = sumexp.log() + shift  # keepdim shape
+    if not keepdim and dims:
+        out = out.squeeze(dims)
+    return out, Cache(x, shift, sumexp, dims, keepdim)
+
+
+@torch.no_grad()
+def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
+    """dx = dout * softmax(x) = dout * exp(x - m) / sum(exp(x - m)), broadcast over the dims.
+    Computed from the shift m, never from exp(x - out): out is rounded, m is exact.
+    """
+    x, shift, sumexp, dims, keepdim = cache
+    out_shape = shift.shape if keepdim or not dims else shift.squeeze(dims).shape
+    _check.dout(dout, out_shape, x.dtype)
+    if dims and not keepdim:
+        dout = dout.reshape(shift.shape)  # put the reduced dims back as size 1 to broadcast
+    dx = torch.exp(x - shift) * (dout / sumexp)  # (*)
+    return (dx,)

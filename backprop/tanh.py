@@ -1,0 +1,30 @@
+"""tanh: elementwise hyperbolic tangent, the twin of ``torch.tanh``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from backprop import _check
+
+
+class Cache(NamedTuple):
+    out: torch.Tensor  # (*) tanh(x): the rule needs only the output, so x is not kept
+
+
+@torch.no_grad()
+def forward(x: torch.Tensor) -> tuple[torch.Tensor, Cache]:
+    """out = tanh(x), elementwise."""
+    _check.floating("x", x)
+    out = torch.tanh(x)
+    return out, Cache(out)
+
+
+@torch.no_grad()
+def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
+    """dx = dout * (1 - out**2), since d tanh(x)/dx = 1 - tanh(x)**2."""
+    out = cache.out
+    _check.dout(dout, out.shape, out.dtype)
+    dx = (1 - out * out) * dout  # (*)
+    return (dx,)

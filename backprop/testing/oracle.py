@@ -1,0 +1,163 @@
+"""One oracle for every kernel: ``check_against_autograd``, plus a finite-difference gradcheck."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch.autograd.gradcheck import GradcheckError
+
+from backprop.autograd import apply
+from backprop.testing.compare import Report, compare
+
+
+class CheckFailure(AssertionError):
+    """A failed check. ``stage`` says which check caught it: forward, gradient, contract, gradcheck."""
+
+    def __init__(self, stage: str, message: str, report: Report | None = None):
+        self.stage, self.report = stage, report
+        table = f"\n{report}" if report is not None else ""
+        super().__init__(f"[{stage}] {message}{table}")
+
+
+def _arg_names(op: ModuleType, n: int) -> list[str]:
+    params = [
+        p.name for p in inspect.signature(op.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return (params + [f"arg{i}" for i in range(len(params), n)])[:n]
+
+
+def _differentiable(a: Any) -> bool:
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def _run(reference: Callable, args: list, options: dict, cast: torch.dtype | None = None):
+    """reference(*args) on fresh leaves (cast to float64 if asked): returns (out, leaves)."""
+    leaves = [
+        (a.detach().to(cast) if cast else a.detach().clone()).requires_grad_()
+        if _differentiable(a) else a
+        for a in args
+    ]
+    return reference(*leaves, **options), leaves
+
+
+def _grads(out: torch.Tensor, leaves: list, dout: torch.Tensor) -> list:
+    """Gradients of out against the float leaves under dout; None for the other arguments."""
+    wrt = [x for x in leaves if _differentiable(x)]
+    got = iter(torch.autograd.grad(out, wrt, dout.to(out.dtype), allow_unused=True))
+    grads = []
+    for x in leaves:
+        g = next(got) if _differentiable(x) else None
+        grads.append(torch.zeros_like(x) if g is None and _differentiable(x) else g)
+    return grads
+
+
+def random_dout(shape: torch.Size, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    """A random upstream gradient: an all-ones dout cannot catch a backward that ignores it."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+
+def check_against_autograd(
+    op: ModuleType,
+    reference: Callable[..., torch.Tensor],
+    *args: Any,
+    seed: int = 0,
+    dout: torch.Tensor | None = None,
+    **options: Any,
+) -> Report:
+    """Check op.forward / op.backward against ``reference`` under autograd.
+
+    Runs the reference in the inputs' dtype and in float64, runs the kernel, and checks the
+    forward, every gradient (against a random upstream gradient) and the kernel contract:
+    a tuple with one gradient per positional argument, None for integer/absent inputs,
+    no input or cache modified, and backward repeatable bit for bit. Returns the Report;
+    raises CheckFailure (an AssertionError) whose message holds the table.
+    """
+    args = list(args)
+    names = _arg_names(op, len(args))
+
+    theirs_out, theirs_leaves = _run(reference, args, options)  # torch in the test dtype
+    if dout is None:
+        dout = random_dout(theirs_out.shape, theirs_out.dtype, theirs_out.device, seed)
+    theirs_grads = _grads(theirs_out, theirs_leaves, dout)
+    ref_out, ref_leaves = _run(reference, args, options, cast=torch.float64)
+    ref_grads = _grads(ref_out, ref_leaves, dout.double())  # the same dout values, upcast exactly
+
+    snapshot = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    dout_before = dout.clone()
+    out, cache = op.forward(*args, **options)
+    report = Report([compare("out", out, theirs_out.detach(), ref_out.detach())])
+    if not report.passed:
+        raise CheckFailure("forward", f"{op.__name__}.forward disagrees with the reference", report)
+
+    cache_before = [v.clone() if isinstance(v, torch.Tensor) else v for v in cache]
+    grads = op.backward(dout, cache)
+    if not isinstance(grads, tuple) or len(grads) != len(args):
+        got = f"{type(grads).__name__} of length {len(grads)}" if hasattr(grads, "__len__") else repr(grads)
+        raise CheckFailure(
+            "contract", f"backward must return a tuple of {len(args)} gradients ({names}), got {got}"
+        )
+    for name, a, g in zip(names, args, grads):
+        if not _differentiable(a):
+            if g is not None:
+                raise CheckFailure("contract", f"d{name} must be None for a non-float input, got a tensor")
+        elif not isinstance(g, torch.Tensor):
+            raise CheckFailure("contract", f"d{name} must be a tensor, got {type(g).__name__}")
+        elif (g.shape, g.dtype, g.device) != (a.shape, a.dtype, a.device):
+            raise CheckFailure(
+                "contract",
+                f"d{name} must match {name}: shape {tuple(a.shape)}, {a.dtype}, {a.device}; "
+                f"got {tuple(g.shape)}, {g.dtype}, {g.device}",
+            )
+    for name, a, g, t, r in zip(names, args, grads, theirs_grads, ref_grads):
+        if g is not None:
+            report.append(compare(f"d{name}", g, t, r))
+    if not report.passed:
+        raise CheckFailure("gradient", f"{op.__name__}.backward disagrees with autograd", report)
+
+    for name, a, s in zip(names, args, snapshot):
+        if isinstance(a, torch.Tensor) and not torch.equal(a, s) and not (a.isnan() | s.isnan()).any():
+            raise CheckFailure("contract", f"{name} was modified by forward or backward")
+    if not torch.equal(dout, dout_before) and not dout.isnan().any():
+        raise CheckFailure("contract", "dout was modified by backward")
+    for i, (v, before) in enumerate(zip(cache, cache_before)):
+        if isinstance(v, torch.Tensor) and not _bitwise_equal(v, before):
+            raise CheckFailure("contract", f"cache field {cache._fields[i]} was modified by backward")
+    again = op.backward(dout, cache)
+    for name, g, h in zip(names, grads, again):
+        if g is not None and not _bitwise_equal(g, h):
+            raise CheckFailure("contract", f"a second backward on the same cache changed d{name}")
+    return report
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit: NaN equals NaN, -0.0 differs from 0.0."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
+    return torch.equal(a, b)
+
+
+def check_gradcheck(op: ModuleType, *args: Any, **options: Any) -> None:
+    """Finite differences in float64 through the autograd adapter (independent of any formula)."""
+    args = list(args)
+    where = [i for i, a in enumerate(args) if _differentiable(a)]
+    inputs = tuple(args[i].detach().double().requires_grad_() for i in where)
+
+    def run(*xs: torch.Tensor) -> torch.Tensor:
+        full = list(args)
+        for i, x in zip(where, xs):
+            full[i] = x
+        return apply(op, *full, **options)
+
+    try:
+        torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    except GradcheckError as e:
+        raise CheckFailure("gradcheck", f"{op.__name__}: {e}") from None

@@ -1,0 +1,60 @@
+"""The torch twin of each op, with the op's exact signature: the oracle's reference functions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    return F.cross_entropy(
+        logits, targets, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+
+
+def logsumexp(x, *, dim=-1, keepdim=False):
+    return torch.logsumexp(x, dim=dim, keepdim=keepdim)
+
+
+def batch_norm_composed(x, weight=None, bias=None, *, eps=1e-5, correction=0):
+    """The makemore notebook's atoms: mean, diff, diff**2, var (1/(N - correction)), rsqrt."""
+    mean = x.mean(0, keepdim=True)
+    diff = x - mean
+    var = (diff**2).sum(0, keepdim=True) / (x.shape[0] - correction)
+    out = diff * (var + eps) ** -0.5
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def batch_norm(x, weight=None, bias=None, *, eps=1e-5, correction=0):
+    """F.batch_norm in training mode for correction=0; the composed notebook ops otherwise
+    (torch has no op for the Bessel-corrected case) and for N=1, which F.batch_norm refuses."""
+    if correction == 0 and x.shape[0] > 1:
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    return batch_norm_composed(x, weight, bias, eps=eps, correction=correction)
+
+
+def tanh(x):
+    return torch.tanh(x)
+
+
+def linear(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+def embedding(indices, weight, *, padding_idx=None):
+    return F.embedding(indices, weight, padding_idx=padding_idx)
+
+
+REFERENCES = {
+    "cross_entropy": cross_entropy,
+    "logsumexp": logsumexp,
+    "batch_norm": batch_norm,
+    "tanh": tanh,
+    "linear": linear,
+    "embedding": embedding,
+}

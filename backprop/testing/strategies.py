@@ -1,0 +1,140 @@
+"""Hypothesis strategies for kernel inputs: shapes, dtypes, values, options and seeds.
+
+Each ``<op>_cases(...)`` strategy draws ``(args, options)`` ready for
+``check_against_autograd(op, reference, *args, **options)``. Values come from a seeded
+torch.Generator (a drawn seed), so a failing example replays exactly and shrinks well.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def dtypes(low_precision: bool = True) -> st.SearchStrategy[torch.dtype]:
+    """float64 and float32 always; bfloat16 where meaningful."""
+    return st.sampled_from(FLOAT_DTYPES if low_precision else FLOAT_DTYPES[:2])
+
+
+def sizes(min_size: int = 1, max_size: int = 9) -> st.SearchStrategy[int]:
+    """Small sizes, 1 and odd sizes included."""
+    return st.integers(min_size, max_size)
+
+
+def shapes(min_dims: int = 0, max_dims: int = 3, min_side: int = 1, max_side: int = 6):
+    return st.lists(sizes(min_side, max_side), min_size=min_dims, max_size=max_dims).map(tuple)
+
+
+scales = st.sampled_from([1e-2, 1.0, 10.0])  # spread of the values
+shifts = st.sampled_from([0.0, 0.0, 1e4, -1e4])  # large common offsets: stability checks
+
+
+def values(shape, dtype, seed, *, scale=1.0, shift=0.0, device="cpu") -> torch.Tensor:
+    """randn * scale + shift, drawn in float64 from a seeded generator, then rounded to dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale + shift
+    return x.to(dtype).to(device)
+
+
+def integers(shape, low, high, seed, device="cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, tuple(shape), generator=gen).to(device)
+
+
+@st.composite
+def cross_entropy_cases(draw, device="cpu", dtype=None):
+    dtype = dtype or draw(dtypes(), label="dtype")
+    N, C = draw(sizes(1, 16), label="N"), draw(sizes(1, 12), label="C")
+    scale = draw(st.sampled_from([1e-2, 1.0, 10.0, 1e4]), label="scale")  # 1e4: logits of +-1e4
+    logits = values((N, C), dtype, draw(seeds), scale=scale, shift=draw(shifts, label="shift"),
+                    device=device)
+    targets = integers((N,), 0, C, draw(seeds), device)
+    ignore_index = draw(st.sampled_from([-100, *range(C)]), label="ignore_index")
+    n_ignored = draw(st.integers(0, N), label="n_ignored")
+    targets[:n_ignored] = ignore_index
+    options = {
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"]), label="reduction"),
+        "ignore_index": ignore_index,
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="label_smoothing"),
+    }
+    return (logits, targets), options
+
+
+@st.composite
+def logsumexp_cases(draw, device="cpu", dtype=None):
+    dtype = dtype or draw(dtypes(), label="dtype")
+    shape = draw(shapes(0, 4), label="shape")
+    x = values(shape, dtype, draw(seeds), scale=draw(scales, label="scale"),
+               shift=draw(shifts, label="shift"), device=device)
+    n_inf = draw(st.integers(0, x.numel()), label="n_neg_inf")  # -inf entries, whole rows too
+    x.view(-1)[:n_inf] = -torch.inf
+    rank = max(len(shape), 1)
+    dim = draw(
+        st.one_of(
+            st.integers(-rank, rank - 1),
+            st.lists(st.integers(0, rank - 1), min_size=1, max_size=rank, unique=True).map(tuple),
+        ),
+        label="dim",
+    )
+    return (x,), {"dim": dim, "keepdim": draw(st.booleans(), label="keepdim")}
+
+
+@st.composite
+def batch_norm_cases(draw, device="cpu", dtype=None):
+    dtype = dtype or draw(dtypes(), label="dtype")
+    correction = draw(st.sampled_from([0, 1]), label="correction")
+    N, C = draw(sizes(correction + 1, 33), label="N"), draw(sizes(1, 12), label="C")
+    x = values((N, C), dtype, draw(seeds), scale=draw(scales, label="scale"),
+               shift=draw(st.sampled_from([0.0, 3.0, -50.0]), label="shift"), device=device)
+    weight = values((C,), dtype, draw(seeds), shift=1.0, device=device)
+    bias = values((C,), dtype, draw(seeds), device=device)
+    weight = weight if draw(st.booleans(), label="has_weight") else None
+    bias = bias if draw(st.booleans(), label="has_bias") else None
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]), label="eps")
+    return (x, weight, bias), {"eps": eps, "correction": correction}
+
+
+@st.composite
+def tanh_cases(draw, device="cpu", dtype=None):
+    dtype = dtype or draw(dtypes(), label="dtype")
+    x = values(draw(shapes(0, 4), label="shape"), dtype, draw(seeds),
+               scale=draw(st.sampled_from([1e-3, 1.0, 3.0, 30.0]), label="scale"), device=device)
+    return (x,), {}
+
+
+@st.composite
+def linear_cases(draw, device="cpu", dtype=None):
+    dtype = dtype or draw(dtypes(), label="dtype")
+    lead = draw(shapes(0, 3, 1, 5), label="leading")
+    D, H = draw(sizes(1, 17), label="D"), draw(sizes(1, 17), label="H")
+    scale = draw(scales, label="scale")
+    x = values((*lead, D), dtype, draw(seeds), scale=scale, device=device)
+    weight = values((H, D), dtype, draw(seeds), device=device)
+    bias = values((H,), dtype, draw(seeds), device=device) if draw(st.booleans(), label="has_bias") else None
+    return (x, weight, bias), {}
+
+
+@st.composite
+def embedding_cases(draw, device="cpu", dtype=None):
+    dtype = dtype or draw(dtypes(), label="dtype")
+    V, E = draw(sizes(1, 20), label="V"), draw(sizes(1, 9), label="E")
+    shape = draw(shapes(0, 3, 0, 7), label="indices_shape")  # empty index tensors included
+    high = draw(st.integers(1, V), label="index_high")  # small highs force repeated indices
+    indices = integers(shape, 0, high, draw(seeds), device)
+    weight = values((V, E), dtype, draw(seeds), device=device)
+    padding_idx = draw(st.one_of(st.none(), st.integers(-V, V - 1)), label="padding_idx")
+    return (indices, weight), {"padding_idx": padding_idx}
+
+
+CASES = {
+    "cross_entropy": cross_entropy_cases,
+    "logsumexp": logsumexp_cases,
+    "batch_norm": batch_norm_cases,
+    "tanh": tanh_cases,
+    "linear": linear_cases,
+    "embedding": embedding_cases,
+}

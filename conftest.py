@@ -1,0 +1,35 @@
+"""Shared pytest configuration: hypothesis profiles and the device fixture.
+
+Profiles (choose with HYPOTHESIS_PROFILE=<name>):
+  ci        derandomised and bounded; used whenever CI is set (hypothesis's own 'ci' is replaced)
+  dev       the local default: random seeds, a moderate number of examples
+  thorough  deep runs: many examples, random seeds
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", derandomize=True, max_examples=40, **_common)
+settings.register_profile("dev", max_examples=40, **_common)
+settings.register_profile("thorough", max_examples=1000, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES, scope="session")
+def device(request):
+    return request.param

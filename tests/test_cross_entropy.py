@@ -1,0 +1,83 @@
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from backprop import cross_entropy
+from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing.strategies import cross_entropy_cases
+
+
+@given(data=st.data())
+def test_matches_autograd(device, data):
+    args, options = data.draw(cross_entropy_cases(device), label="case")
+    check_against_autograd(cross_entropy, references.cross_entropy, *args, **options)
+
+
+@given(data=st.data())
+def test_gradcheck(data):
+    args, options = data.draw(cross_entropy_cases(dtype=torch.float64), label="case")
+    logits, targets = args
+    # the mean over zero kept rows is nan (0/0) everywhere: no derivative to difference
+    assume(options["reduction"] != "mean" or bool((targets != options["ignore_index"]).any()))
+    check_gradcheck(cross_entropy, *args, **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_of_1e4_are_finite_and_correct(device, reduction):
+    logits = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 1e4 - 1]], device=device)
+    targets = torch.tensor([1, 2], device=device)
+    loss, cache = cross_entropy.forward(logits, targets, reduction=reduction)
+    assert torch.isfinite(loss).all()
+    check_against_autograd(cross_entropy, references.cross_entropy, logits, targets,
+                           reduction=reduction)
+
+
+def test_every_row_ignored_gives_nan_loss_and_zero_gradient_like_torch():
+    logits = torch.randn(3, 4)
+    targets = torch.full((3,), -100)
+    loss, cache = cross_entropy.forward(logits, targets)
+    assert loss.isnan()
+    (dlogits, _) = cross_entropy.backward(torch.tensor(1.0), cache)
+    assert torch.equal(dlogits, torch.zeros(3, 4))
+
+
+def test_ignored_rows_do_not_count_in_the_mean():
+    logits, targets = torch.randn(4, 5, dtype=torch.float64), torch.tensor([1, -100, 3, -100])
+    loss, _ = cross_entropy.forward(logits, targets)
+    kept, _ = cross_entropy.forward(logits[[0, 2]], targets[[0, 2]])
+    torch.testing.assert_close(loss, kept)
+
+
+@pytest.mark.parametrize(
+    "logits, targets, options, error, message",
+    [
+        (torch.randn(3), torch.tensor([0]), {}, ValueError, r"logits must be 2-D \(N, C\), got 1-D"),
+        (torch.randn(3, 4), torch.tensor([0, 1]), {}, ValueError, r"targets must have shape \(3,\)"),
+        (torch.randn(3, 4), torch.rand(3), {}, TypeError, r"targets must be .*int64, got dtype torch.float32"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 4]), {}, ValueError, r"targets must lie in \[0, 4\).*got 4 at index \(2,\)"),
+        (torch.randn(3, 4), torch.tensor([0, -1, 2]), {}, ValueError, r"targets must lie in \[0, 4\) \(or -100\), got -1"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"reduction": "avg"}, ValueError, r"reduction must be one of .* got 'avg'"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.5"),
+        (torch.randint(0, 3, (3, 4)), torch.tensor([0, 1, 2]), {}, TypeError, r"logits must be a floating-point tensor, got dtype torch.int64"),
+        (torch.randn(3, 0), torch.tensor([0, 1, 2]), {}, ValueError, r"logits must have at least one class"),
+    ],
+)
+def test_bad_input(logits, targets, options, error, message):
+    with pytest.raises(error, match=message):
+        cross_entropy.forward(logits, targets, **options)
+
+
+def test_bad_dout():
+    _, cache = cross_entropy.forward(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"dout must have the shape of the forward output \(\), got \(3,\)"):
+        cross_entropy.backward(torch.ones(3), cache)
+    with pytest.raises(TypeError, match=r"dout must have the dtype .*float32.*got torch.float64"):
+        cross_entropy.backward(torch.tensor(1.0, dtype=torch.float64), cache)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_on_different_devices():
+    with pytest.raises(ValueError, match=r"one device, got logits on cpu, targets on cuda"):
+        cross_entropy.forward(torch.randn(2, 3), torch.tensor([0, 1], device="cuda"))
