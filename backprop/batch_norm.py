@@ -49,8 +49,6 @@ def forward(
         raise ValueError(
             f"x must have more rows than correction={correction} to estimate a variance, got N={N}"
         )
-    if N == 0:
-        raise ValueError(f"x must have at least one row, got shape {tuple(x.shape)}")
     if not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
@@ -61,9 +59,7 @@ def forward(
     var = (xc * xc).sum(0) / (N - correction)  # (C,)
     rstd = torch.rsqrt(var + eps)  # (C,)
     xhat = xc * rstd  # (N, C)
-    out = xhat
-    if weight is not None:
-        out = out * weight.to(acc)
+    out = xhat * weight.to(acc) if weight is not None else xhat.clone()  # never alias the cache
     if bias is not None:
         out = out + bias.to(acc)
     return out.to(x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype)

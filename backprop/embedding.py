@@ -33,7 +33,9 @@ def forward(
             raise ValueError(f"padding_idx must lie in [{-V}, {V - 1}] for V={V}, got {padding_idx}")
         padding_idx %= V
     _check.in_range("indices", indices, 0, V)
-    out = weight[indices]  # (*, E); as in F.embedding, the padding row is read like any other
+    # index_select copies (weight[i] with a 0-d i would alias the table); as in F.embedding,
+    # the padding row is read like any other
+    out = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[1])
     return out, Cache(indices, V, padding_idx, weight.dtype)
 
 

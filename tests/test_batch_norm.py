@@ -1,0 +1,71 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backprop import batch_norm
+from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing.strategies import batch_norm_cases
+
+
+@given(data=st.data())
+def test_matches_autograd(device, data):
+    args, options = data.draw(batch_norm_cases(device), label="case")
+    check_against_autograd(batch_norm, references.batch_norm, *args, **options)
+
+
+@given(data=st.data())
+def test_gradcheck(data):
+    args, options = data.draw(batch_norm_cases(dtype=torch.float64), label="case")
+    check_gradcheck(batch_norm, *args, **options)
+
+
+def test_correction_1_is_the_notebook_formula():
+    x, w, b = torch.randn(32, 64, dtype=torch.float64), torch.randn(64, dtype=torch.float64), None
+    out, _ = batch_norm.forward(x, w, b, correction=1)
+    expected = w * (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=True) + 1e-5)
+    torch.testing.assert_close(out, expected)
+
+
+def test_notebook_fused_backward(device):
+    """The notebook's exercise 3: dx = w*rstd/n * (n*dout - dout.sum(0) - n/(n-1)*xhat*(dout*xhat).sum(0))."""
+    n = 32
+    x = torch.randn(n, 64, dtype=torch.float64, device=device) * 2 + 1
+    w = torch.randn(64, dtype=torch.float64, device=device)
+    dout = torch.randn(n, 64, dtype=torch.float64, device=device)
+    _, cache = batch_norm.forward(x, w, None, correction=1)
+    dx, _, _ = batch_norm.backward(dout, cache)
+    xhat, rstd = cache.xhat, cache.rstd
+    expected = w * rstd / n * (n * dout - dout.sum(0) - n / (n - 1) * xhat * (dout * xhat).sum(0))
+    torch.testing.assert_close(dx, expected)
+
+
+def test_a_single_row_with_correction_0_normalises_to_the_bias():
+    x, b = torch.randn(1, 3), torch.randn(3)
+    check_against_autograd(batch_norm, references.batch_norm, x, torch.randn(3), b)
+
+
+@pytest.mark.parametrize(
+    "x, weight, bias, options, error, message",
+    [
+        (torch.randn(4), None, None, {}, ValueError, r"x must be 2-D \(N, C\), got 1-D"),
+        (torch.randn(4, 3), torch.randn(4), None, {}, ValueError, r"weight must have shape \(3,\) .*got \(4,\)"),
+        (torch.randn(4, 3), None, torch.randn(2), {}, ValueError, r"bias must have shape \(3,\) .*got \(2,\)"),
+        (torch.randn(1, 3), None, None, {"correction": 1}, ValueError, r"x must have more rows than correction=1 .*got N=1"),
+        (torch.randn(0, 3), None, None, {}, ValueError, r"x must have more rows than correction=0 .*got N=0"),
+        (torch.randn(4, 3), None, None, {"correction": -1}, ValueError, r"correction must be a non-negative int, got -1"),
+        (torch.randn(4, 3), None, None, {"eps": -1.0}, ValueError, r"eps must be a non-negative float, got -1.0"),
+        (torch.randn(4, 3), torch.randn(3, dtype=torch.float64), None, {}, TypeError, r"weight must have the dtype of x \(torch.float32\), got torch.float64"),
+        (torch.arange(6).reshape(2, 3), None, None, {}, TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
+    ],
+)
+def test_bad_input(x, weight, bias, options, error, message):
+    with pytest.raises(error, match=message):
+        batch_norm.forward(x, weight, bias, **options)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_on_different_devices():
+    with pytest.raises(ValueError, match=r"one device, got x on cpu, weight on cuda:0"):
+        batch_norm.forward(torch.randn(4, 3), torch.randn(3, device="cuda"))

@@ -1,0 +1,144 @@
+"""The kernel contract, checked the same way for every op."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import backprop
+from backprop.autograd import apply
+from backprop.testing.oracle import _bitwise_equal, random_dout
+from backprop.testing.strategies import CASES
+
+OPS = list(backprop.OPS)
+
+
+def run(op, args, options, dout=None, seed=0):
+    out, cache = op.forward(*args, **options)
+    if dout is None:
+        dout = random_dout(out.shape, out.dtype, out.device, seed)
+    return out, cache, op.backward(dout, cache), dout
+
+
+def noncontiguous(t):
+    """The same values, laid out with stride 2 in every dimension."""
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return t
+    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
+    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_module_shape(name):
+    op = backprop.OPS[name]
+    assert callable(op.forward) and callable(op.backward)
+    assert hasattr(op.Cache, "_fields"), "Cache must be a NamedTuple"
+    assert op.backward.__doc__ and "d" in op.backward.__doc__, "backward documents its derivation"
+
+
+@pytest.mark.parametrize("name", OPS)
+@given(data=st.data())
+def test_grads_tuple_with_none_where_due(name, data):
+    op = backprop.OPS[name]
+    args, options = data.draw(CASES[name](), label="case")
+    _, cache, grads, _ = run(op, args, options)
+    assert isinstance(cache, op.Cache)
+    assert isinstance(grads, tuple) and len(grads) == len(args)
+    for a, g in zip(args, grads):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            assert (g.shape, g.dtype, g.device) == (a.shape, a.dtype, a.device)
+        else:
+            assert g is None
+
+
+@pytest.mark.parametrize("name", OPS)
+@given(data=st.data())
+def test_pure_deterministic_and_autograd_free(name, data):
+    op = backprop.OPS[name]
+    args, options = data.draw(CASES[name](), label="case")
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args]
+    before = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out, cache, grads, dout = run(op, args, options)
+    assert out.grad_fn is None and not out.requires_grad, "no autograd graph inside the kernel"
+    assert all(not isinstance(v, torch.Tensor) or v.grad_fn is None for v in cache)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor):
+            assert _bitwise_equal(a.detach(), b), "an input was modified"
+    out2, _, grads2, _ = run(op, args, options, dout=dout)
+    assert _bitwise_equal(out, out2)
+    again = op.backward(dout, cache)
+    for g, g2, g3 in zip(grads, grads2, again):
+        assert g is None or (_bitwise_equal(g, g2) and _bitwise_equal(g, g3))
+
+
+@pytest.mark.parametrize("name", OPS)
+@given(data=st.data())
+def test_noncontiguous_inputs_give_the_same_results(name, data):
+    op = backprop.OPS[name]
+    args, options = data.draw(CASES[name](dtype=torch.float64), label="case")
+    out, _, grads, dout = run(op, args, options)
+    out_nc, _, grads_nc, _ = run(op, [noncontiguous(a) for a in args], options,
+                                 dout=noncontiguous(dout))
+    # float64 at torch.testing's float64 tolerances, not bitwise: a reduction over strided memory
+    # may sum in another order, and batch_norm's cancellation (shift 50, spread 0.01) magnifies that
+    torch.testing.assert_close(out_nc, out, equal_nan=True)
+    for g, g_nc in zip(grads, grads_nc):
+        if g is not None:
+            torch.testing.assert_close(g_nc, g, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_adapter_backward_is_the_kernel(name):
+    op = backprop.OPS[name]
+    args, options = _fixed_case(name)
+    out, cache, grads, dout = run(op, args, options)
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
+              and a.is_floating_point() else a for a in args]
+    y = apply(op, *leaves, **options)
+    y.backward(dout)
+    assert _bitwise_equal(y.detach(), out)
+    for leaf, g in zip(leaves, grads):
+        if g is not None:
+            assert _bitwise_equal(leaf.grad, g)
+
+
+def _fixed_case(name):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "cross_entropy": ((r(6, 5), torch.tensor([0, 4, -100, 2, 2, 1])), {"label_smoothing": 0.1}),
+        "logsumexp": ((r(3, 4, 5),), {"dim": (0, 2)}),
+        "batch_norm": ((r(8, 3), r(3), r(3)), {"correction": 1}),
+        "tanh": ((r(4, 5),), {}),
+        "linear": ((r(2, 3, 4), r(5, 4), r(5)), {}),
+        "embedding": ((torch.tensor([[1, 1], [0, 3]]), r(4, 3)), {"padding_idx": 0}),
+    }[name]
+
+
+def test_adapter_drops_into_a_model():
+    """A two-layer MLP whose backward runs entirely through our kernels matches autograd."""
+    g = torch.Generator().manual_seed(1)
+    idx, y = torch.randint(0, 27, (32, 3), generator=g), torch.randint(0, 27, (32,), generator=g)
+    params = [torch.randn(27, 10, generator=g), torch.randn(64, 30, generator=g) * 0.2,
+              torch.randn(64, generator=g), torch.randn(27, 64, generator=g) * 0.1]
+    import torch.nn.functional as F
+
+    def loss_fn(C, W1, b1, W2, ours):
+        if ours:
+            emb = apply(backprop.embedding, idx, C).reshape(32, 30)
+            h = apply(backprop.tanh, apply(backprop.batch_norm, apply(backprop.linear, emb, W1, b1)))
+            return apply(backprop.cross_entropy, apply(backprop.linear, h, W2), y)
+        h = torch.tanh(F.batch_norm(F.linear(F.embedding(idx, C).reshape(32, 30), W1, b1),
+                                    None, None, training=True))
+        return F.cross_entropy(F.linear(h, W2), y)
+
+    grads = []
+    for ours in (True, False):
+        leaves = [p.clone().requires_grad_() for p in params]
+        loss_fn(*leaves, ours).backward()
+        grads.append([p.grad for p in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

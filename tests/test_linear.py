@@ -1,0 +1,49 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backprop import linear
+from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing.strategies import linear_cases
+
+
+@given(data=st.data())
+def test_matches_autograd(device, data):
+    args, options = data.draw(linear_cases(device), label="case")
+    check_against_autograd(linear, references.linear, *args, **options)
+
+
+@given(data=st.data())
+def test_gradcheck(data):
+    args, options = data.draw(linear_cases(dtype=torch.float64), label="case")
+    check_gradcheck(linear, *args, **options)
+
+
+def test_square_weight_gradient_is_not_transposed():
+    # a square, non-symmetric weight catches a missing transpose that shapes cannot
+    x, w = torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    check_against_autograd(linear, references.linear, x, w, torch.randn(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "x, weight, bias, error, message",
+    [
+        (torch.randn(2, 5), torch.randn(3, 4), None, ValueError, r"x must have D=4 features .* got shape \(2, 5\)"),
+        (torch.randn(2, 4), torch.randn(4), None, ValueError, r"weight must be 2-D \(H, D\), got 1-D"),
+        (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4), ValueError, r"bias must have shape \(3,\) .*got \(4,\)"),
+        (torch.tensor(1.0), torch.randn(3, 1), None, ValueError, r"x must be at least 1-D"),
+        (torch.randn(2, 4).double(), torch.randn(3, 4), None, TypeError, r"weight must have the dtype of x \(torch.float64\), got torch.float32"),
+        (torch.ones(2, 4, dtype=torch.int64), torch.randn(3, 4), None, TypeError, r"x must be a floating-point tensor"),
+    ],
+)
+def test_bad_input(x, weight, bias, error, message):
+    with pytest.raises(error, match=message):
+        linear.forward(x, weight, bias)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_on_different_devices():
+    with pytest.raises(ValueError, match=r"one device, got x on cuda:0, weight on cpu"):
+        linear.forward(torch.randn(2, 4, device="cuda"), torch.randn(3, 4))

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from backprop import logsumexp
+from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing.strategies import logsumexp_cases
+
+
+@given(data=st.data())
+def test_matches_autograd(device, data):
+    args, options = data.draw(logsumexp_cases(device), label="case")
+    check_against_autograd(logsumexp, references.logsumexp, *args, **options)
+
+
+@given(data=st.data())
+def test_gradcheck(data):
+    (x,), options = data.draw(logsumexp_cases(dtype=torch.float64), label="case")
+    x = torch.where(x.isinf(), -30.0, x)  # finite differences need finite inputs
+    check_gradcheck(logsumexp, x, **options)
+
+
+def test_large_shift_and_neg_inf_entries(device):
+    x = torch.tensor([[1e4, 1e4 - 1, -torch.inf], [-1e4, -torch.inf, -1e4 + 2]], device=device)
+    out, _ = logsumexp.forward(x)
+    assert torch.isfinite(out).all()
+    check_against_autograd(logsumexp, references.logsumexp, x)
+
+
+def test_rows_of_inf_propagate_like_torch(device):
+    x = torch.tensor([[-torch.inf, -torch.inf], [torch.inf, 0.0], [torch.nan, 1.0]], device=device)
+    check_against_autograd(logsumexp, references.logsumexp, x, dim=1)
+
+
+def test_backward_uses_the_exact_shift_not_the_rounded_output():
+    # In bfloat16 a rounded output of ~1.55e4 is off by up to 32; exp(x - out) is then far off.
+    # Shifted coordinates keep our gradient accurate where torch's own is not.
+    x = (torch.randn(64, 100, dtype=torch.float64) + 1.55e4).bfloat16()
+    report = check_against_autograd(logsumexp, references.logsumexp, x, dim=0)
+    dx = report[1]
+    assert dx.our_error < 1e-2 * dx.torch_error, str(report)
+
+
+@pytest.mark.parametrize(
+    "x, options, error, message",
+    [
+        (torch.randn(3, 4), {"dim": 2}, ValueError, r"dim must lie in \[-2, 1\] for a 2-D input, got 2"),
+        (torch.randn(3, 4), {"dim": (0, 0)}, ValueError, r"dim must not repeat a dimension, got \(0, 0\)"),
+        (torch.randn(3, 4), {"dim": 1.0}, TypeError, r"dim must be an int or a non-empty tuple of ints, got 1.0"),
+        (torch.randn(3, 0), {"dim": 1}, ValueError, r"x must have a non-empty dim 1 to reduce over"),
+        (torch.arange(4), {}, TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
+        ([1.0, 2.0], {}, TypeError, r"x must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_input(x, options, error, message):
+    with pytest.raises(error, match=message):
+        logsumexp.forward(x, **options)
+
+
+def test_bad_dout():
+    _, cache = logsumexp.forward(torch.randn(3, 4), dim=0, keepdim=True)
+    with pytest.raises(ValueError, match=r"dout must have the shape of the forward output \(1, 4\), got \(4,\)"):
+        logsumexp.backward(torch.ones(4), cache)
