@@ -26,5 +26,7 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     """dx = dout * (1 - out**2), since d tanh(x)/dx = 1 - tanh(x)**2."""
     out = cache.out
     _check.dout(dout, out.shape, out.dtype)
-    dx = (1 - out * out) * dout  # (*)
+    # (1 - y)(1 + y), not 1 - y*y: 1 - y is exact for y near 1 (Sterbenz), where 1 - y*y
+    # rounds y*y first and loses bits to the cancellation
+    dx = (1 - out) * (1 + out) * dout  # (*)
     return (dx,)

@@ -5,18 +5,18 @@ from hypothesis import strategies as st
 
 from backprop import embedding
 from backprop.testing import check_against_autograd, check_gradcheck, references
-from backprop.testing.strategies import embedding_cases
+from backprop.testing.strategies import embedding_cases, to_device
 
 
-@given(data=st.data())
-def test_matches_autograd(device, data):
-    args, options = data.draw(embedding_cases(device), label="case")
+@given(case=embedding_cases())
+def test_matches_autograd(device, case):
+    args, options = to_device(case, device)
     check_against_autograd(embedding, references.embedding, *args, **options)
 
 
-@given(data=st.data())
-def test_gradcheck(data):
-    args, options = data.draw(embedding_cases(dtype=torch.float64), label="case")
+@given(case=embedding_cases(dtype=torch.float64))
+def test_gradcheck(case):
+    args, options = case
     # the padding row is read in forward but gets no gradient, by F.embedding's definition:
     # finite differences disagree with that on purpose, so gradcheck runs without padding
     check_gradcheck(embedding, *args, **{**options, "padding_idx": None})

@@ -5,18 +5,18 @@ from hypothesis import strategies as st
 
 from backprop import linear
 from backprop.testing import check_against_autograd, check_gradcheck, references
-from backprop.testing.strategies import linear_cases
+from backprop.testing.strategies import linear_cases, to_device
 
 
-@given(data=st.data())
-def test_matches_autograd(device, data):
-    args, options = data.draw(linear_cases(device), label="case")
+@given(case=linear_cases())
+def test_matches_autograd(device, case):
+    args, options = to_device(case, device)
     check_against_autograd(linear, references.linear, *args, **options)
 
 
-@given(data=st.data())
-def test_gradcheck(data):
-    args, options = data.draw(linear_cases(dtype=torch.float64), label="case")
+@given(case=linear_cases(dtype=torch.float64))
+def test_gradcheck(case):
+    args, options = case
     check_gradcheck(linear, *args, **options)
 
 

@@ -5,18 +5,18 @@ from hypothesis import strategies as st
 
 from backprop import logsumexp
 from backprop.testing import check_against_autograd, check_gradcheck, references
-from backprop.testing.strategies import logsumexp_cases
+from backprop.testing.strategies import logsumexp_cases, to_device
 
 
-@given(data=st.data())
-def test_matches_autograd(device, data):
-    args, options = data.draw(logsumexp_cases(device), label="case")
+@given(case=logsumexp_cases())
+def test_matches_autograd(device, case):
+    args, options = to_device(case, device)
     check_against_autograd(logsumexp, references.logsumexp, *args, **options)
 
 
-@given(data=st.data())
-def test_gradcheck(data):
-    (x,), options = data.draw(logsumexp_cases(dtype=torch.float64), label="case")
+@given(case=logsumexp_cases(dtype=torch.float64))
+def test_gradcheck(case):
+    (x,), options = case
     x = torch.where(x.isinf(), -30.0, x)  # finite differences need finite inputs
     check_gradcheck(logsumexp, x, **options)
 

@@ -1,22 +1,23 @@
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import example, given
 
 from backprop import tanh
 from backprop.testing import check_against_autograd, check_gradcheck, references
-from backprop.testing.strategies import tanh_cases
+from backprop.testing.strategies import tanh_cases, to_device
 
 
-@given(data=st.data())
-def test_matches_autograd(device, data):
-    args, options = data.draw(tanh_cases(device), label="case")
+@given(case=tanh_cases())
+# 1 - y*y lost ~5 bits to cancellation near |y| = 1 (error 8x torch's): now (1 - y)(1 + y)
+@example(case=((torch.tensor(2.5940),), {}))
+def test_matches_autograd(device, case):
+    args, options = to_device(case, device)
     check_against_autograd(tanh, references.tanh, *args, **options)
 
 
-@given(data=st.data())
-def test_gradcheck(data):
-    args, options = data.draw(tanh_cases(dtype=torch.float64), label="case")
+@given(case=tanh_cases(dtype=torch.float64))
+def test_gradcheck(case):
+    args, options = case
     check_gradcheck(tanh, *args, **options)
 
 

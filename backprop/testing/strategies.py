@@ -33,26 +33,32 @@ scales = st.sampled_from([1e-2, 1.0, 10.0])  # spread of the values
 shifts = st.sampled_from([0.0, 0.0, 1e4, -1e4])  # large common offsets: stability checks
 
 
-def values(shape, dtype, seed, *, scale=1.0, shift=0.0, device="cpu") -> torch.Tensor:
+def values(shape, dtype, seed, *, scale=1.0, shift=0.0) -> torch.Tensor:
     """randn * scale + shift, drawn in float64 from a seeded generator, then rounded to dtype."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale + shift
-    return x.to(dtype).to(device)
+    return x.to(dtype)
 
 
-def integers(shape, low, high, seed, device="cpu") -> torch.Tensor:
+def integers(shape, low, high, seed) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, tuple(shape), generator=gen).to(device)
+    return torch.randint(low, high, tuple(shape), generator=gen)
+
+
+def to_device(case, device):
+    """Move a drawn (args, options) case to device: cases are drawn on the CPU, so they replay
+    identically everywhere and can be pinned with @example."""
+    args, options = case
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), options
 
 
 @st.composite
-def cross_entropy_cases(draw, device="cpu", dtype=None):
+def cross_entropy_cases(draw, dtype=None):
     dtype = dtype or draw(dtypes(), label="dtype")
     N, C = draw(sizes(1, 16), label="N"), draw(sizes(1, 12), label="C")
     scale = draw(st.sampled_from([1e-2, 1.0, 10.0, 1e4]), label="scale")  # 1e4: logits of +-1e4
-    logits = values((N, C), dtype, draw(seeds), scale=scale, shift=draw(shifts, label="shift"),
-                    device=device)
-    targets = integers((N,), 0, C, draw(seeds), device)
+    logits = values((N, C), dtype, draw(seeds), scale=scale, shift=draw(shifts, label="shift"))
+    targets = integers((N,), 0, C, draw(seeds))
     ignore_index = draw(st.sampled_from([-100, *range(C)]), label="ignore_index")
     n_ignored = draw(st.integers(0, N), label="n_ignored")
     targets[:n_ignored] = ignore_index
@@ -65,11 +71,11 @@ def cross_entropy_cases(draw, device="cpu", dtype=None):
 
 
 @st.composite
-def logsumexp_cases(draw, device="cpu", dtype=None):
+def logsumexp_cases(draw, dtype=None):
     dtype = dtype or draw(dtypes(), label="dtype")
     shape = draw(shapes(0, 4), label="shape")
     x = values(shape, dtype, draw(seeds), scale=draw(scales, label="scale"),
-               shift=draw(shifts, label="shift"), device=device)
+               shift=draw(shifts, label="shift"))
     n_inf = draw(st.integers(0, x.numel()), label="n_neg_inf")  # -inf entries, whole rows too
     x.view(-1)[:n_inf] = -torch.inf
     rank = max(len(shape), 1)
@@ -84,14 +90,17 @@ def logsumexp_cases(draw, device="cpu", dtype=None):
 
 
 @st.composite
-def batch_norm_cases(draw, device="cpu", dtype=None):
+def batch_norm_cases(draw, dtype=None):
     dtype = dtype or draw(dtypes(), label="dtype")
     correction = draw(st.sampled_from([0, 1]), label="correction")
-    N, C = draw(sizes(correction + 1, 33), label="N"), draw(sizes(1, 12), label="C")
+    # N >= 3: with two rows xhat is +-c whatever x is, and dx is O(eps) left over from cancelling
+    # O(|dout|) terms, so no float algorithm has a small relative error there (a conditioning
+    # limit); tests/test_batch_norm.py covers N = 1 and 2 in float64 instead
+    N, C = draw(sizes(3, 33), label="N"), draw(sizes(1, 12), label="C")
     x = values((N, C), dtype, draw(seeds), scale=draw(scales, label="scale"),
-               shift=draw(st.sampled_from([0.0, 3.0, -50.0]), label="shift"), device=device)
-    weight = values((C,), dtype, draw(seeds), shift=1.0, device=device)
-    bias = values((C,), dtype, draw(seeds), device=device)
+               shift=draw(st.sampled_from([0.0, 3.0, -50.0]), label="shift"))
+    weight = values((C,), dtype, draw(seeds), shift=1.0)
+    bias = values((C,), dtype, draw(seeds))
     weight = weight if draw(st.booleans(), label="has_weight") else None
     bias = bias if draw(st.booleans(), label="has_bias") else None
     eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]), label="eps")
@@ -99,33 +108,33 @@ def batch_norm_cases(draw, device="cpu", dtype=None):
 
 
 @st.composite
-def tanh_cases(draw, device="cpu", dtype=None):
+def tanh_cases(draw, dtype=None):
     dtype = dtype or draw(dtypes(), label="dtype")
     x = values(draw(shapes(0, 4), label="shape"), dtype, draw(seeds),
-               scale=draw(st.sampled_from([1e-3, 1.0, 3.0, 30.0]), label="scale"), device=device)
+               scale=draw(st.sampled_from([1e-3, 1.0, 3.0, 30.0]), label="scale"))
     return (x,), {}
 
 
 @st.composite
-def linear_cases(draw, device="cpu", dtype=None):
+def linear_cases(draw, dtype=None):
     dtype = dtype or draw(dtypes(), label="dtype")
     lead = draw(shapes(0, 3, 1, 5), label="leading")
     D, H = draw(sizes(1, 17), label="D"), draw(sizes(1, 17), label="H")
     scale = draw(scales, label="scale")
-    x = values((*lead, D), dtype, draw(seeds), scale=scale, device=device)
-    weight = values((H, D), dtype, draw(seeds), device=device)
-    bias = values((H,), dtype, draw(seeds), device=device) if draw(st.booleans(), label="has_bias") else None
+    x = values((*lead, D), dtype, draw(seeds), scale=scale)
+    weight = values((H, D), dtype, draw(seeds))
+    bias = values((H,), dtype, draw(seeds)) if draw(st.booleans(), label="has_bias") else None
     return (x, weight, bias), {}
 
 
 @st.composite
-def embedding_cases(draw, device="cpu", dtype=None):
+def embedding_cases(draw, dtype=None):
     dtype = dtype or draw(dtypes(), label="dtype")
     V, E = draw(sizes(1, 20), label="V"), draw(sizes(1, 9), label="E")
     shape = draw(shapes(0, 3, 0, 7), label="indices_shape")  # empty index tensors included
     high = draw(st.integers(1, V), label="index_high")  # small highs force repeated indices
-    indices = integers(shape, 0, high, draw(seeds), device)
-    weight = values((V, E), dtype, draw(seeds), device=device)
+    indices = integers(shape, 0, high, draw(seeds))
+    weight = values((V, E), dtype, draw(seeds))
     padding_idx = draw(st.one_of(st.none(), st.integers(-V, V - 1)), label="padding_idx")
     return (indices, weight), {"padding_idx": padding_idx}
 
