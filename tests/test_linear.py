@@ -1,7 +1,6 @@
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from backprop import linear
 from backprop.testing import check_against_autograd, check_gradcheck, references
