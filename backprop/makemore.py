@@ -1,0 +1,319 @@
+"""The makemore "backprop ninja" MLP: data, init, the atomised forward and its hand-written
+backward (exercise 1), the fused path through the library kernels (exercises 2 and 3), training
+with manual gradients (exercise 4) and sampling.
+
+Shapes: N batch rows, T = block_size context characters, V vocabulary, E = n_embd, H = n_hidden.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from backprop import batch_norm, cross_entropy, embedding, linear, tanh
+
+BLOCK_SIZE = 3
+N_EMBD = 10
+INIT_SEED = 2147483647
+SPLIT_SEED = 666
+BN_EPS = 1e-5
+PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Vocab:
+    chars: tuple[str, ...]  # sorted characters of the data; '.' (index 0) is start/end
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) + 1
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {"." : 0} | {ch: i + 1 for i, ch in enumerate(self.chars)}
+
+    @property
+    def itos(self) -> dict[int, str]:
+        return {i: s for s, i in self.stoi.items()}
+
+
+def read_words(path: str | Path) -> list[str]:
+    """One word per line; blank lines are skipped. Raises ValueError on an unusable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {str(path)!r} is not UTF-8 text: {e}") from None
+    words = [w.strip() for w in text.splitlines() if w.strip()]
+    if not words:
+        raise ValueError(f"data file {str(path)!r} holds no words (expected one word per line)")
+    if any("." in w for w in words):
+        bad = next(w for w in words if "." in w)
+        raise ValueError(f"data file {str(path)!r}: '.' is the start/end symbol, found in word {bad!r}")
+    return words
+
+
+def build_vocab(words: list[str]) -> Vocab:
+    return Vocab(tuple(sorted(set("".join(words)))))
+
+
+def build_dataset(words: list[str], vocab: Vocab, block_size: int = BLOCK_SIZE):
+    """Every character of word + '.' is a target; its context is the block_size before it."""
+    stoi = vocab.stoi
+    X, Y = [], []
+    for w in words:
+        context = [0] * block_size
+        for ch in w + ".":
+            ix = stoi[ch]
+            X.append(context)
+            Y.append(ix)
+            context = context[1:] + [ix]
+    return torch.tensor(X, dtype=torch.int64).reshape(-1, block_size), torch.tensor(Y, dtype=torch.int64)
+
+
+@dataclass
+class Dataset:
+    words: list[str]
+    vocab: Vocab
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # train / val / test: (X (n, T), Y (n,))
+
+    def summary(self) -> dict:
+        return {
+            "words": len(self.words),
+            "vocab_size": self.vocab.size,
+            "examples": [int(self.splits[k][0].shape[0]) for k in ("train", "val", "test")],
+        }
+
+
+def load_dataset(path: str | Path, split_seed: int = SPLIT_SEED) -> Dataset:
+    """Shuffle the words with random.seed(split_seed) and split 80% / 10% / 10%, as the seed does."""
+    words = read_words(path)
+    vocab = build_vocab(words)
+    shuffled = list(words)
+    random.Random(split_seed).shuffle(shuffled)  # the same order as random.seed(s); random.shuffle
+    n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
+    parts = {"train": shuffled[:n1], "val": shuffled[n1:n2], "test": shuffled[n2:]}
+    return Dataset(words, vocab, {k: build_dataset(v, vocab) for k, v in parts.items()})
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def init_params(vocab_size: int, n_hidden: int = 64, *, n_embd: int = N_EMBD,
+                block_size: int = BLOCK_SIZE, seed: int = INIT_SEED, dtype=torch.float32,
+                device="cpu", generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The seed's deliberately non-standard init (no zeros for a wrong backward to hide behind).
+    Every draw comes from one seeded generator, in the seed's order."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    fan_in = n_embd * block_size
+    p = {
+        "C": torch.randn((vocab_size, n_embd), generator=g),
+        "W1": torch.randn((fan_in, n_hidden), generator=g) * (5 / 3) / fan_in**0.5,
+        "b1": torch.randn(n_hidden, generator=g) * 0.1,
+        "W2": torch.randn((n_hidden, vocab_size), generator=g) * 0.1,
+        "b2": torch.randn(vocab_size, generator=g) * 0.1,
+        "bngain": torch.randn((1, n_hidden), generator=g) * 0.1 + 1.0,
+        "bnbias": torch.randn((1, n_hidden), generator=g) * 0.1,
+    }
+    return {k: v.to(dtype=dtype, device=device) for k, v in p.items()}
+
+
+def count_params(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+# ----------------------------------------------------------------------------- exercise 1
+# The forward "chunked" into atoms, each simple enough to differentiate by eye.
+
+ATOMS = ("emb", "embcat", "hprebn", "bnmeani", "bndiff", "bndiff2", "bnvar", "bnvar_inv", "bnraw",
+         "hpreact", "h", "logits", "logit_maxes", "norm_logits", "counts", "counts_sum",
+         "counts_sum_inv", "probs", "logprobs")
+
+
+def atomised_forward(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
+    """Returns (loss, atoms): the notebook's forward, one small op per line."""
+    n = Xb.shape[0]
+    a = {}
+    a["emb"] = p["C"][Xb]  # (N, T, E)
+    a["embcat"] = a["emb"].view(n, -1)  # (N, T*E)
+    a["hprebn"] = a["embcat"] @ p["W1"] + p["b1"]  # (N, H)
+    a["bnmeani"] = 1 / n * a["hprebn"].sum(0, keepdim=True)  # (1, H)
+    a["bndiff"] = a["hprebn"] - a["bnmeani"]  # (N, H)
+    a["bndiff2"] = a["bndiff"] ** 2  # (N, H)
+    a["bnvar"] = 1 / (n - 1) * a["bndiff2"].sum(0, keepdim=True)  # (1, H) Bessel: 1/(n-1)
+    a["bnvar_inv"] = (a["bnvar"] + BN_EPS) ** -0.5  # (1, H)
+    a["bnraw"] = a["bndiff"] * a["bnvar_inv"]  # (N, H)
+    a["hpreact"] = p["bngain"] * a["bnraw"] + p["bnbias"]  # (N, H)
+    a["h"] = torch.tanh(a["hpreact"])  # (N, H)
+    a["logits"] = a["h"] @ p["W2"] + p["b2"]  # (N, V)
+    a["logit_maxes"] = a["logits"].max(1, keepdim=True).values  # (N, 1)
+    a["norm_logits"] = a["logits"] - a["logit_maxes"]  # (N, V) shifted: exp cannot overflow
+    a["counts"] = a["norm_logits"].exp()  # (N, V)
+    a["counts_sum"] = a["counts"].sum(1, keepdim=True)  # (N, 1)
+    a["counts_sum_inv"] = a["counts_sum"] ** -1  # (N, 1)
+    a["probs"] = a["counts"] * a["counts_sum_inv"]  # (N, V)
+    a["logprobs"] = a["probs"].log()  # (N, V)
+    loss = -a["logprobs"][torch.arange(n), Yb].mean()
+    return loss, a
+
+
+def atomised_backward(p: dict[str, torch.Tensor], a: dict[str, torch.Tensor], Xb: torch.Tensor,
+                      Yb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every atom's and parameter's gradient by hand, in reverse order. Each line quotes the
+    forward line it inverts; the returned dict maps a name to d(loss)/d(name)."""
+    n = Xb.shape[0]
+    d = {}
+    # loss = -logprobs[range(n), Yb].mean()
+    d["logprobs"] = torch.zeros_like(a["logprobs"])
+    d["logprobs"][torch.arange(n), Yb] = -1.0 / n
+    # logprobs = probs.log()
+    d["probs"] = d["logprobs"] / a["probs"]
+    # probs = counts * counts_sum_inv  (counts_sum_inv broadcast over V: sum its gradient)
+    d["counts_sum_inv"] = (a["counts"] * d["probs"]).sum(1, keepdim=True)
+    d["counts"] = d["probs"] * a["counts_sum_inv"]
+    # counts_sum_inv = counts_sum**-1
+    d["counts_sum"] = d["counts_sum_inv"] * (-a["counts_sum"] ** -2)
+    # counts_sum = counts.sum(1): every count gets the row's gradient
+    d["counts"] = d["counts"] + d["counts_sum"].expand_as(a["counts"])
+    # counts = norm_logits.exp()
+    d["norm_logits"] = d["counts"] * a["counts"]
+    # norm_logits = logits - logit_maxes
+    d["logit_maxes"] = -d["norm_logits"].sum(1, keepdim=True)
+    # logit_maxes = logits.max(1): the gradient goes to the argmax
+    maxes_onehot = F.one_hot(a["logits"].max(1).indices, num_classes=a["logits"].shape[1])
+    d["logits"] = d["norm_logits"] + maxes_onehot * d["logit_maxes"]
+    # logits = h @ W2 + b2
+    d["h"] = d["logits"] @ p["W2"].T
+    d["W2"] = a["h"].T @ d["logits"]
+    d["b2"] = d["logits"].sum(0)
+    # h = tanh(hpreact)
+    # 1 - h**2 with a single rounding (a fused multiply-add), as torch's tanh_backward computes
+    # it; (1.0 - h**2) rounds h**2 first and is then ~1 ulp off autograd, not bit-exact
+    d["hpreact"] = d["h"] * torch.addcmul(torch.ones_like(a["h"]), a["h"], a["h"], value=-1.0)
+    # hpreact = bngain * bnraw + bnbias
+    d["bngain"] = (a["bnraw"] * d["hpreact"]).sum(0, keepdim=True)
+    d["bnraw"] = d["hpreact"] * p["bngain"]
+    d["bnbias"] = d["hpreact"].sum(0, keepdim=True)
+    # bnraw = bndiff * bnvar_inv
+    d["bnvar_inv"] = (d["bnraw"] * a["bndiff"]).sum(0, keepdim=True)
+    d["bndiff"] = d["bnraw"] * a["bnvar_inv"]
+    # bnvar_inv = (bnvar + eps)**-0.5
+    d["bnvar"] = d["bnvar_inv"] * (-0.5 * (a["bnvar"] + BN_EPS) ** -1.5)
+    # bnvar = 1/(n-1) * bndiff2.sum(0)
+    d["bndiff2"] = (d["bnvar"] * (1 / (n - 1))).expand_as(a["bndiff2"])
+    # bndiff2 = bndiff**2
+    d["bndiff"] = d["bndiff"] + d["bndiff2"] * (2 * a["bndiff"])
+    # bndiff = hprebn - bnmeani
+    d["bnmeani"] = -d["bndiff"].sum(0, keepdim=True)
+    # bnmeani = 1/n * hprebn.sum(0)
+    d["hprebn"] = d["bndiff"] + (d["bnmeani"] * (1 / n)).expand_as(a["hprebn"])
+    # hprebn = embcat @ W1 + b1
+    d["embcat"] = d["hprebn"] @ p["W1"].T
+    d["W1"] = a["embcat"].T @ d["hprebn"]
+    d["b1"] = d["hprebn"].sum(0)
+    # embcat = emb.view(n, -1)
+    d["emb"] = d["embcat"].view(a["emb"].shape)
+    # emb = C[Xb]: rows used several times accumulate
+    d["C"] = torch.zeros_like(p["C"]).index_add_(0, Xb.reshape(-1), d["emb"].reshape(-1, p["C"].shape[1]))
+    return d
+
+
+def autograd_gradients(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
+    """The same atomised forward under torch.autograd: .grad of every atom and parameter."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+    loss, a = atomised_forward(leaves, Xb, Yb)
+    for t in a.values():
+        t.retain_grad()
+    loss.backward()
+    grads = {k: v.grad for k, v in a.items()} | {k: v.grad for k, v in leaves.items()}
+    return loss.detach(), grads
+
+
+# ----------------------------------------------------------------------------- exercises 2 and 3
+# The same model through the library kernels: fused cross-entropy and fused BatchNorm backward.
+
+
+def fused_forward(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
+    """Returns (loss, caches). Linear weights are the notebook's (in, out) matrices transposed
+    into F.linear's (out, in) layout: a view, no copy."""
+    n = Xb.shape[0]
+    emb, c_emb = embedding.forward(Xb, p["C"])  # (N, T, E)
+    hprebn, c_l1 = linear.forward(emb.view(n, -1), p["W1"].T, p["b1"])  # (N, H)
+    hpreact, c_bn = batch_norm.forward(hprebn, p["bngain"].view(-1), p["bnbias"].view(-1),
+                                       eps=BN_EPS, correction=1)  # (N, H)
+    h, c_tanh = tanh.forward(hpreact)  # (N, H)
+    logits, c_l2 = linear.forward(h, p["W2"].T, p["b2"])  # (N, V)
+    loss, c_ce = cross_entropy.forward(logits, Yb)
+    return loss, (c_emb, c_l1, c_bn, c_tanh, c_l2, c_ce)
+
+
+def fused_backward(caches) -> dict[str, torch.Tensor]:
+    """Gradients of every parameter, plus dlogits (exercise 2) and dhprebn (exercise 3)."""
+    c_emb, c_l1, c_bn, c_tanh, c_l2, c_ce = caches
+    dloss = torch.ones((), dtype=c_ce.logprobs.dtype, device=c_ce.logprobs.device)
+    dlogits, _ = cross_entropy.backward(dloss, c_ce)  # (softmax - onehot) / n
+    dh, dW2t, db2 = linear.backward(dlogits, c_l2)
+    (dhpreact,) = tanh.backward(dh, c_tanh)
+    dhprebn, dbngain, dbnbias = batch_norm.backward(dhpreact, c_bn)
+    dembcat, dW1t, db1 = linear.backward(dhprebn, c_l1)
+    n, T = c_emb.indices.shape
+    _, dC = embedding.backward(dembcat.view(n, T, -1), c_emb)
+    return {"logits": dlogits, "hprebn": dhprebn, "C": dC, "W1": dW1t.T, "b1": db1,
+            "W2": dW2t.T, "b2": db2, "bngain": dbngain.view(1, -1), "bnbias": dbnbias.view(1, -1)}
+
+
+def autograd_loss(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor) -> torch.Tensor:
+    """The exercise-4 forward in plain torch ops, for training with autograd."""
+    from backprop.testing.references import batch_norm_composed
+
+    n = Xb.shape[0]
+    hprebn = p["C"][Xb].view(n, -1) @ p["W1"] + p["b1"]
+    hpreact = batch_norm_composed(hprebn, p["bngain"].view(-1), p["bnbias"].view(-1),
+                                  eps=BN_EPS, correction=1)
+    return F.cross_entropy(torch.tanh(hpreact) @ p["W2"] + p["b2"], Yb)
+
+
+# ----------------------------------------------------------------------------- the gradient table
+
+EXERCISE1_ROWS = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits",
+                  "logit_maxes", "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw",
+                  "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1",
+                  "b1", "emb", "C")
+FUSED_ROWS = ("logits", "hprebn", *PARAM_NAMES)
+
+
+@dataclass(frozen=True)
+class Row:
+    """The notebook's cmp: exact (bit-identical), approximate (torch.allclose), maxdiff."""
+
+    name: str
+    exact: bool
+    approximate: bool
+    maxdiff: float
+
+
+def cmp(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> Row:
+    return Row(name, bool(torch.equal(ours, theirs)), bool(torch.allclose(ours, theirs)),
+               float((ours - theirs).abs().max()))
+
+
+def gradient_table(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
+    """Returns (loss, rows): exercise 1 (atomised, by hand) then the fused rows, against autograd."""
+    loss, grads = autograd_gradients(p, Xb, Yb)
+    with torch.no_grad():
+        _, atoms = atomised_forward(p, Xb, Yb)
+        manual = atomised_backward(p, atoms, Xb, Yb)
+    _, caches = fused_forward(p, Xb, Yb)
+    fused = fused_backward(caches)
+    rows = [cmp(k, manual[k], grads[k]) for k in EXERCISE1_ROWS]
+    rows += [cmp(f"fused {k}", fused[k], grads[k]) for k in FUSED_ROWS]
+    return float(loss), rows
