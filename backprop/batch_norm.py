@@ -54,8 +54,10 @@ def forward(
 
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = x.to(acc)
-    mean = xa.mean(0)  # (C,)
-    xc = xa - mean  # (N, C)
+    xc = xa - xa.mean(0)  # (N, C)
+    # second pass: the mean of xc is the rounding error of the first mean (large at a large
+    # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
+    xc = xc - xc.mean(0)  # (N, C)
     var = (xc * xc).sum(0) / (N - correction)  # (C,)
     rstd = torch.rsqrt(var + eps)  # (C,)
     xhat = xc * rstd  # (N, C)

@@ -317,3 +317,134 @@ def gradient_table(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tenso
     rows = [cmp(k, manual[k], grads[k]) for k in EXERCISE1_ROWS]
     rows += [cmp(f"fused {k}", fused[k], grads[k]) for k in FUSED_ROWS]
     return float(loss), rows
+
+
+# ----------------------------------------------------------------------------- exercise 4
+
+
+class GradientDrift(RuntimeError):
+    """Manual gradients no longer agree with autograd (raised by --verify-every)."""
+
+
+@dataclass
+class Model:
+    params: dict[str, torch.Tensor]
+    vocab: Vocab
+    bnmean: torch.Tensor | None = None  # (1, H) calibrated over the training set
+    bnvar: torch.Tensor | None = None  # (1, H) Bessel-corrected, as in training
+
+    def state(self) -> dict:
+        return {"params": self.params, "bnmean": self.bnmean, "bnvar": self.bnvar,
+                "chars": list(self.vocab.chars), "block_size": BLOCK_SIZE}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Model:
+        return cls(state["params"], Vocab(tuple(state["chars"])), state["bnmean"], state["bnvar"])
+
+
+def learning_rate(step: int, lr: float, decay_step: int) -> float:
+    return lr if step < decay_step else lr / 10
+
+
+def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_size: int = 32,
+          lr: float = 0.1, lr_decay_step: int = 100_000, backward: str = "manual",
+          verify_every: int = 0, seed: int = INIT_SEED, device="cpu", dtype=torch.float32,
+          progress=None) -> tuple[Model, list[float]]:
+    """Exercise 4: SGD with manual gradients (or autograd), returning the model and the losses.
+    One generator seeds the init and then draws the batches, as in the seed."""
+    if backward not in ("manual", "autograd"):
+        raise ValueError(f"backward must be 'manual' or 'autograd', got {backward!r}")
+    g = torch.Generator().manual_seed(seed)
+    params = init_params(dataset.vocab.size, hidden, generator=g, dtype=dtype, device=device)
+    Xtr, Ytr = (t.to(device) for t in dataset.splits["train"])
+    losses = []
+    for step in range(steps):
+        ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g).to(device)
+        Xb, Yb = Xtr[ix], Ytr[ix]
+        rate = learning_rate(step, lr, lr_decay_step)
+        if backward == "manual":
+            loss, caches = fused_forward(params, Xb, Yb)
+            grads = fused_backward(caches)
+            if verify_every and step % verify_every == 0:
+                verify(params, Xb, Yb, grads, step)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.sub_(grads[name], alpha=rate)
+        else:
+            leaves = {k: v.requires_grad_() for k, v in params.items()}
+            loss = autograd_loss(leaves, Xb, Yb)
+            for v in leaves.values():
+                v.grad = None
+            loss.backward()
+            with torch.no_grad():
+                for p in leaves.values():
+                    p.sub_(p.grad, alpha=rate)
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, steps, losses[-1])
+    params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
+    model = Model(params, dataset.vocab)
+    calibrate(model, dataset.splits["train"][0].to(device))
+    return model, losses
+
+
+def verify(params, Xb, Yb, grads, step: int) -> None:
+    """Compare the manual gradients with autograd on this batch. The two round differently, and
+    db1 is pure cancellation (BatchNorm removes b1's effect), so the bar is absolute: 1000 units
+    of rounding of the largest gradient entry in the model, far below any real bug."""
+    _, reference = autograd_gradients(params, Xb, Yb)
+    scale = max(float(reference[name].abs().max()) for name in PARAM_NAMES)
+    bound = 1000 * torch.finfo(reference["W1"].dtype).eps * scale
+    for name in PARAM_NAMES:
+        maxdiff = float((grads[name] - reference[name]).abs().max())
+        if not maxdiff <= bound:  # also catches nan
+            raise GradientDrift(
+                f"step {step}: manual d{name} drifted from autograd: maxdiff {maxdiff:.3g} > "
+                f"{bound:.3g} (1000 eps x the largest gradient entry)"
+            )
+
+
+@torch.no_grad()
+def hidden_preact(model: Model, X: torch.Tensor) -> torch.Tensor:
+    p = model.params
+    return p["C"][X].view(X.shape[0], -1) @ p["W1"] + p["b1"]  # (N, H)
+
+
+@torch.no_grad()
+def calibrate(model: Model, Xtr: torch.Tensor) -> None:
+    """Fix the BatchNorm statistics over the whole training set, for evaluation and sampling."""
+    hprebn = hidden_preact(model, Xtr)
+    model.bnmean = hprebn.mean(0, keepdim=True)
+    model.bnvar = hprebn.var(0, keepdim=True, unbiased=True)
+
+
+@torch.no_grad()
+def logits_eval(model: Model, X: torch.Tensor) -> torch.Tensor:
+    p = model.params
+    hpreact = p["bngain"] * (hidden_preact(model, X) - model.bnmean) * (model.bnvar + BN_EPS) ** -0.5
+    return torch.tanh(hpreact + p["bnbias"]) @ p["W2"] + p["b2"]  # (N, V)
+
+
+@torch.no_grad()
+def evaluate(model: Model, X: torch.Tensor, Y: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits_eval(model, X), Y))
+
+
+@torch.no_grad()
+def sample(model: Model, n: int = 20, seed: int = INIT_SEED + 10, max_len: int = 100) -> list[str]:
+    """Draw n words, one character at a time from the calibrated model."""
+    g = torch.Generator().manual_seed(seed)
+    itos = model.vocab.itos
+    device = model.params["C"].device
+    words = []
+    for _ in range(n):
+        out, context = [], [0] * BLOCK_SIZE
+        while len(out) < max_len:
+            probs = F.softmax(logits_eval(model, torch.tensor([context], device=device)), dim=1)
+            ix = int(torch.multinomial(probs.cpu(), num_samples=1, generator=g))
+            if ix == 0:
+                break
+            out.append(ix)
+            context = context[1:] + [ix]
+        words.append("".join(itos[i] for i in out))
+    return words

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 
 from backprop import cross_entropy
 from backprop.testing import check_against_autograd, check_gradcheck, references
-from backprop.testing.strategies import cross_entropy_cases, to_device
+from backprop.testing.strategies import cross_entropy_cases, to_device, values
 
 
 @given(case=cross_entropy_cases())
@@ -14,12 +14,19 @@ def test_matches_autograd(device, case):
 
 
 @given(case=cross_entropy_cases(dtype=torch.float64))
+# finite differences at logits of 1e4 (loss ~1e5) failed gradcheck's atol: now rescaled below
+@example(case=((values((8, 10), torch.float64, 0, scale=1e4), torch.tensor([4, 9, 3, 0, 3, 9, 7, 3])),
+               {"reduction": "sum", "ignore_index": -100, "label_smoothing": 0.1}))
 def test_gradcheck(case):
     args, options = case
     logits, targets = args
     # the mean over zero kept rows is nan (0/0) everywhere: no derivative to difference
     assume(options["reduction"] != "mean" or bool((targets != options["ignore_index"]).any()))
-    check_gradcheck(cross_entropy, *args, **options)
+    # Finite differences of a loss of size |f| carry noise ~1e-16 |f| / h; at logits of 1e4 that
+    # exceeds gradcheck's atol (a limit of differencing, not of the kernel). Rescale to |z| <= 10:
+    # the 1e4 regime is checked against float64 autograd in test_matches_autograd.
+    logits = logits / max(1.0, float(logits.abs().max()) / 10)
+    check_gradcheck(cross_entropy, logits, targets, **options)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

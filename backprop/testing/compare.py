@@ -7,7 +7,8 @@ Each tensor (forward output or gradient) is compared three ways:
 
 Acceptance: float64 must be close to the float64 reference at torch.testing's float64
 tolerances. Lower precisions must satisfy  our_error <= 2 * torch_error + floor, where floor is
-a few units of rounding at the reference's largest magnitude (FlashAttention's test rule).
+a few units of rounding at the largest magnitude of the reference or of the terms summed to
+make it (FlashAttention's test rule, with Higham's |A||B| scale for the floor).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TOLERANCES = {
     torch.float16: (1e-3, 1e-5),
 }
 ERROR_RATIO = 2.0  # ours may be at most this many times torch's own error, plus the floor
-FLOOR_ULPS = 4  # the rounding floor, in units of eps(dtype) at the reference's largest magnitude
+FLOOR_ULPS = 4  # the rounding floor, in units of eps(dtype) at the largest magnitude
 
 
 def _abs_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -67,9 +68,14 @@ class Record:
 
 
 def compare(
-    name: str, ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor
+    name: str, ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor,
+    magnitude: torch.Tensor | None = None,
 ) -> Record:
-    """Compare our tensor with torch's (same dtype) and with a float64 reference."""
+    """Compare our tensor with torch's (same dtype) and with a float64 reference.
+
+    ``magnitude`` (optional, float64) is the size of the terms that were summed to make each
+    entry, e.g. |dout| @ |W| for dx = dout @ W. Rounding error scales with it, not with the
+    result, which a cancelling sum can make arbitrarily small; the floor takes the larger."""
     if ours.shape != theirs.shape:
         raise AssertionError(f"{name}: shape {tuple(ours.shape)}, torch has {tuple(theirs.shape)}")
     if ours.dtype != theirs.dtype:
@@ -85,8 +91,11 @@ def compare(
     err_torch = _abs_err(theirs_c, ref)
     our_error = float(err_ours.max()) if err_ours.numel() else 0.0
     torch_error = float(err_torch.max()) if err_torch.numel() else 0.0
-    finite_ref = ref.double().abs()[ref.isfinite()]
-    magnitude = float(finite_ref.max()) if finite_ref.numel() else 0.0
+    sizes = [ref.double().abs()]
+    if magnitude is not None:
+        sizes.append(magnitude.detach().cpu().double().abs())
+    finite = torch.cat([t[t.isfinite()].reshape(-1) for t in sizes])
+    magnitude = float(finite.max()) if finite.numel() else 0.0
     eps = torch.finfo(dtype).eps
     floor = FLOOR_ULPS * eps * magnitude + torch.finfo(dtype).tiny
 
