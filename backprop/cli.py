@@ -1,0 +1,222 @@
+"""The ``backprop`` command: the makemore backprop-ninja notebook as a program.
+
+    backprop check    the gradient table: every atom by hand against autograd, then the fused kernels
+    backprop train    train the MLP with manual gradients, calibrate BatchNorm, evaluate, sample
+    backprop sample   sample names from a trained checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _data_options(p: argparse.ArgumentParser, hidden: int) -> None:
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="word list, one word per line (default: the shipped data/names.txt)")
+    p.add_argument("--split-seed", type=int, default=666, help="random.seed for the 80/10/10 split")
+    p.add_argument("--hidden", type=positive_int, default=hidden, help=f"hidden units (default {hidden})")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from backprop import makemore
+
+    parser = argparse.ArgumentParser(prog="backprop", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="the notebook's gradient table against autograd")
+    _data_options(check, hidden=64)
+    check.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    check.add_argument("--seed", type=int, default=makemore.INIT_SEED,
+                       help="generator seed for the init and the batch")
+
+    train = sub.add_parser("train", help="train with manual gradients, then evaluate and sample")
+    _data_options(train, hidden=200)
+    train.add_argument("--steps", type=positive_int, default=200_000)
+    train.add_argument("--lr", type=positive_float, default=0.1)
+    train.add_argument("--lr-decay-step", type=non_negative_int, default=100_000,
+                       help="step from which the learning rate is lr/10")
+    train.add_argument("--backward", choices=["manual", "autograd"], default="manual")
+    train.add_argument("--verify-every", type=non_negative_int, default=0, metavar="K",
+                       help="check manual gradients against autograd every K steps (0: never)")
+    train.add_argument("--seed", type=int, default=makemore.INIT_SEED)
+    train.add_argument("--out", type=Path, default=None,
+                       help="write loss.png, summary.json and model.pt here")
+
+    sample = sub.add_parser("sample", help="sample names from a checkpoint written by train --out")
+    sample.add_argument("--checkpoint", type=Path, required=True)
+    sample.add_argument("-n", type=positive_int, default=20)
+    sample.add_argument("--seed", type=int, default=makemore.INIT_SEED + 10)
+    return parser
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available on this machine")
+    return torch.device(name)
+
+
+def _dataset(parser, args):
+    from backprop import makemore
+
+    try:
+        return makemore.load_dataset(args.data, args.split_seed)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def cmd_check(parser, args) -> int:
+    from backprop import makemore
+
+    device = _device(parser, args.device)
+    ds = _dataset(parser, args)
+    dtype = DTYPES[args.dtype]
+    g = torch.Generator().manual_seed(args.seed)
+    params = makemore.init_params(ds.vocab.size, args.hidden, generator=g, dtype=dtype, device=device)
+    Xtr, Ytr = ds.splits["train"]
+    ix = torch.randint(0, Xtr.shape[0], (args.batch_size,), generator=g)
+    Xb, Yb = Xtr[ix].to(device), Ytr[ix].to(device)
+    loss, rows = makemore.gradient_table(params, Xb, Yb)
+    summary = ds.summary() | {"parameters": makemore.count_params(params), "loss": loss}
+    ok = all(r.approximate for r in rows)
+    if args.json:
+        print(json.dumps(summary | {"rows": [r.__dict__ for r in rows]}))
+        return 0 if ok else 1
+    tr, va, te = summary["examples"]
+    print(f"data        {args.data}")
+    print(f"words       {summary['words']}   vocabulary {summary['vocab_size']}   "
+          f"examples train {tr} / val {va} / test {te}")
+    print(f"parameters  {summary['parameters']} (hidden {args.hidden})   batch {args.batch_size}   "
+          f"{args.dtype} on {device}   loss {loss:.6f}")
+    width = max(len(r.name) for r in rows)
+    for title, part in (("exercise 1: every atom and parameter by hand, against autograd",
+                         rows[:len(makemore.EXERCISE1_ROWS)]),
+                        ("exercises 2 and 3: the fused library kernels, against autograd",
+                         rows[len(makemore.EXERCISE1_ROWS):])):
+        print(f"\n{title}")
+        for r in part:
+            print(f"{r.name:{width}s} | exact: {str(r.exact):5s} | approximate: {str(r.approximate):5s} "
+                  f"| maxdiff: {r.maxdiff:.3g}")
+    exact = sum(r.exact for r in rows[:len(makemore.EXERCISE1_ROWS)])
+    print(f"\n{exact}/{len(makemore.EXERCISE1_ROWS)} exercise-1 rows bit-exact; "
+          f"{'all' if ok else 'NOT all'} rows approximately equal")
+    return 0 if ok else 1
+
+
+class Progress:
+    """One status line on stderr: a bar, the loss and steps per second."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.last = stream, time.perf_counter(), 0.0
+        self.tty = stream.isatty()
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        now = time.perf_counter()
+        every = 0.2 if self.tty else 10.0
+        if now - self.last < every and step != total:
+            return
+        self.last = now
+        rate = step / max(now - self.start, 1e-9)
+        filled = int(30 * step / total)
+        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {step}/{total}  loss {loss:.4f}  "
+                f"{rate:,.0f} steps/s")
+        end = "\n" if step == total or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
+
+
+def cmd_train(parser, args) -> int:
+    from backprop import _png, makemore
+
+    device = _device(parser, args.device)
+    ds = _dataset(parser, args)
+    start = time.perf_counter()
+    try:
+        model, losses = makemore.train(
+            ds, steps=args.steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
+            lr_decay_step=args.lr_decay_step, backward=args.backward,
+            verify_every=args.verify_every, seed=args.seed, device=device, progress=Progress(),
+        )
+    except makemore.GradientDrift as e:
+        print(f"backprop train: {e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    result = {f"{k}_loss": makemore.evaluate(model, *(t.to(device) for t in ds.splits[k]))
+              for k in ("train", "val", "test")}
+    result |= {"steps": args.steps, "seconds": round(seconds, 2), "backward": args.backward,
+               "samples": makemore.sample(model, 20)}
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        _png.loss_curve(args.out / "loss.png", losses)
+        (args.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        torch.save({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in model.state().items()}
+                   | {"params": {k: v.cpu() for k, v in model.params.items()}}, args.out / "model.pt")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"trained {args.steps} steps in {seconds:.1f} s ({args.backward} backward)")
+    print(f"loss  train {result['train_loss']:.4f}  val {result['val_loss']:.4f}  "
+          f"test {result['test_loss']:.4f}")
+    print("samples: " + " ".join(result["samples"]))
+    if args.out is not None:
+        print(f"wrote {args.out / 'loss.png'}, {args.out / 'summary.json'}, {args.out / 'model.pt'}")
+    return 0
+
+
+def cmd_sample(parser, args) -> int:
+    from backprop import makemore
+
+    if not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {str(args.checkpoint)!r} does not exist (write one with train --out DIR)")
+    try:
+        state = torch.load(args.checkpoint, weights_only=True, map_location="cpu")
+        model = makemore.Model.from_state(state)
+    except Exception as e:  # a corrupt or foreign file: report it, do not trace back
+        parser.error(f"--checkpoint {str(args.checkpoint)!r} is not a backprop checkpoint: {e}")
+    for word in makemore.sample(model, args.n, seed=args.seed):
+        print(word)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return {"check": cmd_check, "train": cmd_train, "sample": cmd_sample}[args.command](parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The backprop command, run as a user runs it: a subprocess, its output and exit code."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "backprop", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_check_prints_the_table_and_passes():
+    r = run("check")
+    assert r.returncode == 0, r.stderr
+    assert "words       29910   vocabulary 27   examples train 171878 / val 21405 / test 21481" in r.stdout
+    assert "parameters  4137" in r.stdout
+    assert "26/26 exercise-1 rows bit-exact; all rows approximately equal" in r.stdout
+    assert "fused hprebn" in r.stdout and "fused logits" in r.stdout
+
+
+def test_check_json_is_one_object():
+    r = run("check", "--json", "--dtype", "float64")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"words", "vocab_size", "examples", "parameters", "loss", "rows"}
+    assert out["parameters"] == 4137 and len(out["rows"]) == 26 + 9
+    assert all(row["approximate"] for row in out["rows"])
+    assert set(out["rows"][0]) == {"name", "exact", "approximate", "maxdiff"}
+
+
+def test_train_writes_outputs_and_sample_reads_the_checkpoint(tmp_path):
+    r = run("train", "--steps", "300", "--hidden", "32", "--verify-every", "100", "--out",
+            str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert set(summary) >= {"train_loss", "val_loss", "test_loss", "steps", "seconds", "samples"}
+    assert summary["steps"] == 300 and len(summary["samples"]) == 20
+    assert summary["val_loss"] < 3.0
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(state["params"]) == {"C", "W1", "b1", "W2", "b2", "bngain", "bnbias"}
+    s = run("sample", "--checkpoint", str(tmp_path / "model.pt"), "-n", "7", "--seed", "1")
+    assert s.returncode == 0, s.stderr
+    assert len(s.stdout.splitlines()) == 7
+    assert s.stdout == run("sample", "--checkpoint", str(tmp_path / "model.pt"), "-n", "7", "--seed", "1").stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/nonexistent/words.txt"], "does not exist"),
+        (["train", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+        (["check", "--batch-size", "-3"], "--batch-size: expected a positive integer, got -3"),
+        (["sample", "--checkpoint", "/nonexistent/model.pt"], "does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_message_and_exit_2(args, message):
+    r = run(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_data_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    r = run("check", "--data", str(tmp_path / "empty.txt"))
+    assert r.returncode == 2 and "holds no words" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_foreign_checkpoint_is_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    r = run("sample", "--checkpoint", str(tmp_path / "junk.pt"))
+    assert r.returncode == 2 and "is not a backprop checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_characters_outside_a_to_z_are_handled(tmp_path):
+    (tmp_path / "words.txt").write_text("zoë\nrenée\njosé\nanna-lee\n" * 50)
+    r = run("train", "--data", str(tmp_path / "words.txt"), "--steps", "20", "--hidden", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_a_gpu():
+    r = run("check", "--device", "cuda")
+    assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr

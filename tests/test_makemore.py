@@ -1,0 +1,140 @@
+"""The main job: the notebook's data, init, gradient table and training."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from backprop import makemore
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"
+ORIGINAL = os.environ.get("BACKPROP_ORIGINAL_NAMES")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return makemore.load_dataset(DATA)
+
+
+def batch(ds, n=32, seed=makemore.INIT_SEED, hidden=64, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    params = makemore.init_params(ds.vocab.size, hidden, generator=g, dtype=dtype)
+    X, Y = ds.splits["train"]
+    ix = torch.randint(0, X.shape[0], (n,), generator=g)
+    return params, X[ix], Y[ix]
+
+
+def test_shipped_data(dataset):
+    assert dataset.summary() == {"words": 29910, "vocab_size": 27, "examples": [171878, 21405, 21481]}
+    assert dataset.words[:3] == ["emma", "olivia", "ava"]
+    assert len(set(dataset.words)) == len(dataset.words)
+
+
+@pytest.mark.skipif(not ORIGINAL, reason="BACKPROP_ORIGINAL_NAMES is not set")
+def test_parity_with_the_seed_on_the_original_list():
+    ds = makemore.load_dataset(ORIGINAL, split_seed=666)
+    assert ds.summary() == {"words": 32033, "vocab_size": 27, "examples": [182426, 22807, 22913]}
+    assert makemore.count_params(makemore.init_params(ds.vocab.size, 64)) == 4137
+
+
+def test_dataset_examples_are_trigram_contexts():
+    vocab = makemore.build_vocab(["ab"])
+    X, Y = makemore.build_dataset(["ab"], vocab)
+    assert X.tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2]] and Y.tolist() == [1, 2, 0]
+
+
+def test_init_is_reproducible_and_non_degenerate(dataset):
+    a, b = makemore.init_params(27, 64), makemore.init_params(27, 64)
+    assert all(torch.equal(a[k], b[k]) for k in makemore.PARAM_NAMES)
+    assert all((a[k] != 0).all() for k in makemore.PARAM_NAMES)  # nothing for a bug to hide behind
+
+
+@pytest.mark.parametrize("seed", [makemore.INIT_SEED, 1, 2])
+def test_exercise_1_is_bit_exact_on_cpu_float32(dataset, seed):
+    _, rows = makemore.gradient_table(*batch(dataset, seed=seed))
+    by_name = {r.name: r for r in rows}
+    for name in makemore.EXERCISE1_ROWS:
+        assert by_name[name].exact, by_name[name]
+    for name in makemore.FUSED_ROWS:
+        assert by_name[f"fused {name}"].approximate, by_name[f"fused {name}"]
+
+
+def test_gradient_table_in_float64(dataset):
+    _, rows = makemore.gradient_table(*batch(dataset, dtype=torch.float64))
+    assert all(r.approximate for r in rows), [r for r in rows if not r.approximate]
+
+
+def test_fused_backward_is_the_notebooks_closed_forms(dataset):
+    """Exercise 2: dlogits = (softmax - onehot) / n; exercise 3: the one-line BatchNorm backward."""
+    params, Xb, Yb = batch(dataset, dtype=torch.float64)
+    _, caches = makemore.fused_forward(params, Xb, Yb)
+    grads = makemore.fused_backward(caches)
+    with torch.no_grad():
+        _, a = makemore.atomised_forward(params, Xb, Yb)
+    n = Xb.shape[0]
+    expected = (torch.softmax(a["logits"], 1) - torch.nn.functional.one_hot(Yb, 27)) / n
+    torch.testing.assert_close(grads["logits"], expected)
+    dhpreact = (grads["logits"] @ params["W2"].T) * (1 - a["h"] ** 2)
+    bngain, bnraw, bnvar_inv = params["bngain"], a["bnraw"], a["bnvar_inv"]
+    dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
+    torch.testing.assert_close(grads["hprebn"], dhprebn)
+
+
+def test_training_lowers_the_loss(dataset):
+    model, losses = makemore.train(dataset, steps=300, hidden=64, verify_every=100)
+    first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
+    assert last < first - 0.3, (first, last)
+    assert makemore.evaluate(model, *dataset.splits["val"]) < 2.9
+
+
+def test_manual_and_autograd_training_keep_matching_parameters(dataset):
+    """Same seed, 100 steps: the two only round differently, so the parameters stay within
+    float32 noise (1e-4 absolute on weights of order 1)."""
+    manual, _ = makemore.train(dataset, steps=100, hidden=64, backward="manual")
+    auto, _ = makemore.train(dataset, steps=100, hidden=64, backward="autograd")
+    for name in makemore.PARAM_NAMES:
+        torch.testing.assert_close(manual.params[name], auto.params[name], rtol=0, atol=1e-4)
+
+
+def test_verify_every_stops_on_a_drifting_gradient(dataset, monkeypatch):
+    real = makemore.fused_backward
+
+    def broken(caches):
+        grads = real(caches)
+        grads["W2"] = grads["W2"] * 1.01  # a 1% bug
+        return grads
+
+    monkeypatch.setattr(makemore, "fused_backward", broken)
+    with pytest.raises(makemore.GradientDrift, match=r"step 0: manual dW2 drifted from autograd"):
+        makemore.train(dataset, steps=5, hidden=16, verify_every=1)
+
+
+def test_sampling_is_reproducible_and_uses_the_vocabulary(dataset):
+    model, _ = makemore.train(dataset, steps=50, hidden=32)
+    a, b = makemore.sample(model, 5, seed=3), makemore.sample(model, 5, seed=3)
+    assert a == b and len(a) == 5
+    assert set("".join(a)) <= set(dataset.vocab.chars)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"holds no words"),
+        ("\n\n", r"holds no words"),
+        ("ann\nbo.b\n", r"'\.' is the start/end symbol, found in word 'bo\.b'"),
+    ],
+)
+def test_bad_data_files(tmp_path, content, message):
+    path = tmp_path / "words.txt"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        makemore.read_words(path)
+
+
+def test_vocabulary_comes_from_the_data(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("zoë\nanna-lee\nbob\n" * 10)
+    ds = makemore.load_dataset(path)
+    assert ds.vocab.chars == tuple(sorted(set("zoëanna-leebob")))
+    assert ds.vocab.size == len(ds.vocab.chars) + 1
