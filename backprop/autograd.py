@@ -21,11 +21,13 @@ class KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, op: ModuleType, options: dict, *args: Any) -> torch.Tensor:
         out, cache = op.forward(*args, **options)
+        ctx.op, ctx.single = op, not isinstance(cache, tuple)  # a bare tensor cache is allowed
+        fields = [cache] if ctx.single else list(cache)
         # tensors go through save_for_backward (version-checked, no reference cycles), the rest on ctx
-        slots = [isinstance(v, torch.Tensor) for v in cache]
-        ctx.save_for_backward(*(v for v, t in zip(cache, slots) if t))
-        ctx.plain = [None if t else v for v, t in zip(cache, slots)]
-        ctx.slots, ctx.op, ctx.cache_type = slots, op, type(cache)
+        slots = [isinstance(v, torch.Tensor) for v in fields]
+        ctx.save_for_backward(*(v for v, t in zip(fields, slots) if t))
+        ctx.plain = [None if t else v for v, t in zip(fields, slots)]
+        ctx.slots, ctx.cache_type = slots, type(cache)
         ctx.set_materialize_grads(True)
         return out
 
@@ -34,7 +36,13 @@ class KernelFunction(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple:
         saved = iter(ctx.saved_tensors)
         fields = [next(saved) if t else v for v, t in zip(ctx.plain, ctx.slots)]
-        grads = ctx.op.backward(dout.contiguous(), ctx.cache_type(*fields))
+        if ctx.single:
+            cache = fields[0]
+        elif hasattr(ctx.cache_type, "_fields"):
+            cache = ctx.cache_type(*fields)
+        else:
+            cache = ctx.cache_type(fields)
+        grads = ctx.op.backward(dout.contiguous(), cache)
         return (None, None, *grads)
 
 

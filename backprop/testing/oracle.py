@@ -112,7 +112,8 @@ def check_against_autograd(
     if not report.passed:
         raise CheckFailure("forward", f"{op.__name__}.forward disagrees with the reference", report)
 
-    cache_before = [v.clone() if isinstance(v, torch.Tensor) else v for v in cache]
+    cache_items = _cache_items(cache)
+    cache_before = [v.clone() if isinstance(v, torch.Tensor) else v for _, v in cache_items]
     grads = op.backward(dout, cache)
     if not isinstance(grads, tuple) or len(grads) != len(args):
         got = f"{type(grads).__name__} of length {len(grads)}" if hasattr(grads, "__len__") else repr(grads)
@@ -142,7 +143,7 @@ def check_against_autograd(
             raise CheckFailure("contract", f"{name} was modified by forward or backward")
     if not _bitwise_equal(dout, dout_before):
         raise CheckFailure("contract", "dout was modified by backward")
-    for field, v, before in zip(cache._fields, cache, cache_before):
+    for (field, v), before in zip(cache_items, cache_before):
         if isinstance(v, torch.Tensor) and not _bitwise_equal(v, before):
             raise CheckFailure("contract", f"cache field {field} was modified by backward")
     again = op.backward(dout, cache)
@@ -150,6 +151,14 @@ def check_against_autograd(
         if g is not None and not _bitwise_equal(g, h):
             raise CheckFailure("contract", f"a second backward on the same cache changed d{name}")
     return report
+
+
+def _cache_items(cache: Any) -> list[tuple[str, Any]]:
+    """(name, value) for each field of a NamedTuple, tuple or single-tensor cache."""
+    if isinstance(cache, tuple):
+        names = getattr(cache, "_fields", None) or [f"[{i}]" for i in range(len(cache))]
+        return list(zip(names, cache))
+    return [("cache", cache)]
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
