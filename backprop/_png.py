@@ -39,7 +39,8 @@ def loss_curve(path: Path, losses: list[float], width: int = 640, height: int = 
                   for i in range(0, len(values), buckets)]
         lo, hi = min(points), max(points)
         span = (hi - lo) or 1.0
-        xs = [margin + round(i * (width - 2 * margin - 1) / max(1, len(points) - 1)) for i in range(len(points))]
+        last = max(1, len(points) - 1)
+        xs = [margin + round(i * (width - 2 * margin - 1) / last) for i in range(len(points))]
         ys = [height - margin - 1 - round((p - lo) / span * (height - 2 * margin - 2)) for p in points]
         for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
             steps = max(abs(x1 - x0), abs(y1 - y0), 1)
