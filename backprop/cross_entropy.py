@@ -84,6 +84,9 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     dlogits = logprobs.exp()  # (N, C) softmax, from the shifted log-probabilities
     if eps > 0:
         dlogits -= eps / C
-    dlogits[torch.arange(N, device=targets.device), targets] -= 1 - eps  # the onehot term
+    # the target entry: softmax - q = (p - 1) + eps (1 - 1/C), with p - 1 = expm1(log p) exact:
+    # p - 1 in floats cancels to 0 when p rounds to 1, expm1 keeps the small difference
+    target_logprob = logprobs.gather(1, targets[:, None])  # (N, 1)
+    dlogits.scatter_(1, targets[:, None], torch.expm1(target_logprob) + eps * (1 - 1 / C))
     dlogits *= w[:, None]
     return dlogits, None
