@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -44,6 +43,8 @@ def positive_float(text: str) -> float:
 
 
 def _data_options(p: argparse.ArgumentParser, hidden: int) -> None:
+    from backprop.makemore import DEFAULT_DATA
+
     p.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="word list, one word per line (default: the shipped data/names.txt)")
     p.add_argument("--split-seed", type=int, default=666, help="random.seed for the 80/10/10 split")

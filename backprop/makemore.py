@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from backprop import batch_norm, cross_entropy, embedding, linear, tanh
 
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"  # the shipped list
 BLOCK_SIZE = 3
 N_EMBD = 10
 INIT_SEED = 2147483647

@@ -127,7 +127,7 @@ class Report(list):
 
     COLUMNS = (
         "tensor", "dtype", "shape", "exact", "approx", "maxdiff", "maxrel",
-        "worst at", "ours", "float64", "our err", "torch err", "ratio", "ok",
+        "worst at", "ours", "float64", "our err", "torch err", "ratio", "floor", "ok",
     )
 
     @property
@@ -143,7 +143,7 @@ class Report(list):
                 r.name, str(r.dtype).removeprefix("torch."), "x".join(map(str, r.shape)) or "()",
                 str(r.exact), str(r.approximate), g(r.max_abs_diff), g(r.max_rel_diff),
                 str(list(r.worst_index)), g(r.ours), g(r.expected), g(r.our_error),
-                g(r.torch_error), g(r.error_ratio), "ok" if r.passed else "FAIL",
+                g(r.torch_error), g(r.error_ratio), g(r.floor), "ok" if r.passed else "FAIL",
             )
             for r in self
         ]

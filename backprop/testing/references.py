@@ -13,6 +13,20 @@ def cross_entropy(logits, targets, *, reduction="mean", ignore_index=-100, label
     )
 
 
+def cross_entropy_magnitude(logits, targets, *, dout, reduction="mean", ignore_index=-100,
+                            label_smoothing=0.0):
+    """The size of the terms in dlogits = w (softmax - q): w (softmax + q). When the prediction
+    matches the target distribution (label_smoothing=1 on near-uniform logits) every entry is a
+    cancellation, and rounding scales with these terms, not with the result."""
+    N, C = logits.shape
+    valid = targets != ignore_index
+    q = torch.zeros_like(logits)
+    q[valid] = F.one_hot(targets[valid], C).to(logits.dtype) * (1 - label_smoothing)
+    q = (q + label_smoothing / C) * valid[:, None]
+    w = dout.abs().expand(N) if reduction != "mean" else (dout.abs() / valid.sum().clamp(min=1)).expand(N)
+    return {"dlogits": (torch.softmax(logits, 1) + q) * w[:, None]}
+
+
 def logsumexp(x, *, dim=-1, keepdim=False):
     return torch.logsumexp(x, dim=dim, keepdim=keepdim)
 
