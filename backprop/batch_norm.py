@@ -22,7 +22,7 @@ class Cache(NamedTuple):
     dtype: torch.dtype  # of x and out; xhat and rstd are kept in the accumulation dtype
 
 
-@torch.no_grad()
+@_check.no_autograd
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -57,32 +57,40 @@ def forward(
     xc = xa - xa.mean(0)  # (N, C)
     # second pass: the mean of xc is the rounding error of the first mean (large at a large
     # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
-    xc = xc - xc.mean(0)  # (N, C)
-    var = (xc * xc).sum(0) / (N - correction)  # (C,)
+    var, residual = torch.var_mean(xc, 0, correction=correction)  # (C,) 1/(N - correction)
     rstd = torch.rsqrt(var + eps)  # (C,)
-    xhat = xc * rstd  # (N, C)
-    out = xhat * weight.to(acc) if weight is not None else xhat.clone()  # never alias the cache
-    if bias is not None:
-        out = out + bias.to(acc)
+    xhat = (xc - residual) * rstd  # (N, C)
+    if weight is not None and bias is not None:
+        out = torch.addcmul(bias.to(acc), xhat, weight.to(acc))  # bias + xhat * weight
+    elif weight is not None:
+        out = xhat * weight.to(acc)
+    elif bias is not None:
+        out = xhat + bias.to(acc)
+    else:
+        out = xhat.clone()  # never alias the cache
     return out.to(x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype)
 
 
-@torch.no_grad()
+@_check.no_autograd
 def backward(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """With g = dout * weight and d = N - correction (sums over the N rows):
-    dx      = rstd * (g - mean(g) - xhat * sum(g * xhat) / d)
-    dweight = sum(dout * xhat),   dbias = sum(dout)
+    """With d = N - correction and sums over the N rows:
+    dbias = sum(dout),   dweight = sum(dout * xhat)
+    dx    = weight * rstd * (dout - dbias / N - xhat * dweight / d)
+    (the mean's path gives dbias / N, the variance's path xhat * dweight / d)
     """
     xhat, rstd, weight, has_bias, correction, dtype = cache
     N = xhat.shape[0]
     _check.dout(dout, xhat.shape, dtype)
     acc = xhat.dtype
     dy = dout.to(acc)  # (N, C)
-    g = dy * weight.to(acc) if weight is not None else dy  # (N, C) d loss / d xhat
-    # mean(g): the path through the mean; sum(g * xhat) / d: the path through the variance
-    dx = rstd * (g - g.mean(0) - xhat * ((g * xhat).sum(0) / (N - correction)))  # (N, C)
-    dweight = (dy * xhat).sum(0).to(dtype) if weight is not None else None  # (C,)
-    dbias = dy.sum(0).to(dtype) if has_bias else None  # (C,)
-    return dx.to(dout.dtype), dweight, dbias
+    dbias = dy.sum(0)  # (C,)
+    dweight = (dy * xhat).sum(0)  # (C,)
+    scale = rstd * weight.to(acc) if weight is not None else rstd  # (C,)
+    dx = scale * (dy - dbias / N - xhat * (dweight / (N - correction)))  # (N, C)
+    return (
+        dx.to(dtype),
+        dweight.to(dtype) if weight is not None else None,
+        dbias.to(dtype) if has_bias else None,
+    )

@@ -14,13 +14,13 @@ REDUCTIONS = ("mean", "sum", "none")
 class Cache(NamedTuple):
     logprobs: torch.Tensor  # (N, C) log_softmax(logits): the one logits-sized buffer kept
     targets: torch.Tensor  # (N,) int64, ignored rows replaced by class 0
-    valid: torch.Tensor  # (N,) bool, False on rows whose target is ignore_index
-    count: torch.Tensor  # () number of valid rows: the 'mean' denominator
+    valid: torch.Tensor | None  # (N,) bool, False on ignored rows; None when no row is ignored
+    count: int  # number of valid rows: the 'mean' denominator
     reduction: str
     label_smoothing: float
 
 
-@torch.no_grad()
+@_check.no_autograd
 def forward(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -45,27 +45,28 @@ def forward(
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if C == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
-    _check.in_range("targets", targets, 0, C, allowed=ignore_index)
 
     valid = targets != ignore_index  # (N,)
-    safe = torch.where(valid, targets, 0)  # (N,) a gatherable index on ignored rows
+    count = int(valid.sum())
+    if count < N:
+        safe = torch.where(valid, targets, 0)  # (N,) a gatherable index on ignored rows
+    else:
+        safe, valid = targets, None  # the common case: nothing to mask
+    _check.in_range("targets", safe, 0, C, allowed=f"ignore_index={ignore_index}")
     logprobs = torch.log_softmax(logits, dim=1)  # (N, C) shifted by the row max inside: stable
-    nll = -logprobs.gather(1, safe[:, None]).squeeze(1)  # (N,)
+    # -logprobs[n, y_n], 0 on ignored rows, reduced over the valid rows
+    loss = torch.nn.functional.nll_loss(logprobs, targets, ignore_index=ignore_index, reduction=reduction)
     if label_smoothing > 0:
         smooth = -logprobs.sum(1)  # (N,) = -sum_c log p[c]
-        loss = (1 - label_smoothing) * nll + (label_smoothing / C) * smooth
-    else:
-        loss = nll
-    loss = torch.where(valid, loss, 0.0)  # (N,)
-    count = valid.sum()
-    if reduction == "mean":
-        loss = loss.sum() / count  # 0 / 0 = nan when every row is ignored, as in torch
-    elif reduction == "sum":
-        loss = loss.sum()
+        if valid is not None:
+            smooth = torch.where(valid, smooth, 0.0)
+        if reduction != "none":
+            smooth = smooth.sum() / (count if reduction == "mean" else 1)
+        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * smooth
     return loss, Cache(logprobs, safe, valid, count, reduction, float(label_smoothing))
 
 
-@torch.no_grad()
+@_check.no_autograd
 def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     """dlogits[n, c] = w_n * (softmax(z_n)[c] - q_n[c]),  q_n = (1 - eps) onehot(y_n) + eps / C,
     w_n = dout / count ('mean'), dout ('sum') or dout[n] ('none'); w_n = 0 on ignored rows.
@@ -73,13 +74,11 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     logprobs, targets, valid, count, reduction, eps = cache
     N, C = logprobs.shape
     _check.dout(dout, (N,) if reduction == "none" else (), logprobs.dtype)
-    if reduction == "mean":
-        w = (dout / count).expand(N)
-    elif reduction == "sum":
-        w = dout.expand(N)
-    else:
-        w = dout
-    w = torch.where(valid, w, 0.0)  # (N,) select, not multiply: 0 * (dout / 0) would be nan
+    w = dout / count if reduction == "mean" else dout  # () or (N,)
+    if valid is not None:
+        # select, not multiply: with every row ignored, dout / 0 is inf and 0 * inf is nan
+        w = torch.where(valid, w, 0.0)  # (N,)
+    w = w.reshape(-1, 1)  # (N, 1) or (1, 1), broadcast over C
 
     dlogits = logprobs.exp()  # (N, C) softmax, from the shifted log-probabilities
     if eps > 0:
@@ -88,5 +87,5 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     # p - 1 in floats cancels to 0 when p rounds to 1, expm1 keeps the small difference
     target_logprob = logprobs.gather(1, targets[:, None])  # (N, 1)
     dlogits.scatter_(1, targets[:, None], torch.expm1(target_logprob) + eps * (1 - 1 / C))
-    dlogits *= w[:, None]
+    dlogits *= w
     return dlogits, None

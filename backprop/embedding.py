@@ -16,7 +16,7 @@ class Cache(NamedTuple):
     dtype: torch.dtype  # of weight, so that dout can be checked
 
 
-@torch.no_grad()
+@_check.no_autograd
 def forward(
     indices: torch.Tensor, weight: torch.Tensor, *, padding_idx: int | None = None
 ) -> tuple[torch.Tensor, Cache]:
@@ -39,7 +39,7 @@ def forward(
     return out, Cache(indices, V, padding_idx, weight.dtype)
 
 
-@torch.no_grad()
+@_check.no_autograd
 def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
     """dweight[v] = sum over positions p with indices[p] == v of dout[p]; repeats accumulate.
     dweight[padding_idx] = 0.

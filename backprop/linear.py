@@ -15,7 +15,7 @@ class Cache(NamedTuple):
     has_bias: bool
 
 
-@torch.no_grad()
+@_check.no_autograd
 def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Cache]:
@@ -46,7 +46,7 @@ def forward(
     return out.reshape(*x.shape[:-1], H), Cache(x, weight, bias is not None)
 
 
-@torch.no_grad()
+@_check.no_autograd
 def backward(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

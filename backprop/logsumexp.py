@@ -27,7 +27,7 @@ def _dims(dim: int | tuple[int, ...] | list[int], ndim: int) -> tuple[int, ...]:
     return dims
 
 
-@torch.no_grad()
+@_check.no_autograd
 def forward(
     x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False
 ) -> tuple[torch.Tensor, Cache]:
@@ -50,7 +50,7 @@ def forward(
     return out, Cache(x, shift, sumexp, dims, keepdim)
 
 
-@torch.no_grad()
+@_check.no_autograd
 def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     """dx = dout * softmax(x) = dout * exp(x - m) / sum(exp(x - m)), broadcast over the dims.
     Computed from the shift m, never from exp(x - out): out is rounded, m is exact.

@@ -13,7 +13,7 @@ class Cache(NamedTuple):
     out: torch.Tensor  # (*) tanh(x): the rule needs only the output, so x is not kept
 
 
-@torch.no_grad()
+@_check.no_autograd
 def forward(x: torch.Tensor) -> tuple[torch.Tensor, Cache]:
     """out = tanh(x), elementwise."""
     _check.floating("x", x)
@@ -21,7 +21,7 @@ def forward(x: torch.Tensor) -> tuple[torch.Tensor, Cache]:
     return out, Cache(out)
 
 
-@torch.no_grad()
+@_check.no_autograd
 def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     """dx = dout * (1 - out**2), since d tanh(x)/dx = 1 - tanh(x)**2."""
     out = cache.out
