@@ -54,12 +54,13 @@ def forward(
 
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = x.to(acc)
-    xc = xa - xa.mean(0)  # (N, C)
+    xc = xa - xa.sum(0) / N  # (N, C)
     # second pass: the mean of xc is the rounding error of the first mean (large at a large
     # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
-    var, residual = torch.var_mean(xc, 0, correction=correction)  # (C,) 1/(N - correction)
+    xc = xc - xc.sum(0) / N  # (N, C)
+    var = (xc * xc).sum(0) / (N - correction)  # (C,)
     rstd = torch.rsqrt(var + eps)  # (C,)
-    xhat = (xc - residual) * rstd  # (N, C)
+    xhat = xc * rstd  # (N, C)
     if weight is not None and bias is not None:
         out = torch.addcmul(bias.to(acc), xhat, weight.to(acc))  # bias + xhat * weight
     elif weight is not None:
