@@ -364,10 +364,11 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
         Xb, Yb = Xtr[ix], Ytr[ix]
         rate = learning_rate(step, lr, lr_decay_step)
         if backward == "manual":
-            loss, caches = fused_forward(params, Xb, Yb)
-            grads = fused_backward(caches)
+            with torch.no_grad():  # the kernels need none; entering it once saves one per kernel
+                loss, caches = fused_forward(params, Xb, Yb)
+                grads = fused_backward(caches)
             if verify_every and step % verify_every == 0:
-                verify(params, Xb, Yb, grads, step)
+                verify(params, Xb, Yb, grads, step)  # before the update: same parameters
             with torch.no_grad():
                 for name, p in params.items():
                     p.sub_(grads[name], alpha=rate)
