@@ -142,3 +142,18 @@ def test_adapter_drops_into_a_model():
         grads.append([p.grad for p in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("cross_entropy", lambda m: (torch.randn(2, 3), torch.tensor([0, 1], device=m))),
+        ("batch_norm", lambda m: (torch.randn(4, 3), torch.randn(3, device=m), None)),
+        ("linear", lambda m: (torch.randn(2, 4), torch.randn(3, 4, device=m), None)),
+        ("embedding", lambda m: (torch.tensor([0, 1], device=m), torch.randn(4, 2))),
+    ],
+)
+def test_tensors_on_two_devices_are_refused(name, args):
+    """The 'meta' device stands in for a second device on a CPU-only machine."""
+    with pytest.raises(ValueError, match=r"all tensors must be on one device, got \w+ on (cpu|meta), \w+ on (meta|cpu)"):
+        backprop.OPS[name].forward(*args("meta"))
