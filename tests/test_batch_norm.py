@@ -3,8 +3,9 @@ import torch
 from hypothesis import example, given
 
 from backprop import batch_norm
-from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing import check_against_autograd, references
 from backprop.testing.strategies import batch_norm_cases, to_device
+from backprop.testing.suite import check_case, gradcheck_case
 
 
 @given(case=batch_norm_cases())
@@ -16,14 +17,13 @@ from backprop.testing.strategies import batch_norm_cases, to_device
 @example(case=((torch.tensor([[-48.4590034485], [-50.2934303284], [-52.1787910461], [-49.4315681458],
                               [-51.0845222473]]), None, None), {"eps": 1e-05, "correction": 0}))
 def test_matches_autograd(device, case):
-    args, options = to_device(case, device)
-    check_against_autograd(batch_norm, references.batch_norm, *args, **options)
+    check_case("batch_norm", batch_norm, to_device(case, device))
 
 
 @given(case=batch_norm_cases(dtype=torch.float64))
 def test_gradcheck(case):
-    args, options = case
-    check_gradcheck(batch_norm, *args, **options)
+    gradcheck_case("batch_norm", batch_norm, case)
+
 
 
 def test_correction_1_is_the_notebook_formula():

@@ -3,8 +3,9 @@ import torch
 from hypothesis import assume, example, given
 
 from backprop import cross_entropy
-from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing import check_against_autograd, references
 from backprop.testing.strategies import cross_entropy_cases, to_device, values
+from backprop.testing.suite import check_case, gradcheck_case
 
 
 @given(case=cross_entropy_cases())
@@ -17,25 +18,17 @@ from backprop.testing.strategies import cross_entropy_cases, to_device, values
 @example(case=((torch.tensor([[0.0154099613, -0.0029342892, -0.0217878930]]), torch.tensor([2])),
                {"reduction": "mean", "ignore_index": -100, "label_smoothing": 1.0}))
 def test_matches_autograd(device, case):
-    args, options = to_device(case, device)
-    check_against_autograd(cross_entropy, references.cross_entropy, *args,
-                           magnitude=references.cross_entropy_magnitude, **options)
+    check_case("cross_entropy", cross_entropy, to_device(case, device))
 
 
 @given(case=cross_entropy_cases(dtype=torch.float64))
-# finite differences at logits of 1e4 (loss ~1e5) failed gradcheck's atol: now rescaled below
+# finite differences at logits of 1e4 (loss ~1e5) failed gradcheck's atol: now rescaled
+# (backprop.testing.suite.gradcheck_inputs)
 @example(case=((values((8, 10), torch.float64, 0, scale=1e4), torch.tensor([4, 9, 3, 0, 3, 9, 7, 3])),
                {"reduction": "sum", "ignore_index": -100, "label_smoothing": 0.1}))
 def test_gradcheck(case):
-    args, options = case
-    logits, targets = args
-    # the mean over zero kept rows is nan (0/0) everywhere: no derivative to difference
-    assume(options["reduction"] != "mean" or bool((targets != options["ignore_index"]).any()))
-    # Finite differences of a loss of size |f| carry noise ~1e-16 |f| / h; at logits of 1e4 that
-    # exceeds gradcheck's atol (a limit of differencing, not of the kernel). Rescale to |z| <= 10:
-    # the 1e4 regime is checked against float64 autograd in test_matches_autograd.
-    logits = logits / max(1.0, float(logits.abs().max()) / 10)
-    check_gradcheck(cross_entropy, logits, targets, **options)
+    assume(gradcheck_case("cross_entropy", cross_entropy, case))
+
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

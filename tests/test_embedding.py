@@ -3,22 +3,20 @@ import torch
 from hypothesis import given
 
 from backprop import embedding
-from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing import check_against_autograd, references
 from backprop.testing.strategies import embedding_cases, to_device
+from backprop.testing.suite import check_case, gradcheck_case
 
 
 @given(case=embedding_cases())
 def test_matches_autograd(device, case):
-    args, options = to_device(case, device)
-    check_against_autograd(embedding, references.embedding, *args, **options)
+    check_case("embedding", embedding, to_device(case, device))
 
 
 @given(case=embedding_cases(dtype=torch.float64))
 def test_gradcheck(case):
-    args, options = case
-    # the padding row is read in forward but gets no gradient, by F.embedding's definition:
-    # finite differences disagree with that on purpose, so gradcheck runs without padding
-    check_gradcheck(embedding, *args, **{**options, "padding_idx": None})
+    gradcheck_case("embedding", embedding, case)
+
 
 
 def test_repeated_indices_accumulate():

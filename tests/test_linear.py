@@ -3,8 +3,9 @@ import torch
 from hypothesis import example, given
 
 from backprop import linear
-from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing import check_against_autograd, references
 from backprop.testing.strategies import linear_cases, to_device
+from backprop.testing.suite import check_case, gradcheck_case
 
 
 @given(case=linear_cases())
@@ -15,14 +16,13 @@ from backprop.testing.strategies import linear_cases, to_device
      [-1.2145366669], [0.7026074529], [-2.6359107494], [1.2697880268], [0.1206937954], [0.5135682225],
      [-1.4384102821], [1.3794118166], [-0.5360781550], [-0.4230327010]]), None), {}))
 def test_matches_autograd(device, case):
-    args, options = to_device(case, device)
-    check_against_autograd(linear, references.linear, *args, **options)
+    check_case("linear", linear, to_device(case, device))
 
 
 @given(case=linear_cases(dtype=torch.float64))
 def test_gradcheck(case):
-    args, options = case
-    check_gradcheck(linear, *args, **options)
+    gradcheck_case("linear", linear, case)
+
 
 
 def test_square_weight_gradient_is_not_transposed():

@@ -3,22 +3,22 @@ import torch
 from hypothesis import example, given
 
 from backprop import tanh
-from backprop.testing import check_against_autograd, check_gradcheck, references
+from backprop.testing import check_against_autograd, references
 from backprop.testing.strategies import tanh_cases, to_device
+from backprop.testing.suite import check_case, gradcheck_case
 
 
 @given(case=tanh_cases())
 # 1 - y*y lost ~5 bits to cancellation near |y| = 1 (error 8x torch's): now (1 - y)(1 + y)
 @example(case=((torch.tensor(2.5940),), {}))
 def test_matches_autograd(device, case):
-    args, options = to_device(case, device)
-    check_against_autograd(tanh, references.tanh, *args, **options)
+    check_case("tanh", tanh, to_device(case, device))
 
 
 @given(case=tanh_cases(dtype=torch.float64))
 def test_gradcheck(case):
-    args, options = case
-    check_gradcheck(tanh, *args, **options)
+    gradcheck_case("tanh", tanh, case)
+
 
 
 def test_cache_holds_the_output_only():
