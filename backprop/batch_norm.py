@@ -49,8 +49,8 @@ def forward(
         raise ValueError(
             f"x must have more rows than correction={correction} to estimate a variance, got N={N}"
         )
-    if not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if not eps > 0:  # as torch in training: eps = 0 divides by zero on a constant channel
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
 
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = x.to(acc)

@@ -55,7 +55,7 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
     E = dout.shape[-1]
     dweight = dout.new_zeros(V, E)  # (V, E)
     # index_add_, not dweight[indices] = dout: repeated indices must sum, not overwrite
-    dweight.index_add_(0, indices.reshape(-1), dout.reshape(-1, E))
+    dweight.index_add_(0, indices.reshape(-1), dout.reshape(indices.numel(), E))
     if padding_idx is not None:
         dweight[padding_idx] = 0
     return None, dweight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -38,7 +39,8 @@ def forward(
         _check.same_dtype("bias", bias, "x", x)
     _check.same_device(x=x, weight=weight, bias=bias)
 
-    x2 = x.reshape(-1, D)  # (N, D) with N the product of the leading dimensions
+    N = math.prod(x.shape[:-1])  # rows: the leading dimensions flattened (explicit: D may be 0)
+    x2 = x.reshape(N, D)  # (N, D)
     if bias is None:
         out = x2 @ weight.t()  # (N, H)
     else:
@@ -56,8 +58,9 @@ def backward(
     x, weight, has_bias = cache
     H, D = weight.shape
     _check.dout(dout, (*x.shape[:-1], H), x.dtype)
-    dout2 = dout.reshape(-1, H)  # (N, H)
+    N = math.prod(x.shape[:-1])
+    dout2 = dout.reshape(N, H)  # (N, H)
     dx = (dout2 @ weight).reshape(x.shape)  # (*, D)
-    dweight = dout2.t() @ x.reshape(-1, D)  # (H, D)
+    dweight = dout2.t() @ x.reshape(N, D)  # (H, D)
     dbias = dout2.sum(0) if has_bias else None  # (H,)
     return dx, dweight, dbias

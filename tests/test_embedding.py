@@ -58,3 +58,8 @@ def test_bad_dout():
     _, cache = embedding.forward(torch.tensor([[0, 1]]), torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"dout must have shape \(\*indices.shape, E\) = \(1, 2, E\), got \(2, 3\)"):
         embedding.backward(torch.ones(2, 3), cache)
+
+
+def test_zero_width_table_like_torch():
+    """Found by the fuzz test: reshape(-1, E) is ambiguous when E = 0; the row count is explicit now."""
+    check_against_autograd(embedding, references.embedding, torch.tensor(1), torch.randn(2, 0))

@@ -52,3 +52,9 @@ def test_bad_input(x, weight, bias, error, message):
 def test_tensors_on_different_devices():
     with pytest.raises(ValueError, match=r"one device, got x on cuda:0, weight on cpu"):
         linear.forward(torch.randn(2, 4, device="cuda"), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("x_shape, w_shape", [((0,), (0, 0)), ((2, 0), (3, 0)), ((0, 4), (3, 4)), ((2, 4), (0, 4))])
+def test_empty_dimensions_like_torch(x_shape, w_shape):
+    """Found by the fuzz test: reshape(-1, D) is ambiguous when D = 0; the row count is explicit now."""
+    check_against_autograd(linear, references.linear, torch.randn(x_shape), torch.randn(w_shape))
