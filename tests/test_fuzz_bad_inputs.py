@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 import backprop
 from backprop.testing import REFERENCES, random_dout
 
-
 DTYPES = [torch.float32, torch.float64, torch.int64, torch.int32, torch.bool]
 
 
