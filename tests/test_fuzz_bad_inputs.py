@@ -83,4 +83,4 @@ def test_bad_inputs_fail_cleanly_or_match_torch(name, data):
         torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
     dout = random_dout(out.shape, out.dtype, out.device, seed=0)
     grads = op.backward(dout, cache)
-    assert len(grads) == len(args) + (hi - len(args) if name in ("batch_norm", "linear") else 0)
+    assert isinstance(grads, tuple) and len(grads) == hi  # one per positional parameter
