@@ -12,6 +12,7 @@ from backprop import _check
 class Cache(NamedTuple):
     indices: torch.Tensor  # (*) int; the table itself is not needed for the gradient
     num_embeddings: int  # V
+    embedding_dim: int  # E
     padding_idx: int | None  # in [0, V), already wrapped
     dtype: torch.dtype  # of weight, so that dout can be checked
 
@@ -36,7 +37,7 @@ def forward(
     # index_select copies (weight[i] with a 0-d i would alias the table); as in F.embedding,
     # the padding row is read like any other
     out = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[1])
-    return out, Cache(indices, V, padding_idx, weight.dtype)
+    return out, Cache(indices, V, weight.shape[1], padding_idx, weight.dtype)
 
 
 @_check.no_autograd
@@ -44,15 +45,8 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
     """dweight[v] = sum over positions p with indices[p] == v of dout[p]; repeats accumulate.
     dweight[padding_idx] = 0.
     """
-    indices, V, padding_idx, dtype = cache
-    _check.floating("dout", dout)
-    if dout.ndim != indices.ndim + 1 or dout.shape[:-1] != indices.shape:
-        raise ValueError(
-            f"dout must have shape (*indices.shape, E) = ({', '.join(map(str, indices.shape))}, E), "
-            f"got {tuple(dout.shape)}"
-        )
-    _check.dout(dout, dout.shape, dtype)
-    E = dout.shape[-1]
+    indices, V, E, padding_idx, dtype = cache
+    _check.dout(dout, (*indices.shape, E), dtype)
     dweight = dout.new_zeros(V, E)  # (V, E)
     # index_add_, not dweight[indices] = dout: repeated indices must sum, not overwrite
     dweight.index_add_(0, indices.reshape(-1), dout.reshape(indices.numel(), E))

@@ -56,8 +56,10 @@ def test_bad_input(indices, weight, options, error, message):
 
 def test_bad_dout():
     _, cache = embedding.forward(torch.tensor([[0, 1]]), torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"dout must have shape \(\*indices.shape, E\) = \(1, 2, E\), got \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"dout must have the shape of the forward output \(1, 2, 3\), got \(2, 3\)"):
         embedding.backward(torch.ones(2, 3), cache)
+    with pytest.raises(ValueError, match=r"forward output \(1, 2, 3\), got \(1, 2, 4\)"):
+        embedding.backward(torch.ones(1, 2, 4), cache)
 
 
 def test_zero_width_table_like_torch():
