@@ -184,8 +184,7 @@ def cmd_train(parser, args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         _png.loss_curve(args.out / "loss.png", losses)
         (args.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-        torch.save({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in model.state().items()}
-                   | {"params": {k: v.cpu() for k, v in model.params.items()}}, args.out / "model.pt")
+        torch.save(model.state(), args.out / "model.pt")
     if args.json:
         print(json.dumps(result))
         return 0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from backprop import batch_norm, cross_entropy, embedding, linear, tanh
+from backprop.testing.references import batch_norm_composed
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"  # the shipped list
 BLOCK_SIZE = 3
@@ -274,8 +275,6 @@ def fused_backward(caches) -> dict[str, torch.Tensor]:
 
 def autograd_loss(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor) -> torch.Tensor:
     """The exercise-4 forward in plain torch ops, for training with autograd."""
-    from backprop.testing.references import batch_norm_composed
-
     n = Xb.shape[0]
     hprebn = p["C"][Xb].view(n, -1) @ p["W1"] + p["b1"]
     hpreact = batch_norm_composed(hprebn, p["bngain"].view(-1), p["bnbias"].view(-1),
@@ -335,8 +334,9 @@ class Model:
     bnvar: torch.Tensor | None = None  # (1, H) Bessel-corrected, as in training
 
     def state(self) -> dict:
-        return {"params": self.params, "bnmean": self.bnmean, "bnvar": self.bnvar,
-                "chars": list(self.vocab.chars), "block_size": BLOCK_SIZE}
+        """Tensors on the CPU, strings and ints: loadable with torch.load(weights_only=True)."""
+        return {"params": {k: v.cpu() for k, v in self.params.items()}, "bnmean": self.bnmean.cpu(),
+                "bnvar": self.bnvar.cpu(), "chars": list(self.vocab.chars), "block_size": BLOCK_SIZE}
 
     @classmethod
     def from_state(cls, state: dict) -> Model:
