@@ -136,9 +136,6 @@ def count_params(params: dict[str, torch.Tensor]) -> int:
 # ----------------------------------------------------------------------------- exercise 1
 # The forward "chunked" into atoms, each simple enough to differentiate by eye.
 
-ATOMS = ("emb", "embcat", "hprebn", "bnmeani", "bndiff", "bndiff2", "bnvar", "bnvar_inv", "bnraw",
-         "hpreact", "h", "logits", "logit_maxes", "norm_logits", "counts", "counts_sum",
-         "counts_sum_inv", "probs", "logprobs")
 
 
 def atomised_forward(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
