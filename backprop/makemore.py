@@ -137,7 +137,6 @@ def count_params(params: dict[str, torch.Tensor]) -> int:
 # The forward "chunked" into atoms, each simple enough to differentiate by eye.
 
 
-
 def atomised_forward(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
     """Returns (loss, atoms): the notebook's forward, one small op per line."""
     n = Xb.shape[0]
