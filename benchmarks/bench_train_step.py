@@ -1,9 +1,41 @@
-"""One SGD step of the makemore MLP (hidden 200, batch 32): manual kernels against autograd."""
+"""One SGD step of the makemore MLP (hidden 200, batch 32): manual kernels against autograd,
+and, for scale, the notebook's own fused manual step written with raw torch ops (no validation)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backprop import makemore
+
+
+@pytest.fixture(params=["manual", "autograd", "notebook"])
+def variant(request):
+    return request.param
+
+
+def notebook_step(p, Xb, Yb, lr):
+    """The seed's exercise-4 step: forward in raw ops, the fused backward formulas of exercises 2-3."""
+    C, W1, b1, W2, b2, bngain, bnbias = (p[k] for k in makemore.PARAM_NAMES)
+    n = Xb.shape[0]
+    emb = C[Xb]
+    embcat = emb.view(n, -1)
+    hprebn = embcat @ W1 + b1
+    bnvar_inv = (hprebn.var(0, keepdim=True, unbiased=True) + 1e-5) ** -0.5
+    bnraw = (hprebn - hprebn.mean(0, keepdim=True)) * bnvar_inv
+    h = torch.tanh(bngain * bnraw + bnbias)
+    logits = h @ W2 + b2
+    dlogits = F.softmax(logits, 1)
+    dlogits[range(n), Yb] -= 1
+    dlogits /= n
+    dh = dlogits @ W2.T
+    dhpreact = (1.0 - h**2) * dh
+    dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0)
+                                        - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
+    dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), (dhprebn @ W1.T).view(-1, C.shape[1]))
+    grads = [dC, embcat.T @ dhprebn, dhprebn.sum(0), h.T @ dlogits, dlogits.sum(0),
+             (bnraw * dhpreact).sum(0, keepdim=True), dhpreact.sum(0, keepdim=True)]
+    for param, grad in zip((C, W1, b1, W2, b2, bngain, bnbias), grads):
+        param.sub_(grad, alpha=lr)
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +55,17 @@ def test_train_step(benchmark, device, variant, batch):
     benchmark.group = f"train_step hidden=200 batch=32 float32 {device}"
     benchmark.extra_info.update(op="train_step", variant=variant, device=device)
 
-    if variant == "manual":
+    if variant == "notebook":
         def step():
-            loss, caches = makemore.fused_forward(params, Xb, Yb)
-            grads = makemore.fused_backward(caches)
             with torch.no_grad():
+                notebook_step(params, Xb, Yb, 1e-6)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    elif variant == "manual":
+        def step():
+            with torch.no_grad():  # as makemore.train runs it
+                loss, caches = makemore.fused_forward(params, Xb, Yb)
+                grads = makemore.fused_backward(caches)
                 for name, p in params.items():
                     p.sub_(grads[name], alpha=1e-6)
             if device == "cuda":
