@@ -29,7 +29,13 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    return 0 if text.strip() == "0" else positive_int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -43,11 +49,12 @@ def positive_float(text: str) -> float:
 
 
 def _data_options(p: argparse.ArgumentParser, hidden: int) -> None:
-    from backprop.makemore import DEFAULT_DATA
+    from backprop import makemore
 
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+    p.add_argument("--data", type=Path, default=makemore.DEFAULT_DATA,
                    help="word list, one word per line (default: the shipped data/names.txt)")
-    p.add_argument("--split-seed", type=int, default=666, help="random.seed for the 80/10/10 split")
+    p.add_argument("--split-seed", type=int, default=makemore.SPLIT_SEED,
+                   help="random.seed for the 80/10/10 split")
     p.add_argument("--hidden", type=positive_int, default=hidden, help=f"hidden units (default {hidden})")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -106,12 +113,8 @@ def cmd_check(parser, args) -> int:
 
     device = _device(parser, args.device)
     ds = _dataset(parser, args)
-    dtype = DTYPES[args.dtype]
-    g = torch.Generator().manual_seed(args.seed)
-    params = makemore.init_params(ds.vocab.size, args.hidden, generator=g, dtype=dtype, device=device)
-    Xtr, Ytr = ds.splits["train"]
-    ix = torch.randint(0, Xtr.shape[0], (args.batch_size,), generator=g)
-    Xb, Yb = Xtr[ix].to(device), Ytr[ix].to(device)
+    params, Xb, Yb = makemore.first_batch(ds, args.hidden, batch_size=args.batch_size, seed=args.seed,
+                                          dtype=DTYPES[args.dtype], device=device)
     loss, rows = makemore.gradient_table(params, Xb, Yb)
     summary = ds.summary() | {"parameters": makemore.count_params(params), "loss": loss}
     ok = all(r.approximate for r in rows)

@@ -360,23 +360,10 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
         Xb, Yb = Xtr[ix], Ytr[ix]
         rate = learning_rate(step, lr, lr_decay_step)
         if backward == "manual":
-            with torch.no_grad():  # the kernels need none; entering it once saves one per kernel
-                loss, caches = fused_forward(params, Xb, Yb)
-                grads = fused_backward(caches)
-            if verify_every and step % verify_every == 0:
-                verify(params, Xb, Yb, grads, step)  # before the update: same parameters
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.sub_(grads[name], alpha=rate)
+            check = step if verify_every and step % verify_every == 0 else None
+            loss = manual_step(params, Xb, Yb, rate, verify_at=check)
         else:
-            leaves = {k: v.requires_grad_() for k, v in params.items()}
-            loss = autograd_loss(leaves, Xb, Yb)
-            for v in leaves.values():
-                v.grad = None
-            loss.backward()
-            with torch.no_grad():
-                for p in leaves.values():
-                    p.sub_(p.grad, alpha=rate)
+            loss = autograd_step(params, Xb, Yb, rate)
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, steps, losses[-1])
@@ -384,6 +371,45 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
     model = Model(params, dataset.vocab)
     calibrate(model, dataset.splits["train"][0].to(device))
     return model, losses
+
+
+def manual_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, lr: float,
+                *, verify_at: int | None = None) -> torch.Tensor:
+    """One SGD step on the library kernels' gradients; with verify_at (the step number), compare
+    them with autograd first. Returns the loss."""
+    with torch.no_grad():  # the kernels need none; entering it once saves one per kernel
+        loss, caches = fused_forward(params, Xb, Yb)
+        grads = fused_backward(caches)
+    if verify_at is not None:
+        verify(params, Xb, Yb, grads, verify_at)  # before the update: same parameters
+    with torch.no_grad():
+        for name, p in params.items():
+            p.sub_(grads[name], alpha=lr)
+    return loss
+
+
+def autograd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
+                  lr: float) -> torch.Tensor:
+    """One SGD step on autograd's gradients of the same model. Returns the loss."""
+    for p in params.values():
+        p.requires_grad_()
+        p.grad = None
+    loss = autograd_loss(params, Xb, Yb)
+    loss.backward()
+    with torch.no_grad():
+        for p in params.values():
+            p.sub_(p.grad, alpha=lr)
+    return loss
+
+
+def first_batch(dataset: Dataset, hidden: int, *, batch_size: int = 32, seed: int = INIT_SEED,
+                dtype=torch.float32, device="cpu"):
+    """Seeded init, then one training batch drawn from the same generator, as the notebook does."""
+    g = torch.Generator().manual_seed(seed)
+    params = init_params(dataset.vocab.size, hidden, generator=g, dtype=dtype, device=device)
+    X, Y = dataset.splits["train"]
+    ix = torch.randint(0, X.shape[0], (batch_size,), generator=g)
+    return params, X[ix].to(device), Y[ix].to(device)
 
 
 def verify(params, Xb, Yb, grads, step: int) -> None:

@@ -18,11 +18,7 @@ def dataset():
 
 
 def batch(ds, n=32, seed=makemore.INIT_SEED, hidden=64, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    params = makemore.init_params(ds.vocab.size, hidden, generator=g, dtype=dtype)
-    X, Y = ds.splits["train"]
-    ix = torch.randint(0, X.shape[0], (n,), generator=g)
-    return params, X[ix], Y[ix]
+    return makemore.first_batch(ds, hidden, batch_size=n, seed=seed, dtype=dtype)
 
 
 def test_shipped_data(dataset):
