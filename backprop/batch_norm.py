@@ -34,6 +34,11 @@ def forward(
     """mean = x.mean(0);  var = ((x - mean)**2).sum(0) / (N - correction)
     out = weight * (x - mean) / sqrt(var + eps) + bias
     """
+    return forward_math(*check_forward(x, weight, bias, eps=eps, correction=correction))
+
+
+def check_forward(x, weight=None, bias=None, *, eps=1e-5, correction=0):
+    """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
     _check.ndim("x", x, 2, "(N, C)")
     N, C = x.shape
@@ -51,16 +56,20 @@ def forward(
         )
     if not eps > 0:  # as torch in training: eps = 0 divides by zero on a constant channel
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return x, weight, bias, eps, correction
 
+
+def forward_math(x, weight, bias, eps, correction):
+    """forward without the checks."""
+    N = x.shape[0]
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = x.to(acc)
-    xc = xa - xa.sum(0) / N  # (N, C)
+    xc = xa - xa.mean(0)  # (N, C)
     # second pass: the mean of xc is the rounding error of the first mean (large at a large
     # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
-    xc = xc - xc.sum(0) / N  # (N, C)
-    var = (xc * xc).sum(0) / (N - correction)  # (C,)
-    rstd = torch.rsqrt(var + eps)  # (C,)
-    xhat = xc * rstd  # (N, C)
+    xc -= xc.mean(0)
+    rstd = (xc * xc).sum(0).div_(N - correction).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
+    xhat = xc.mul_(rstd)  # (N, C), in place: xc is ours
     if weight is not None and bias is not None:
         out = torch.addcmul(bias.to(acc), xhat, weight.to(acc))  # bias + xhat * weight
     elif weight is not None:
@@ -81,15 +90,25 @@ def backward(
     dx    = weight * rstd * (dout - dbias / N - xhat * dweight / d)
     (the mean's path gives dbias / N, the variance's path xhat * dweight / d)
     """
+    check_backward(dout, cache)
+    return backward_math(dout, cache)
+
+
+def check_backward(dout, cache: Cache) -> None:
+    _check.dout(dout, cache.xhat.shape, cache.dtype)
+
+
+def backward_math(dout, cache: Cache):
     xhat, rstd, weight, has_bias, correction, dtype = cache
     N = xhat.shape[0]
-    _check.dout(dout, xhat.shape, dtype)
     acc = xhat.dtype
     dy = dout.to(acc)  # (N, C)
     dbias = dy.sum(0)  # (C,)
     dweight = (dy * xhat).sum(0)  # (C,)
     scale = rstd * weight.to(acc) if weight is not None else rstd  # (C,)
-    dx = scale * (dy - dbias / N - xhat * (dweight / (N - correction)))  # (N, C)
+    # dy - dbias / N - xhat * dweight / d, the last two in one addcmul
+    dx = torch.sub(dy, torch.addcmul(dbias / N, xhat, dweight / (N - correction)))  # (N, C)
+    dx *= scale
     return (
         dx.to(dtype),
         dweight.to(dtype) if weight is not None else None,

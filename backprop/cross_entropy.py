@@ -33,6 +33,13 @@ def forward(
     q_n = (1 - eps) * onehot(y_n) + eps / C:
     loss_n = -sum_c q_n[c] * log p[c]   (0 on ignored rows);  mean divides by the valid rows.
     """
+    return forward_math(*check_forward(logits, targets, reduction=reduction, ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing))
+
+
+def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    """Validate forward's arguments; returns forward_math's. The ignored rows are found here,
+    because the range check of the targets must skip them (one device sync)."""
     _check.floating("logits", logits)
     _check.index("targets", targets, (torch.int64,))
     _check.ndim("logits", logits, 2, "(N, C)")
@@ -45,7 +52,6 @@ def forward(
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if C == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
-
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
     if count < N:
@@ -53,6 +59,13 @@ def forward(
     else:
         safe, valid = targets, None  # the common case: nothing to mask
     _check.in_range("targets", safe, 0, C, allowed=f"ignore_index={ignore_index}")
+    return logits, targets, safe, valid, count, reduction, ignore_index, float(label_smoothing)
+
+
+def forward_math(logits, targets, safe, valid, count, reduction, ignore_index, label_smoothing):
+    """forward without the checks: safe = targets with ignored rows set to 0, valid = the mask
+    (None when no row is ignored), count = the number of valid rows."""
+    C = logits.shape[1]
     logprobs = torch.log_softmax(logits, dim=1)  # (N, C) shifted by the row max inside: stable
     # -logprobs[n, y_n], 0 on ignored rows, reduced over the valid rows
     loss = torch.nn.functional.nll_loss(logprobs, targets, ignore_index=ignore_index, reduction=reduction)
@@ -63,7 +76,7 @@ def forward(
         if reduction != "none":
             smooth = smooth.sum() / (count if reduction == "mean" else 1)
         loss = (1 - label_smoothing) * loss + (label_smoothing / C) * smooth
-    return loss, Cache(logprobs, safe, valid, count, reduction, float(label_smoothing))
+    return loss, Cache(logprobs, safe, valid, count, reduction, label_smoothing)
 
 
 @_check.no_autograd
@@ -71,9 +84,18 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     """dlogits[n, c] = w_n * (softmax(z_n)[c] - q_n[c]),  q_n = (1 - eps) onehot(y_n) + eps / C,
     w_n = dout / count ('mean'), dout ('sum') or dout[n] ('none'); w_n = 0 on ignored rows.
     """
+    check_backward(dout, cache)
+    return backward_math(dout, cache)
+
+
+def check_backward(dout, cache: Cache) -> None:
+    N = cache.logprobs.shape[0]
+    _check.dout(dout, (N,) if cache.reduction == "none" else (), cache.logprobs.dtype)
+
+
+def backward_math(dout, cache: Cache):
     logprobs, targets, valid, count, reduction, eps = cache
-    N, C = logprobs.shape
-    _check.dout(dout, (N,) if reduction == "none" else (), logprobs.dtype)
+    C = logprobs.shape[1]
     w = dout / count if reduction == "mean" else dout  # () or (N,)
     if valid is not None:
         # select, not multiply: with every row ignored, dout / 0 is inf and 0 * inf is nan
@@ -85,7 +107,9 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
         dlogits -= eps / C
     # the target entry: softmax - q = (p - 1) + eps (1 - 1/C), with p - 1 = expm1(log p) exact:
     # p - 1 in floats cancels to 0 when p rounds to 1, expm1 keeps the small difference
-    target_logprob = logprobs.gather(1, targets[:, None])  # (N, 1)
-    dlogits.scatter_(1, targets[:, None], torch.expm1(target_logprob) + eps * (1 - 1 / C))
+    target = torch.expm1(logprobs.gather(1, targets[:, None]))  # (N, 1)
+    if eps > 0:
+        target += eps * (1 - 1 / C)
+    dlogits.scatter_(1, targets[:, None], target)
     dlogits *= w
     return dlogits, None

@@ -15,13 +15,28 @@ class Cache(NamedTuple):
     embedding_dim: int  # E
     padding_idx: int | None  # in [0, V), already wrapped
     dtype: torch.dtype  # of weight, so that dout can be checked
+    deterministic: bool  # backward sums repeats in a fixed order (bitwise reproducible on CUDA)
 
 
 @_check.no_autograd
 def forward(
-    indices: torch.Tensor, weight: torch.Tensor, *, padding_idx: int | None = None
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    padding_idx: int | None = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, Cache]:
-    """out[..., :] = weight[indices[...], :]."""
+    """out[..., :] = weight[indices[...], :].
+
+    deterministic=True makes backward bitwise reproducible on CUDA, where index_add_ sums repeated
+    indices with atomics in whatever order the threads arrive; it costs a sort of the indices.
+    On the CPU index_add_ is a serial loop, reproducible in both modes.
+    """
+    return forward_math(*check_forward(indices, weight, padding_idx=padding_idx, deterministic=deterministic))
+
+
+def check_forward(indices, weight, *, padding_idx=None, deterministic=False):
+    """Validate forward's arguments; returns forward_math's (padding_idx wrapped into [0, V))."""
     _check.index("indices", indices)
     _check.floating("weight", weight)
     _check.ndim("weight", weight, 2, "(V, E)")
@@ -33,11 +48,18 @@ def forward(
         if not -V <= padding_idx < V:
             raise ValueError(f"padding_idx must lie in [{-V}, {V - 1}] for V={V}, got {padding_idx}")
         padding_idx %= V
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     _check.in_range("indices", indices, 0, V)
+    return indices, weight, padding_idx, deterministic
+
+
+def forward_math(indices, weight, padding_idx, deterministic=False):
     # index_select copies (weight[i] with a 0-d i would alias the table); as in F.embedding,
     # the padding row is read like any other
     out = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[1])
-    return out, Cache(indices, V, weight.shape[1], padding_idx, weight.dtype)
+    V, E = weight.shape
+    return out, Cache(indices, V, E, padding_idx, weight.dtype, deterministic)
 
 
 @_check.no_autograd
@@ -45,11 +67,25 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
     """dweight[v] = sum over positions p with indices[p] == v of dout[p]; repeats accumulate.
     dweight[padding_idx] = 0.
     """
-    indices, V, E, padding_idx, dtype = cache
-    _check.dout(dout, (*indices.shape, E), dtype)
+    check_backward(dout, cache)
+    return backward_math(dout, cache)
+
+
+def check_backward(dout, cache: Cache) -> None:
+    _check.dout(dout, (*cache.indices.shape, cache.embedding_dim), cache.dtype)
+
+
+def backward_math(dout, cache: Cache):
+    indices, V, E, padding_idx, dtype, deterministic = cache
     dweight = dout.new_zeros(V, E)  # (V, E)
-    # index_add_, not dweight[indices] = dout: repeated indices must sum, not overwrite
-    dweight.index_add_(0, indices.reshape(-1), dout.reshape(indices.numel(), E))
+    rows = dout.reshape(indices.numel(), E)  # (P, E) one row per position
+    if deterministic and dweight.is_cuda:
+        # on CUDA, index_put_ with accumulate=True sorts the indices and sums each run of repeats
+        # in a fixed order (on the CPU it is the parallel one, and index_add_ the serial one)
+        dweight.index_put_((indices.reshape(-1),), rows, accumulate=True)
+    else:
+        # index_add_, not dweight[indices] = dout: repeated indices must sum, not overwrite
+        dweight.index_add_(0, indices.reshape(-1), rows)
     if padding_idx is not None:
         dweight[padding_idx] = 0
     return None, dweight

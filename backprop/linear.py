@@ -21,6 +21,11 @@ def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Cache]:
     """out[..., h] = sum_d x[..., d] * weight[h, d] + bias[h]."""
+    return forward_math(*check_forward(x, weight, bias))
+
+
+def check_forward(x, weight, bias=None):
+    """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
     _check.floating("weight", weight)
     _check.ndim("weight", weight, 2, "(H, D)")
@@ -39,6 +44,11 @@ def forward(
         _check.same_dtype("bias", bias, "x", x)
     _check.same_device(x=x, weight=weight, bias=bias)
 
+    return x, weight, bias
+
+
+def forward_math(x, weight, bias):
+    H, D = weight.shape
     N = math.prod(x.shape[:-1])  # rows: the leading dimensions flattened (explicit: D may be 0)
     x2 = x.reshape(N, D)  # (N, D)
     if bias is None:
@@ -55,9 +65,17 @@ def backward(
     """out = x @ W.T + b  gives
     dx = dout @ W,   dW = dout.T @ x (summed over leading dims),   db = dout.sum(leading dims).
     """
+    check_backward(dout, cache)
+    return backward_math(dout, cache)
+
+
+def check_backward(dout, cache: Cache) -> None:
+    _check.dout(dout, (*cache.x.shape[:-1], cache.weight.shape[0]), cache.x.dtype)
+
+
+def backward_math(dout, cache: Cache):
     x, weight, has_bias = cache
     H, D = weight.shape
-    _check.dout(dout, (*x.shape[:-1], H), x.dtype)
     N = math.prod(x.shape[:-1])
     dout2 = dout.reshape(N, H)  # (N, H)
     dx = (dout2 @ weight).reshape(x.shape)  # (*, D)

@@ -32,6 +32,11 @@ def forward(
     x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False
 ) -> tuple[torch.Tensor, Cache]:
     """out = m + log(sum(exp(x - m))) along dim, with m the max along dim (shifted coordinates)."""
+    return forward_math(*check_forward(x, dim=dim, keepdim=keepdim))
+
+
+def check_forward(x, *, dim=-1, keepdim=False):
+    """Validate forward's arguments; returns forward_math's (dim as a tuple of non-negative dims)."""
     _check.floating("x", x)
     dims = _dims(dim, x.ndim)
     if x.ndim > 0:
@@ -40,6 +45,10 @@ def forward(
                 raise ValueError(f"x must have a non-empty dim {d} to reduce over, got shape {tuple(x.shape)}")
     if x.ndim == 0:
         dims = ()  # reducing a 0-d tensor is the identity, as in torch
+    return x, dims, bool(keepdim)
+
+
+def forward_math(x, dims, keepdim):
     shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
     # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead, as torch does
     shift = torch.where(shift.isfinite(), shift, 0.0)
@@ -55,9 +64,17 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     """dx = dout * softmax(x) = dout * exp(x - m) / sum(exp(x - m)), broadcast over the dims.
     Computed from the shift m, never from exp(x - out): out is rounded, m is exact.
     """
+    check_backward(dout, cache)
+    return backward_math(dout, cache)
+
+
+def check_backward(dout, cache: Cache) -> None:
+    x, shift, _, dims, keepdim = cache
+    _check.dout(dout, shift.shape if keepdim or not dims else shift.squeeze(dims).shape, x.dtype)
+
+
+def backward_math(dout, cache: Cache):
     x, shift, sumexp, dims, keepdim = cache
-    out_shape = shift.shape if keepdim or not dims else shift.squeeze(dims).shape
-    _check.dout(dout, out_shape, x.dtype)
     if dims and not keepdim:
         dout = dout.reshape(shift.shape)  # put the reduced dims back as size 1 to broadcast
     dx = torch.exp(x - shift) * (dout / sumexp)  # (*)

@@ -212,7 +212,7 @@ def linear_bias_first_row_backward(dout, cache):
 @mutant(embedding)
 def embedding_overwrite_backward(dout, cache):
     """Overwrites instead of accumulating repeated indices: dweight[idx] = dout."""
-    indices, V, E, padding_idx, dtype = cache
+    indices, V, E, padding_idx, dtype, _ = cache
     dweight = dout.new_zeros(V, E)
     dweight[indices.reshape(-1)] = dout.reshape(-1, E)
     if padding_idx is not None:
@@ -223,7 +223,7 @@ def embedding_overwrite_backward(dout, cache):
 @mutant(embedding)
 def embedding_padding_not_zeroed_backward(dout, cache):
     """The padding row is not zeroed."""
-    indices, V, E, padding_idx, dtype = cache
+    indices, V, E, padding_idx, dtype, _ = cache
     return None, dout.new_zeros(V, E).index_add_(0, indices.reshape(-1), dout.reshape(-1, E))
 
 

@@ -26,6 +26,25 @@ def test_repeated_indices_accumulate():
     assert torch.equal(dweight, torch.tensor([[0.0, 0.0], [3.0, 3.0], [1.0, 1.0]]))
 
 
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    """Many repeats per row: on CUDA the default index_add_ sums them with atomics in arrival
+    order, so only the deterministic mode promises the same bits run after run."""
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 8, (64, 512), generator=g).to(device)  # ~4096 repeats per row
+    weight = torch.randn(8, 96, generator=g).to(device)
+    dout = torch.randn(64, 512, 96, generator=g).to(device)
+    _, cache = embedding.forward(indices, weight, deterministic=True)
+    first = embedding.backward(dout, cache)[1]
+    for _ in range(10):
+        assert torch.equal(embedding.backward(dout, cache)[1], first)
+    _, default = embedding.forward(indices, weight)
+    expected = embedding.backward(dout, default)[1]
+    torch.testing.assert_close(first, expected)  # the same sums, in another order
+    reference = dout.double().reshape(-1, 96).new_zeros(8, 96).index_add_(
+        0, indices.reshape(-1), dout.double().reshape(-1, 96))
+    torch.testing.assert_close(first.double(), reference, rtol=0, atol=1e-3)
+
+
 def test_padding_row_gets_no_gradient_and_negative_padding_idx_wraps():
     _, cache = embedding.forward(torch.tensor([[0, 2], [2, 1]]), torch.randn(3, 4), padding_idx=-1)
     _, dweight = embedding.backward(torch.randn(2, 2, 4), cache)

@@ -11,7 +11,10 @@ from backprop.testing.suite import check_case, gradcheck_case
 
 
 def first_catch(m) -> str | None:
-    """Run the suite's checks on the mutant; return the stage that caught it, None if it survived."""
+    """Run the suite's checks on the mutant; return the stage that caught it (forward, gradient,
+    gradcheck or contract), None if it survived. A crash does not count as a catch: a mutant that
+    only crashes (say, on shapes that do not line up) must still be caught by a check on the cases
+    where it runs, so a broken mutant cannot pass for a caught one."""
     strategy = CASES[m.op]()
     if hasattr(m, "cases"):
         strategy = m.cases(strategy)
@@ -27,9 +30,8 @@ def first_catch(m) -> str | None:
         except CheckFailure as e:
             caught.append(e.stage)
             raise
-        except Exception as e:  # a crash is caught too, e.g. shapes that do not line up
-            caught.append(f"error ({type(e).__name__})")
-            raise
+        except Exception:  # e.g. a missing transpose on non-square weights: try the next case
+            pass
 
     try:
         search()

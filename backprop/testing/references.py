@@ -60,7 +60,8 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-def embedding(indices, weight, *, padding_idx=None):
+def embedding(indices, weight, *, padding_idx=None, deterministic=False):
+    """deterministic changes only the order of summation on CUDA, not the value."""
     return F.embedding(indices, weight, padding_idx=padding_idx)
 
 

@@ -136,7 +136,8 @@ def embedding_cases(draw, dtype=None):
     indices = integers(shape, 0, high, draw(seeds))
     weight = values((V, E), dtype, draw(seeds))
     padding_idx = draw(st.one_of(st.none(), st.integers(-V, V - 1)), label="padding_idx")
-    return (indices, weight), {"padding_idx": padding_idx}
+    deterministic = draw(st.booleans(), label="deterministic")
+    return (indices, weight), {"padding_idx": padding_idx, "deterministic": deterministic}
 
 
 CASES = {
