@@ -101,6 +101,11 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in dtype; t itself when it already is (cheaper than a no-op .to), None stays None."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def no_autograd(fn):
     """Run fn with autograd off, so that inputs with requires_grad=True record no history.
     Cheaper than @torch.no_grad() when the caller already disabled grad (a training loop)."""

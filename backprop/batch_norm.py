@@ -63,7 +63,7 @@ def forward_math(x, weight, bias, eps, correction):
     """forward without the checks."""
     N = x.shape[0]
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
-    xa = x.to(acc)
+    xa = _check.cast(x, acc)
     xc = xa - xa.mean(0)  # (N, C)
     # second pass: the mean of xc is the rounding error of the first mean (large at a large
     # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
@@ -71,14 +71,14 @@ def forward_math(x, weight, bias, eps, correction):
     rstd = (xc * xc).sum(0).div_(N - correction).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
     xhat = xc.mul_(rstd)  # (N, C), in place: xc is ours
     if weight is not None and bias is not None:
-        out = torch.addcmul(bias.to(acc), xhat, weight.to(acc))  # bias + xhat * weight
+        out = torch.addcmul(_check.cast(bias, acc), xhat, _check.cast(weight, acc))  # bias + xhat * weight
     elif weight is not None:
-        out = xhat * weight.to(acc)
+        out = xhat * _check.cast(weight, acc)
     elif bias is not None:
-        out = xhat + bias.to(acc)
+        out = xhat + _check.cast(bias, acc)
     else:
         out = xhat.clone()  # never alias the cache
-    return out.to(x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype)
+    return _check.cast(out, x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype)
 
 
 @_check.no_autograd
@@ -102,15 +102,15 @@ def backward_math(dout, cache: Cache):
     xhat, rstd, weight, has_bias, correction, dtype = cache
     N = xhat.shape[0]
     acc = xhat.dtype
-    dy = dout.to(acc)  # (N, C)
+    dy = _check.cast(dout, acc)  # (N, C)
     dbias = dy.sum(0)  # (C,)
     dweight = (dy * xhat).sum(0)  # (C,)
-    scale = rstd * weight.to(acc) if weight is not None else rstd  # (C,)
+    scale = rstd * _check.cast(weight, acc) if weight is not None else rstd  # (C,)
     # dy - dbias / N - xhat * dweight / d, the last two in one addcmul
     dx = torch.sub(dy, torch.addcmul(dbias / N, xhat, dweight / (N - correction)))  # (N, C)
     dx *= scale
     return (
-        dx.to(dtype),
-        dweight.to(dtype) if weight is not None else None,
-        dbias.to(dtype) if has_bias else None,
+        _check.cast(dx, dtype),
+        _check.cast(dweight, dtype) if weight is not None else None,
+        _check.cast(dbias, dtype) if has_bias else None,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+COMPILE_FROM_STEPS = 10_000
 
 
 def positive_int(text: str) -> int:
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backward", choices=["manual", "autograd"], default="manual")
     train.add_argument("--verify-every", type=non_negative_int, default=0, metavar="K",
                        help="check manual gradients against autograd every K steps (0: never)")
+    train.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                       help="run the manual step through torch.compile (makemore.compiled_step); auto: "
+                            f"yes for --steps >= {COMPILE_FROM_STEPS:,} when a C++ compiler is found, "
+                            "since compiling costs ~20 s once (default auto)")
     train.add_argument("--seed", type=int, default=makemore.INIT_SEED)
     train.add_argument("--out", type=Path, default=None,
                        help="write loss.png, summary.json and model.pt here")
@@ -163,17 +169,28 @@ class Progress:
         print(("\r" if self.tty else "") + line, end=end, file=self.stream, flush=True)
 
 
+def use_compile(args) -> bool:
+    if args.compile == "no" or args.backward != "manual":
+        return False
+    if args.compile == "yes":
+        return True
+    return args.steps >= COMPILE_FROM_STEPS and shutil.which("g++") is not None  # Inductor's CPU backend
+
+
 def cmd_train(parser, args) -> int:
     from backprop import _png, makemore
 
     device = _device(parser, args.device)
+    if args.compile == "yes" and args.backward != "manual":
+        parser.error("--compile yes applies to --backward manual only")
     ds = _dataset(parser, args)
     start = time.perf_counter()
     try:
         model, losses = makemore.train(
             ds, steps=args.steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
             lr_decay_step=args.lr_decay_step, backward=args.backward,
-            verify_every=args.verify_every, seed=args.seed, device=device, progress=Progress(),
+            verify_every=args.verify_every, seed=args.seed, device=device, compile=use_compile(args),
+            progress=Progress(),
         )
     except makemore.GradientDrift as e:
         print(f"backprop train: {e}", file=sys.stderr)
@@ -182,6 +199,7 @@ def cmd_train(parser, args) -> int:
     result = {f"{k}_loss": makemore.evaluate(model, *(t.to(device) for t in ds.splits[k]))
               for k in ("train", "val", "test")}
     result |= {"steps": args.steps, "seconds": round(seconds, 2), "backward": args.backward,
+               "compiled": use_compile(args),
                "samples": makemore.sample(model, 20)}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +209,8 @@ def cmd_train(parser, args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"trained {args.steps} steps in {seconds:.1f} s ({args.backward} backward)")
+    how = f"{args.backward} backward" + (", compiled step" if result["compiled"] else "")
+    print(f"trained {args.steps} steps in {seconds:.1f} s ({how})")
     print(f"loss  train {result['train_loss']:.4f}  val {result['val_loss']:.4f}  "
           f"test {result['test_loss']:.4f}")
     print("samples: " + " ".join(result["samples"]))

@@ -100,7 +100,8 @@ def backward_math(dout, cache: Cache):
     if valid is not None:
         # select, not multiply: with every row ignored, dout / 0 is inf and 0 * inf is nan
         w = torch.where(valid, w, 0.0)  # (N,)
-    w = w.reshape(-1, 1)  # (N, 1) or (1, 1), broadcast over C
+    if w.ndim:
+        w = w[:, None]  # (N, 1), broadcast over C; a 0-d w broadcasts as it is
 
     dlogits = logprobs.exp()  # (N, C) softmax, from the shifted log-probabilities
     if eps > 0:

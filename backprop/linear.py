@@ -49,13 +49,10 @@ def check_forward(x, weight, bias=None):
 
 def forward_math(x, weight, bias):
     H, D = weight.shape
-    N = math.prod(x.shape[:-1])  # rows: the leading dimensions flattened (explicit: D may be 0)
-    x2 = x.reshape(N, D)  # (N, D)
-    if bias is None:
-        out = x2 @ weight.t()  # (N, H)
-    else:
-        out = torch.addmm(bias, x2, weight.t())  # (N, H)
-    return out.reshape(*x.shape[:-1], H), Cache(x, weight, bias is not None)
+    # (N, D): leading dimensions flattened into rows, the row count explicit (D may be 0)
+    x2 = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), D)
+    out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, H)
+    return (out if x.ndim == 2 else out.reshape(*x.shape[:-1], H)), Cache(x, weight, bias is not None)
 
 
 @_check.no_autograd
@@ -76,9 +73,9 @@ def check_backward(dout, cache: Cache) -> None:
 def backward_math(dout, cache: Cache):
     x, weight, has_bias = cache
     H, D = weight.shape
-    N = math.prod(x.shape[:-1])
-    dout2 = dout.reshape(N, H)  # (N, H)
-    dx = (dout2 @ weight).reshape(x.shape)  # (*, D)
-    dweight = dout2.t() @ x.reshape(N, D)  # (H, D)
+    N = x.shape[0] if x.ndim == 2 else math.prod(x.shape[:-1])
+    x2, dout2 = (x, dout) if x.ndim == 2 else (x.reshape(N, D), dout.reshape(N, H))  # (N, D), (N, H)
+    dx = dout2 @ weight  # (N, D)
+    dweight = dout2.t() @ x2  # (H, D)
     dbias = dout2.sum(0) if has_bias else None  # (H,)
-    return dx, dweight, dbias
+    return (dx if x.ndim == 2 else dx.reshape(x.shape)), dweight, dbias

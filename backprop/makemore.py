@@ -7,6 +7,7 @@ Shapes: N batch rows, T = block_size context characters, V vocabulary, E = n_emb
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backprop import batch_norm, cross_entropy, embedding, linear, tanh
+from backprop import _check, batch_norm, cross_entropy, embedding, linear, tanh
 from backprop.testing.references import batch_norm_composed
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"  # the shipped list
@@ -346,46 +347,118 @@ def learning_rate(step: int, lr: float, decay_step: int) -> float:
 def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_size: int = 32,
           lr: float = 0.1, lr_decay_step: int = 100_000, backward: str = "manual",
           verify_every: int = 0, seed: int = INIT_SEED, device="cpu", dtype=torch.float32,
-          progress=None) -> tuple[Model, list[float]]:
+          compile: bool = False, progress=None) -> tuple[Model, list[float]]:
     """Exercise 4: SGD with manual gradients (or autograd), returning the model and the losses.
-    One generator seeds the init and then draws the batches, as in the seed."""
+    One generator seeds the init and then draws the batches, as in the seed. compile=True runs
+    the manual steps through compiled_step (verify steps stay eager)."""
     if backward not in ("manual", "autograd"):
         raise ValueError(f"backward must be 'manual' or 'autograd', got {backward!r}")
+    if compile and backward != "manual":
+        raise ValueError("compile applies to the manual backward only, got backward='autograd'")
     g = torch.Generator().manual_seed(seed)
     params = init_params(dataset.vocab.size, hidden, generator=g, dtype=dtype, device=device)
     Xtr, Ytr = (t.to(device) for t in dataset.splits["train"])
-    losses = []
+    _check_once(params, Xtr, Ytr, batch_size)
+    history = torch.empty(steps, dtype=dtype, device=device)  # losses, read back once at the end
+    fast = contextlib.nullcontext()
     for step in range(steps):
         ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g).to(device)
-        Xb, Yb = Xtr[ix], Ytr[ix]
+        Xb, Yb = Xtr.index_select(0, ix), Ytr.index_select(0, ix)
         rate = learning_rate(step, lr, lr_decay_step)
-        if backward == "manual":
-            check = step if verify_every and step % verify_every == 0 else None
-            loss = manual_step(params, Xb, Yb, rate, verify_at=check)
-        else:
+        check = step if backward == "manual" and verify_every and step % verify_every == 0 else None
+        if backward == "autograd":
             loss = autograd_step(params, Xb, Yb, rate)
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, steps, losses[-1])
+        elif compile and check is None:
+            with fast:
+                loss = compiled_step(params, Xb, Yb, rate)
+            if step == 0:  # compiled and guarded once; the loop changes no shape, dtype or device
+                fast = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        else:
+            loss = manual_step(params, Xb, Yb, rate, verify_at=check)
+        history[step] = loss.detach()
+        if progress is not None and ((step + 1) % 100 == 0 or step + 1 == steps):
+            progress(step + 1, steps, float(loss))
     params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
     model = Model(params, dataset.vocab)
     calibrate(model, dataset.splits["train"][0].to(device))
-    return model, losses
+    return model, history.tolist()
+
+
+def _check_once(params, X, Y, batch_size: int) -> None:
+    """The checks the unchecked training step skips, done once: every index of the training set
+    in range, and one batch through the checked kernels (shapes, dtypes, devices)."""
+    V = params["C"].shape[0]
+    _check.in_range("training contexts", X, 0, V)
+    _check.in_range("training targets", Y, 0, V)
+    with torch.no_grad():
+        fused_backward(fused_forward(params, X[:batch_size], Y[:batch_size])[1])
+
+
+# The trainer's inputs are valid by construction (parameters from init_params, indices from the
+# vocabulary, checked once in train), so its step runs the kernels' maths without their checks:
+# the chain of fused_forward / fused_backward minus ~20 argument checks and two device syncs.
+
+
+def manual_grads(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor):
+    """(loss, [dC, dW1, db1, dW2, db2, dbngain, dbnbias]) through the kernels' forward_math and
+    backward_math: the same kernels as fused_forward / fused_backward, unchecked."""
+    n = Xb.shape[0]
+    emb, c_emb = embedding.forward_math(Xb, p["C"], None)  # (N, T, E)
+    hprebn, c_l1 = linear.forward_math(emb.view(n, -1), p["W1"].T, p["b1"])  # (N, H)
+    hpreact, c_bn = batch_norm.forward_math(hprebn, p["bngain"].view(-1), p["bnbias"].view(-1),
+                                            BN_EPS, 1)  # (N, H)
+    h, c_tanh = tanh.forward_math(hpreact)  # (N, H)
+    logits, c_l2 = linear.forward_math(h, p["W2"].T, p["b2"])  # (N, V)
+    # no row is ignored: safe targets = targets, no mask, n valid rows
+    loss, c_ce = cross_entropy.forward_math(logits, Yb, Yb, None, n, "mean", -100, 0.0)
+    dlogits, _ = cross_entropy.backward_math(torch.ones_like(loss), c_ce)
+    dh, dW2t, db2 = linear.backward_math(dlogits, c_l2)
+    (dhpreact,) = tanh.backward_math(dh, c_tanh)
+    dhprebn, dbngain, dbnbias = batch_norm.backward_math(dhpreact, c_bn)
+    dembcat, dW1t, db1 = linear.backward_math(dhprebn, c_l1)
+    _, dC = embedding.backward_math(dembcat.view(emb.shape), c_emb)
+    return loss, [dC, dW1t.T, db1, dW2t.T, db2, dbngain.view(1, -1), dbnbias.view(1, -1)]
+
+
+def _sgd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
+              lr: float | torch.Tensor) -> torch.Tensor:
+    loss, grads = manual_grads(params, Xb, Yb)
+    if isinstance(lr, torch.Tensor):  # a graph input under torch.compile: no recompile per value
+        torch._foreach_sub_(list(params.values()), torch._foreach_mul(grads, lr))
+    else:
+        torch._foreach_add_(list(params.values()), grads, alpha=-lr)  # p -= lr * grad, one call
+    return loss
 
 
 def manual_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, lr: float,
                 *, verify_at: int | None = None) -> torch.Tensor:
     """One SGD step on the library kernels' gradients; with verify_at (the step number), compare
     them with autograd first. Returns the loss."""
-    with torch.no_grad():  # the kernels need none; entering it once saves one per kernel
-        loss, caches = fused_forward(params, Xb, Yb)
-        grads = fused_backward(caches)
-    if verify_at is not None:
-        verify(params, Xb, Yb, grads, verify_at)  # before the update: same parameters
+    if verify_at is None:
+        with torch.no_grad():  # the kernels need none; entering it once saves one per kernel
+            return _sgd_step(params, Xb, Yb, lr)
     with torch.no_grad():
-        for name, p in params.items():
-            p.sub_(grads[name], alpha=lr)
+        loss, grads = manual_grads(params, Xb, Yb)
+    verify(params, Xb, Yb, dict(zip(PARAM_NAMES, grads)), verify_at)  # before the update
+    with torch.no_grad():
+        torch._foreach_add_(list(params.values()), grads, alpha=-lr)
     return loss
+
+
+_compiled_sgd_step = None
+
+
+def compiled_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
+                  lr: float) -> torch.Tensor:
+    """manual_step (without verify) with the whole step fused by torch.compile: forward, the
+    kernels' backward and the update in one graph. Compiles on first use (seconds); the learning
+    rate is a graph input, so the decay does not recompile."""
+    global _compiled_sgd_step
+    if _compiled_sgd_step is None:
+        # cpp_wrapper: the graph's driver in C++ too, not Python (about 50 us a step here)
+        _compiled_sgd_step = torch.compile(_sgd_step, dynamic=False, options={"cpp_wrapper": True})
+    with torch.no_grad():
+        return _compiled_sgd_step(params, Xb, Yb, torch.tensor(lr, dtype=params["W1"].dtype))
 
 
 def autograd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,

@@ -94,16 +94,46 @@ def test_manual_and_autograd_training_keep_matching_parameters(dataset):
 
 
 def test_verify_every_stops_on_a_drifting_gradient(dataset, monkeypatch):
-    real = makemore.fused_backward
+    real = makemore.manual_grads
 
-    def broken(caches):
-        grads = real(caches)
-        grads["W2"] = grads["W2"] * 1.01  # a 1% bug
-        return grads
+    def broken(*args):
+        loss, grads = real(*args)
+        grads[3] = grads[3] * 1.01  # dW2 with a 1% bug
+        return loss, grads
 
-    monkeypatch.setattr(makemore, "fused_backward", broken)
+    monkeypatch.setattr(makemore, "manual_grads", broken)
     with pytest.raises(makemore.GradientDrift, match=r"step 0: manual dW2 drifted from autograd"):
         makemore.train(dataset, steps=5, hidden=16, verify_every=1)
+
+
+def test_unchecked_step_computes_the_checked_kernels_gradients(dataset):
+    """The trainer's step skips the kernels' argument checks; its gradients must be the checked
+    path's, bit for bit (same kernels, same order of operations)."""
+    params, Xb, Yb = makemore.first_batch(dataset, 64)
+    with torch.no_grad():
+        loss, grads = makemore.manual_grads(params, Xb, Yb)
+        checked_loss, caches = makemore.fused_forward(params, Xb, Yb)
+        checked = makemore.fused_backward(caches)
+    assert torch.equal(loss, checked_loss)
+    for name, g in zip(makemore.PARAM_NAMES, grads):
+        assert torch.equal(g, checked[name]), name
+
+
+def test_compiled_training_matches_eager_training(dataset):
+    """The whole step under torch.compile (fused, reordered): same parameters up to rounding."""
+    eager, eager_losses = makemore.train(dataset, steps=30, hidden=32, lr_decay_step=15)
+    fast, fast_losses = makemore.train(dataset, steps=30, hidden=32, lr_decay_step=15, compile=True)
+    for name in makemore.PARAM_NAMES:
+        torch.testing.assert_close(fast.params[name], eager.params[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast_losses, eager_losses, rtol=1e-5, atol=0)
+
+
+def test_training_checks_the_data_once(dataset):
+    bad = makemore.Dataset(dataset.words, dataset.vocab, dict(dataset.splits))
+    X, Y = bad.splits["train"]
+    bad.splits["train"] = (X, torch.where(Y == Y[7], 99, Y))
+    with pytest.raises(ValueError, match=r"training targets must lie in \[0, 27\), got 99"):
+        makemore.train(bad, steps=3, hidden=8)
 
 
 def test_sampling_is_reproducible_and_uses_the_vocabulary(dataset):
