@@ -61,13 +61,18 @@ def same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
+def all_in_range(t: torch.Tensor, low: int, high: int) -> bool:
+    """Every entry of integer tensor t lies in [low, high): one aminmax pass, one device sync."""
+    if t.numel() == 0:
+        return True
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    return low <= lo and hi < high
+
+
 def in_range(name: str, t: torch.Tensor, low: int, high: int, allowed: str = "") -> None:
     """Every entry of integer tensor t lies in [low, high). ``allowed`` names an exception that
     the caller has already replaced by an in-range value (cross_entropy's ignore_index)."""
-    if t.numel() == 0:
-        return
-    lo, hi = torch.aminmax(t)  # one pass on the happy path; the details only on failure
-    if low <= int(lo) and int(hi) < high:
+    if all_in_range(t, low, high):
         return
     bad = (t < low) | (t >= high)
     first = t[bad].reshape(-1)[0].item()

@@ -3,11 +3,13 @@
     backprop check    the gradient table: every atom by hand against autograd, then the fused kernels
     backprop train    train the MLP with manual gradients, calibrate BatchNorm, evaluate, sample
     backprop sample   sample names from a trained checkpoint
+    backprop bench    time every kernel against autograd, write the report and the chart
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", type=Path, required=True)
     sample.add_argument("-n", type=positive_int, default=20)
     sample.add_argument("--seed", type=int, default=makemore.INIT_SEED + 10)
+
+    bench = sub.add_parser("bench", help="run benchmarks/ (timing, then CPU memory), write the report")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"),
+                       help="directory for times.json, memory.json, report.md, speedups.png")
+    bench.add_argument("--quick", action="store_true", help="notebook-scale shapes and the train step only")
+    bench.add_argument("--no-memory", action="store_true", help="skip the CPU memory pass")
+    bench.add_argument("-k", dest="keyword", default=None, help="pytest -k expression to select cases")
     return parser
 
 
@@ -234,10 +243,42 @@ def cmd_sample(parser, args) -> int:
     return 0
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(parser, args) -> int:
+    import os
+    import subprocess
+
+    if not (BENCHMARKS / "report.py").is_file():
+        parser.error(f"bench runs the benchmarks/ folder of a source checkout, not found at {BENCHMARKS}")
+    for module in ("pytest", "pytest_benchmark", "matplotlib"):
+        if importlib.util.find_spec(module) is None:
+            parser.error(f"bench needs {module}: pip install -e '.[dev]'")
+    args.out.mkdir(parents=True, exist_ok=True)
+    select = " and ".join(f"({k})" for k in (args.keyword, "notebook or train_step" if args.quick else None) if k)
+    pytest = [sys.executable, "-m", "pytest", str(BENCHMARKS), "-q", "-p", "no:cacheprovider",
+              "--benchmark-enable", "--benchmark-sort=name", *(["-k", select] if select else [])]
+    runs = [("times", {}, ["--benchmark-min-rounds=3", "--benchmark-max-time=0.5"])]
+    if not args.no_memory:
+        runs.append(("memory", {"BACKPROP_BENCH": "memory"}, []))
+    for name, env, extra in runs:
+        print(f"backprop bench: {name} pass", file=sys.stderr, flush=True)
+        done = subprocess.run([*pytest, f"--benchmark-json={args.out / (name + '.json')}", *extra],
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL if name == "memory" else None)
+        if done.returncode != 0:
+            print(f"backprop bench: the {name} pass failed (pytest exit {done.returncode})", file=sys.stderr)
+            return 1
+    memory = [] if args.no_memory else ["--memory", str(args.out / "memory.json")]
+    return subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), str(args.out / "times.json"),
+                           *memory, "--out", str(args.out)]).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return {"check": cmd_check, "train": cmd_train, "sample": cmd_sample}[args.command](parser, args)
+    commands = {"check": cmd_check, "train": cmd_train, "sample": cmd_sample, "bench": cmd_bench}
+    return commands[args.command](parser, args)
 
 
 if __name__ == "__main__":

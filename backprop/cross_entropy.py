@@ -52,6 +52,9 @@ def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if C == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    if not 0 <= ignore_index < C and _check.all_in_range(targets, 0, C):
+        # the common case in one pass: every target a class, so none equals ignore_index
+        return logits, targets, targets, None, N, reduction, ignore_index, float(label_smoothing)
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
     if count < N:

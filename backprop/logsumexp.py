@@ -51,9 +51,9 @@ def check_forward(x, *, dim=-1, keepdim=False):
 def forward_math(x, dims, keepdim):
     shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
     # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead, as torch does
-    shift = torch.where(shift.isfinite(), shift, 0.0)
-    sumexp = torch.exp(x - shift).sum(dim=dims, keepdim=True) if dims else torch.exp(x - shift)
-    out = sumexp.log() + shift  # keepdim shape
+    shift = shift.nan_to_num_(0.0, 0.0, 0.0)  # in place: shift is ours (amax or clone)
+    sumexp = (x - shift).exp_().sum(dim=dims, keepdim=True) if dims else (x - shift).exp_()
+    out = sumexp.log().add_(shift)  # keepdim shape
     if not keepdim and dims:
         out = out.squeeze(dims)
     return out, Cache(x, shift, sumexp, dims, keepdim)
@@ -77,5 +77,5 @@ def backward_math(dout, cache: Cache):
     x, shift, sumexp, dims, keepdim = cache
     if dims and not keepdim:
         dout = dout.reshape(shift.shape)  # put the reduced dims back as size 1 to broadcast
-    dx = torch.exp(x - shift) * (dout / sumexp)  # (*)
+    dx = (x - shift).exp_().mul_(dout / sumexp)  # (*) exp(x - m) * dout / sumexp
     return (dx,)

@@ -1,18 +1,44 @@
-"""batch_norm: manual forward + backward against autograd, same inputs, one group per shape."""
+"""batch_norm: every variant on the same input, one group per shape, correction and mode.
+correction=1 has no torch op: its autograd reference is the notebook's composed ops."""
 
 import pytest
 import torch
 
-SHAPES = {"notebook 32x64": ((32, 64), False), "large 4096x1024": ((4096, 1024), True)}
+SHAPES = {"notebook 32x64": ((32, 64), "small"), "large 4096x1024": ((4096, 1024), "large"),
+          "gpu 65536x1024": ((65536, 1024), "gpu")}
+
+
+def native(x, weight, bias, *, dout, eps=1e-5, correction=0):
+    """aten's native_batch_norm and native_batch_norm_backward (training mode, no running stats)."""
+    if correction != 0:
+        return None
+    aten = torch.ops.aten
+
+    def forward():
+        _, mean, invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)
+        return mean, invstd
+
+    def backward(mean, invstd):
+        return aten.native_batch_norm_backward(dout, x, weight, None, None, mean, invstd, True, eps,
+                                               [True, True, True])
+
+    saved = forward()
+    return (lambda: backward(*forward())), (lambda: backward(*saved))
+
+
+def traffic(x, weight, bias, *, mode, **options):
+    """fwd: read x, write out; bwd: read dout and x (or x-hat), write dx. (C,) vectors negligible."""
+    return (5 if mode == "fwd+bwd" else 3) * x.numel() * x.element_size()
 
 
 @pytest.mark.parametrize("correction", [0, 1])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_batch_norm(bench, variant, correction, shape):
-    (N, C), large = SHAPES[shape]
+def test_batch_norm(bench, correction, shape):
+    (N, C), size = SHAPES[shape]
+
     def args():
         g = torch.Generator().manual_seed(0)
         return (torch.randn(N, C, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g))
-    # correction=1: the reference is autograd through the notebook's composed ops (no native op)
-    bench("batch_norm", f"{shape} correction={correction}", variant, args,
-          {"correction": correction}, large=large)
+
+    bench("batch_norm", f"{shape} correction={correction}", args, {"correction": correction},
+          size=size, native=native, traffic=traffic)

@@ -1,15 +1,45 @@
-"""cross_entropy: manual forward + backward against autograd, same inputs, one group per shape."""
+"""cross_entropy: every variant on the same logits and targets, one group per shape and mode."""
 
 import pytest
 import torch
 
-SHAPES = {"notebook 32x27": ((32, 27), False), "large 8192x32768": ((8192, 32768), True)}
+SHAPES = {
+    "notebook 32x27": ((32, 27), "small"),
+    "large 8192x32768": ((8192, 32768), "large"),
+    "gpu 16384x65536": ((16384, 65536), "gpu"),
+}
+
+
+def native(logits, targets, *, dout, **options):
+    """aten's own pair: _log_softmax + nll_loss_forward, nll_loss_backward + _log_softmax_backward_data."""
+    if options:
+        return None
+    aten, mean = torch.ops.aten, 1
+
+    def forward():
+        logprobs = aten._log_softmax(logits, 1, False)
+        loss, total_weight = aten.nll_loss_forward(logprobs, targets, None, mean, -100)
+        return logprobs, total_weight
+
+    def backward(logprobs, total_weight):
+        dlogprobs = aten.nll_loss_backward(dout, logprobs, targets, None, mean, -100, total_weight)
+        return aten._log_softmax_backward_data(dlogprobs, logprobs, 1, logits.dtype)
+
+    saved = forward()
+    return (lambda: backward(*forward())), (lambda: backward(*saved))
+
+
+def traffic(logits, targets, *, mode, **options):
+    """Both modes must at least read the (N, C) logits (or log-probabilities) once and write dlogits."""
+    return 2 * logits.numel() * logits.element_size()
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_cross_entropy(bench, variant, shape):
-    (N, C), large = SHAPES[shape]
+def test_cross_entropy(bench, shape):
+    (N, C), size = SHAPES[shape]
+
     def args():
         g = torch.Generator().manual_seed(0)
         return (torch.randn(N, C, generator=g), torch.randint(0, C, (N,), generator=g))
-    bench("cross_entropy", shape, variant, args, large=large)
+
+    bench("cross_entropy", shape, args, size=size, native=native, traffic=traffic)

@@ -1,18 +1,35 @@
-"""embedding: manual forward + backward against autograd, same inputs, one group per shape."""
+"""embedding: every variant on the same indices and table, one group per shape and mode."""
 
 import pytest
 import torch
 
 SHAPES = {
-    "notebook V=27 E=10 32x3": ((27, 10, (32, 3)), False),
-    "large V=50257 E=768 8x1024": ((50257, 768, (8, 1024)), True),
+    "notebook V=27 E=10 32x3": ((27, 10, (32, 3)), "small"),
+    "large V=50257 E=768 8x1024": ((50257, 768, (8, 1024)), "large"),
 }
 
 
+def native(indices, weight, *, dout, **options):
+    """aten.embedding and aten.embedding_dense_backward."""
+    if options:
+        return None
+    aten, V = torch.ops.aten, weight.shape[0]
+    return ((lambda: (aten.embedding(weight, indices), aten.embedding_dense_backward(dout, indices, V, -1, False))),
+            (lambda: aten.embedding_dense_backward(dout, indices, V, -1, False)))
+
+
+def traffic(indices, weight, *, mode, **options):
+    """bwd: read dout (P, E), write dweight (V, E); fwd adds reading P rows and writing out."""
+    P, (V, E) = indices.numel(), weight.shape
+    return ((3 * P + V) if mode == "fwd+bwd" else (P + V)) * E * weight.element_size()
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_embedding(bench, variant, shape):
-    (V, E, idx_shape), large = SHAPES[shape]
+def test_embedding(bench, shape):
+    (V, E, idx_shape), size = SHAPES[shape]
+
     def args():
         g = torch.Generator().manual_seed(0)
         return (torch.randint(0, V, idx_shape, generator=g), torch.randn(V, E, generator=g))
-    bench("embedding", shape, variant, args, large=large)
+
+    bench("embedding", shape, args, size=size, native=native, traffic=traffic)
