@@ -256,7 +256,8 @@ def cmd_bench(parser, args) -> int:
         if importlib.util.find_spec(module) is None:
             parser.error(f"bench needs {module}: pip install -e '.[dev]'")
     args.out.mkdir(parents=True, exist_ok=True)
-    select = " and ".join(f"({k})" for k in (args.keyword, "notebook or train_step" if args.quick else None) if k)
+    keywords = (args.keyword, "notebook or train_step" if args.quick else None)
+    select = " and ".join(f"({k})" for k in keywords if k)
     pytest = [sys.executable, "-m", "pytest", str(BENCHMARKS), "-q", "-p", "no:cacheprovider",
               "--benchmark-enable", "--benchmark-sort=name", *(["-k", select] if select else [])]
     runs = [("times", {}, ["--benchmark-min-rounds=3", "--benchmark-max-time=0.5"])]
@@ -264,8 +265,9 @@ def cmd_bench(parser, args) -> int:
         runs.append(("memory", {"BACKPROP_BENCH": "memory"}, []))
     for name, env, extra in runs:
         print(f"backprop bench: {name} pass", file=sys.stderr, flush=True)
+        quiet = subprocess.DEVNULL if name == "memory" else None
         done = subprocess.run([*pytest, f"--benchmark-json={args.out / (name + '.json')}", *extra],
-                              env={**os.environ, **env}, stdout=subprocess.DEVNULL if name == "memory" else None)
+                              env={**os.environ, **env}, stdout=quiet)
         if done.returncode != 0:
             print(f"backprop bench: the {name} pass failed (pytest exit {done.returncode})", file=sys.stderr)
             return 1

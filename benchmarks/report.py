@@ -2,7 +2,7 @@
 and mode, the targets of the speed issue (met or missed, with the measured ratio), and a PNG
 chart of the speedups.
 
-    python benchmarks/report.py times.json [--memory memory.json] --out DIR
+    python benchmarks/report.py times.json [more.json ...] [--memory memory.json] --out DIR
 
 Every ratio is autograd's median time over the contender's, from the same run on the same
 inputs (above 1: ours is faster). "% copy" is the contender's achieved bandwidth (the op's
@@ -157,12 +157,13 @@ def machine_line(times_json: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("times", type=Path, help="pytest-benchmark JSON of the timing run")
+    p.add_argument("times", type=Path, nargs="+", help="pytest-benchmark JSON files of the timing run")
     p.add_argument("--memory", type=Path, help="JSON of the memory pass (BACKPROP_BENCH=memory)")
     p.add_argument("--out", type=Path, required=True, help="directory for report.md and speedups.png")
     args = p.parse_args(argv)
-    raw = json.loads(args.times.read_text())
-    table = collect(raw["benchmarks"], load(args.memory) if args.memory else None)
+    raw = json.loads(args.times[0].read_text())
+    runs = [b for path in args.times for b in load(path)]
+    table = collect(runs, load(args.memory) if args.memory else None)
     args.out.mkdir(parents=True, exist_ok=True)
     devices = sorted({device for device, _ in table})
     text = [markdown(table, machine_line(raw))]
