@@ -24,18 +24,19 @@ def forward(
     weight: torch.Tensor,
     *,
     padding_idx: int | None = None,
-    deterministic: bool = False,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, Cache]:
     """out[..., :] = weight[indices[...], :].
 
-    deterministic=True makes backward bitwise reproducible on CUDA, where index_add_ sums repeated
-    indices with atomics in whatever order the threads arrive; it costs a sort of the indices.
-    On the CPU index_add_ is a serial loop, reproducible in both modes.
+    deterministic=True (the default) keeps backward bitwise reproducible on CUDA too: repeated
+    indices are summed after a sort of the indices. deterministic=False uses index_add_, whose
+    CUDA atomics add in whatever order the threads arrive (torch's own embedding backward is not
+    repeatable on CUDA either). On the CPU index_add_ is a serial loop and both modes repeat.
     """
     return forward_math(*check_forward(indices, weight, padding_idx=padding_idx, deterministic=deterministic))
 
 
-def check_forward(indices, weight, *, padding_idx=None, deterministic=False):
+def check_forward(indices, weight, *, padding_idx=None, deterministic=True):
     """Validate forward's arguments; returns forward_math's (padding_idx wrapped into [0, V))."""
     _check.index("indices", indices)
     _check.floating("weight", weight)
@@ -54,7 +55,7 @@ def check_forward(indices, weight, *, padding_idx=None, deterministic=False):
     return indices, weight, padding_idx, deterministic
 
 
-def forward_math(indices, weight, padding_idx, deterministic=False):
+def forward_math(indices, weight, padding_idx, deterministic=True):
     # index_select copies (weight[i] with a 0-d i would alias the table); as in F.embedding,
     # the padding row is read like any other
     out = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[1])

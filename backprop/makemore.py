@@ -445,7 +445,7 @@ def manual_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Ten
     return loss
 
 
-_compiled_sgd_step = None
+_compiled_sgd_steps: dict[str, object] = {}  # per device type
 
 
 def compiled_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
@@ -453,12 +453,14 @@ def compiled_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.T
     """manual_step (without verify) with the whole step fused by torch.compile: forward, the
     kernels' backward and the update in one graph. Compiles on first use (seconds); the learning
     rate is a graph input, so the decay does not recompile."""
-    global _compiled_sgd_step
-    if _compiled_sgd_step is None:
-        # cpp_wrapper: the graph's driver in C++ too, not Python (about 50 us a step here)
-        _compiled_sgd_step = torch.compile(_sgd_step, dynamic=False, options={"cpp_wrapper": True})
+    kind = params["W1"].device.type
+    if kind not in _compiled_sgd_steps:
+        # on the CPU, cpp_wrapper drives the graph from C++ rather than Python (about 50 us a
+        # step here); on CUDA it would cost a long host compile for little
+        options = {"cpp_wrapper": True} if kind == "cpu" else {}
+        _compiled_sgd_steps[kind] = torch.compile(_sgd_step, dynamic=False, options=options)
     with torch.no_grad():
-        return _compiled_sgd_step(params, Xb, Yb, torch.tensor(lr, dtype=params["W1"].dtype))
+        return _compiled_sgd_steps[kind](params, Xb, Yb, torch.tensor(lr, dtype=params["W1"].dtype))
 
 
 def autograd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,

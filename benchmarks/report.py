@@ -37,6 +37,8 @@ TARGETS = [
     ("train_step", "", "step", "manual-compiled", "autograd", 5.0, "compiled manual step >= 5x autograd"),
     *((op, "large", "bwd", "best", "copy", 0.5, "backward >= 50% of copy bandwidth")
       for op in ("tanh", "batch_norm", "cross_entropy")),
+    *((op, "gpu", "bwd", "best", "copy", 0.7, "GPU backward >= 70% of copy (HBM) bandwidth")
+      for op in ("tanh", "batch_norm", "cross_entropy")),
 ]
 
 

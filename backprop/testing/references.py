@@ -48,6 +48,10 @@ def batch_norm(x, weight=None, bias=None, *, eps=1e-5, correction=0):
     """F.batch_norm in training mode for correction=0; the composed notebook ops otherwise
     (torch has no op for the Bessel-corrected case) and for N=1, which F.batch_norm refuses."""
     if correction == 0 and x.shape[0] > 1:
+        if weight is None and bias is not None:
+            # torch 2.11's CUDA native_batch_norm_backward returns an empty (or zero) bias gradient
+            # when weight is None (found on an H200); a weight of ones is the same function
+            weight = torch.ones_like(bias)
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     return batch_norm_composed(x, weight, bias, eps=eps, correction=correction)
 
@@ -60,7 +64,7 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-def embedding(indices, weight, *, padding_idx=None, deterministic=False):
+def embedding(indices, weight, *, padding_idx=None, deterministic=True):
     """deterministic changes only the order of summation on CUDA, not the value."""
     return F.embedding(indices, weight, padding_idx=padding_idx)
 
