@@ -14,8 +14,11 @@ def native(indices, weight, *, dout, **options):
     if options:
         return None
     aten, V = torch.ops.aten, weight.shape[0]
-    return ((lambda: (aten.embedding(weight, indices), aten.embedding_dense_backward(dout, indices, V, -1, False))),
-            (lambda: aten.embedding_dense_backward(dout, indices, V, -1, False)))
+
+    def backward():
+        return aten.embedding_dense_backward(dout, indices, V, -1, False)
+
+    return (lambda: (aten.embedding(weight, indices), backward())), backward
 
 
 def traffic(indices, weight, *, mode, **options):
