@@ -7,7 +7,6 @@ Shapes: N batch rows, T = block_size context characters, V vocabulary, E = n_emb
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,7 +359,6 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
     Xtr, Ytr = (t.to(device) for t in dataset.splits["train"])
     _check_once(params, Xtr, Ytr, batch_size)
     history = torch.empty(steps, dtype=dtype, device=device)  # losses, read back once at the end
-    fast = contextlib.nullcontext()
     for step in range(steps):
         ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g).to(device)
         Xb, Yb = Xtr.index_select(0, ix), Ytr.index_select(0, ix)
@@ -369,10 +367,7 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
         if backward == "autograd":
             loss = autograd_step(params, Xb, Yb, rate)
         elif compile and check is None:
-            with fast:
-                loss = compiled_step(params, Xb, Yb, rate)
-            if step == 0:  # compiled and guarded once; the loop changes no shape, dtype or device
-                fast = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            loss = compiled_step(params, Xb, Yb, rate)
         else:
             loss = manual_step(params, Xb, Yb, rate, verify_at=check)
         history[step] = loss.detach()

@@ -2,8 +2,6 @@
 manual (the kernels' maths, eager), manual-compiled (the whole step under torch.compile), autograd,
 and, for scale, the notebook's own fused manual step written with raw torch ops."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,8 +64,4 @@ def test_train_step(benchmark, device, variant, batch):
             torch.cuda.synchronize()
 
     step()  # warm-up (and compilation) outside the timing
-    # train(compile=True) skips guard evaluation after the first step (nothing changes in the loop)
-    fast = variant == "manual-compiled"
-    stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if fast else contextlib.nullcontext()
-    with stance:
-        benchmark(step)
+    benchmark(step)

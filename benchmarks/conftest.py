@@ -19,8 +19,9 @@ backward alone, on a cache (or autograd graph, kept with retain_graph) built out
 Sizes: "small" (the notebook's scale), "large" (well above the L3 cache) and "gpu" (larger
 still, CUDA only). Small cases use pytest-benchmark's calibration; large and gpu cases take
 BACKPROP_BENCH_ROUNDS (default 3) timed calls after one warm-up, so that the whole suite stays
-under 10 minutes on a 2-core CPU. Large and gpu shapes run only when timing (--benchmark-enable); the default test run executes every
-small case once with --benchmark-disable so that the suite cannot rot. Timing never gates CI.
+under 10 minutes on a 2-core CPU. Large and gpu shapes run only when timing (--benchmark-enable);
+the default test run executes every small case once with --benchmark-disable so that the suite
+cannot rot. Timing never gates CI.
 
 Peak memory (extra_info["peak_bytes"]): the most bytes one call holds beyond what exists before
 it, the returned gradients included. On CUDA, in the timing run: torch.cuda.max_memory_allocated
