@@ -12,7 +12,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class Cache(NamedTuple):
-    logprobs: torch.Tensor  # (N, C) log_softmax(logits): the one logits-sized buffer kept
+    logits: torch.Tensor  # (N, C) the input itself, not a copy: backward recomputes softmax from it
+    shift: torch.Tensor  # (N, 1) the row max m (0 where it is not finite)
+    logsum: torch.Tensor  # (N, 1) s = log(sum(exp(z - m))), so that log p = (z - m) - s
     targets: torch.Tensor  # (N,) int64, ignored rows replaced by class 0
     valid: torch.Tensor | None  # (N,) bool, False on ignored rows; None when no row is ignored
     count: int  # number of valid rows: the 'mean' denominator
@@ -54,7 +56,7 @@ def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     if not 0 <= ignore_index < C and _check.all_in_range(targets, 0, C):
         # the common case in one pass: every target a class, so none equals ignore_index
-        return logits, targets, targets, None, N, reduction, ignore_index, float(label_smoothing)
+        return logits, targets, None, N, reduction, float(label_smoothing)
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
     if count < N:
@@ -62,24 +64,30 @@ def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label
     else:
         safe, valid = targets, None  # the common case: nothing to mask
     _check.in_range("targets", safe, 0, C, allowed=f"ignore_index={ignore_index}")
-    return logits, targets, safe, valid, count, reduction, ignore_index, float(label_smoothing)
+    return logits, safe, valid, count, reduction, float(label_smoothing)
 
 
-def forward_math(logits, targets, safe, valid, count, reduction, ignore_index, label_smoothing):
-    """forward without the checks: safe = targets with ignored rows set to 0, valid = the mask
-    (None when no row is ignored), count = the number of valid rows."""
+def forward_math(logits, targets, valid, count, reduction, label_smoothing):
+    """forward without the checks: targets with ignored rows set to class 0, valid the mask
+    (None when no row is ignored), count the number of valid rows. No logits-sized buffer is kept:
+    the cache holds the logits themselves and two (N, 1) columns."""
     C = logits.shape[1]
-    logprobs = torch.log_softmax(logits, dim=1)  # (N, C) shifted by the row max inside: stable
-    # -logprobs[n, y_n], 0 on ignored rows, reduced over the valid rows
-    loss = torch.nn.functional.nll_loss(logprobs, targets, ignore_index=ignore_index, reduction=reduction)
+    # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead (nan stays nan)
+    shift = logits.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # (N, 1)
+    shifted = logits - shift  # (N, C) a temporary, gone when forward returns
+    # -sum_c log p[c] = sum_c (m - z_c) + C s: two non-negative terms, no cancellation
+    smooth = -shifted.sum(1, keepdim=True) if label_smoothing > 0 else None  # (N, 1) before exp_
+    logsum = shifted.exp_().sum(1, keepdim=True).log_()  # (N, 1)
+    # -log p_y = (m - z_y) + s
+    loss = (shift - logits.gather(1, targets[:, None])).add_(logsum)  # (N, 1)
     if label_smoothing > 0:
-        smooth = -logprobs.sum(1)  # (N,) = -sum_c log p[c]
-        if valid is not None:
-            smooth = torch.where(valid, smooth, 0.0)
-        if reduction != "none":
-            smooth = smooth.sum() / (count if reduction == "mean" else 1)
-        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * smooth
-    return loss, Cache(logprobs, safe, valid, count, reduction, label_smoothing)
+        loss = (1 - label_smoothing) * loss + (label_smoothing / C) * smooth.add_(C * logsum)
+    if valid is not None:
+        loss = torch.where(valid[:, None], loss, 0.0)
+    loss = loss.squeeze(1)  # (N,)
+    if reduction != "none":
+        loss = loss.sum() / count if reduction == "mean" else loss.sum()
+    return loss, Cache(logits, shift, logsum, targets, valid, count, reduction, label_smoothing)
 
 
 @_check.no_autograd
@@ -92,13 +100,13 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
 
 
 def check_backward(dout, cache: Cache) -> None:
-    N = cache.logprobs.shape[0]
-    _check.dout(dout, (N,) if cache.reduction == "none" else (), cache.logprobs.dtype)
+    N = cache.logits.shape[0]
+    _check.dout(dout, (N,) if cache.reduction == "none" else (), cache.logits.dtype)
 
 
 def backward_math(dout, cache: Cache):
-    logprobs, targets, valid, count, reduction, eps = cache
-    C = logprobs.shape[1]
+    logits, shift, logsum, targets, valid, count, reduction, eps = cache
+    C = logits.shape[1]
     w = dout / count if reduction == "mean" else dout  # () or (N,)
     if valid is not None:
         # select, not multiply: with every row ignored, dout / 0 is inf and 0 * inf is nan
@@ -106,14 +114,14 @@ def backward_math(dout, cache: Cache):
     if w.ndim:
         w = w[:, None]  # (N, 1), broadcast over C; a 0-d w broadcasts as it is
 
-    dlogits = logprobs.exp()  # (N, C) softmax, from the shifted log-probabilities
+    dlogits = (logits - shift).sub_(logsum).exp_()  # (N, C) softmax = exp((z - m) - s)
     if eps > 0:
         dlogits -= eps / C
+    dlogits *= w  # before the scatter: one elementwise chain, which torch.compile fuses into one pass
     # the target entry: softmax - q = (p - 1) + eps (1 - 1/C), with p - 1 = expm1(log p) exact:
     # p - 1 in floats cancels to 0 when p rounds to 1, expm1 keeps the small difference
-    target = torch.expm1(logprobs.gather(1, targets[:, None]))  # (N, 1)
+    target = torch.expm1((logits.gather(1, targets[:, None]) - shift).sub_(logsum))  # (N, 1)
     if eps > 0:
         target += eps * (1 - 1 / C)
-    dlogits.scatter_(1, targets[:, None], target)
-    dlogits *= w
+    dlogits.scatter_(1, targets[:, None], target * w)
     return dlogits, None

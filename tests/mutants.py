@@ -28,7 +28,8 @@ def mutant(op, *, forward=None, backward=None):
 
 
 def _ce_backward(dout, cache, *, denominator=None, smoothing_part=None, use_dout=True):
-    logprobs, targets, valid, count, reduction, eps = cache
+    logits, shift, logsum, targets, valid, count, reduction, eps = cache
+    logprobs = logits - shift - logsum
     N, C = logprobs.shape
     d = dout if use_dout else torch.ones_like(dout)
     w = d / (count if denominator is None else denominator) if reduction == "mean" else d
@@ -44,7 +45,7 @@ def _ce_backward(dout, cache, *, denominator=None, smoothing_part=None, use_dout
 @mutant(cross_entropy)
 def ce_mean_over_all_rows_backward(dout, cache):
     """'mean' divides by N, counting the ignored rows."""
-    return _ce_backward(dout, cache, denominator=cache.logprobs.shape[0])
+    return _ce_backward(dout, cache, denominator=cache.logits.shape[0])
 
 
 @mutant(cross_entropy)
@@ -69,7 +70,8 @@ def ce_unshifted_forward(logits, targets, *, reduction="mean", ignore_index=-100
     """Unshifted exp: log(sum(exp(z))) overflows for large logits."""
     _, cache = cross_entropy.forward(logits, targets, reduction=reduction, ignore_index=ignore_index,
                                      label_smoothing=label_smoothing)
-    logprobs = logits - torch.log(torch.exp(logits).sum(1, keepdim=True))
+    logsum = torch.log(torch.exp(logits).sum(1, keepdim=True))
+    logprobs = logits - logsum
     loss = F.nll_loss(logprobs, targets, ignore_index=ignore_index, reduction=reduction)
     if label_smoothing > 0:
         smooth = -logprobs.sum(1)
@@ -77,7 +79,7 @@ def ce_unshifted_forward(logits, targets, *, reduction="mean", ignore_index=-100
         if reduction != "none":
             smooth = smooth.sum() / (cache.count if reduction == "mean" else 1)
         loss = (1 - label_smoothing) * loss + label_smoothing / logits.shape[1] * smooth
-    return loss, cache._replace(logprobs=logprobs)
+    return loss, cache._replace(shift=torch.zeros_like(cache.shift), logsum=logsum)
 
 
 ce_unshifted = SimpleNamespace(forward=ce_unshifted_forward, backward=cross_entropy.backward,
