@@ -257,7 +257,7 @@ def fused_forward(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor
 def fused_backward(caches) -> dict[str, torch.Tensor]:
     """Gradients of every parameter, plus dlogits (exercise 2) and dhprebn (exercise 3)."""
     c_emb, c_l1, c_bn, c_tanh, c_l2, c_ce = caches
-    dloss = torch.ones((), dtype=c_ce.logprobs.dtype, device=c_ce.logprobs.device)
+    dloss = torch.ones((), dtype=c_ce.logits.dtype, device=c_ce.logits.device)
     dlogits, _ = cross_entropy.backward(dloss, c_ce)  # (softmax - onehot) / n
     dh, dW2t, db2 = linear.backward(dlogits, c_l2)
     (dhpreact,) = tanh.backward(dh, c_tanh)
