@@ -67,6 +67,9 @@ def test_pure_deterministic_and_autograd_free(name, data):
     for a, b in zip(args, before):
         if isinstance(a, torch.Tensor):
             assert _bitwise_equal(a.detach(), b), "an input was modified"
+    # an upstream gradient that requires grad (a double-backward caller's) records nothing either
+    for g in op.backward(dout.detach().clone().requires_grad_(), cache):
+        assert g is None or (g.grad_fn is None and not g.requires_grad), "backward recorded history"
     out2, _, grads2, _ = run(op, args, options, dout=dout)
     assert _bitwise_equal(out, out2)
     again = op.backward(dout, cache)
