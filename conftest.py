@@ -4,18 +4,22 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>):
   ci        derandomised and bounded; used whenever CI is set (hypothesis's own 'ci' is replaced)
   dev       the local default: random seeds, a moderate number of examples
   thorough  deep runs: many examples, random seeds
+  mutation  ci without shrinking, for tests/mutation/score.py
 """
 
 import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.register_profile("ci", derandomize=True, max_examples=40, **_common)
 settings.register_profile("dev", max_examples=40, **_common)
 settings.register_profile("thorough", max_examples=1000, **_common)
+# the mutation score (tests/mutation/score.py): as ci, but a failure is not shrunk (a kill is all it needs)
+settings.register_profile("mutation", derandomize=True, max_examples=40, database=None,
+                          phases=[Phase.explicit, Phase.generate], **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 DEVICES = [

@@ -73,8 +73,11 @@ def check_backward(dout, cache: Cache) -> None:
 def backward_math(dout, cache: Cache):
     x, weight, has_bias = cache
     H, D = weight.shape
-    N = x.shape[0] if x.ndim == 2 else math.prod(x.shape[:-1])
-    x2, dout2 = (x, dout) if x.ndim == 2 else (x.reshape(N, D), dout.reshape(N, H))  # (N, D), (N, H)
+    if x.ndim == 2:
+        x2, dout2 = x, dout  # (N, D), (N, H)
+    else:  # leading dimensions flattened into N rows, the count explicit (D may be 0)
+        N = math.prod(x.shape[:-1])
+        x2, dout2 = x.reshape(N, D), dout.reshape(N, H)
     dx = dout2 @ weight  # (N, D)
     dweight = dout2.t() @ x2  # (H, D)
     dbias = dout2.sum(0) if has_bias else None  # (H,)

@@ -115,7 +115,8 @@ def targets(table, device: str = "cpu") -> str:
                 continue
             r = ratio(row, contender, baseline)
             met = "—" if r is None else ("yes" if r >= threshold else "**no**")
-            lines.append(f"| {what} | {op} | {shape} | {_x(r)} | {met} |")
+            shown = f"{100 * r:.0f}% of copy" if r is not None and baseline == "copy" else _x(r)
+            lines.append(f"| {what} | {op} | {shape} | {shown} | {met} |")
     return "\n".join(lines)
 
 

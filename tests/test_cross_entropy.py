@@ -41,6 +41,22 @@ def test_logits_of_1e4_are_finite_and_correct(device, reduction):
                            reduction=reduction)
 
 
+@pytest.mark.parametrize("options", [{}, {"reduction": "sum"}, {"reduction": "none", "ignore_index": 2}])
+def test_masked_logits_like_torch(options):
+    """-inf on non-target classes (vocabulary or action masks): a finite loss and a zero gradient
+    at the masked entries, as in torch. The mutation score found that nothing pinned this: a
+    smoothing term computed at label_smoothing = 0 turns 0 * inf into nan here."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    logits[torch.arange(6), (targets + 1) % 5] = -torch.inf
+    loss, cache = cross_entropy.forward(logits, targets, **options)
+    assert torch.isfinite(loss).all()
+    check_against_autograd(cross_entropy, references.cross_entropy, logits, targets, **options)
+    check_against_autograd(cross_entropy, references.cross_entropy, logits.float(), targets,
+                           label_smoothing=0.0, **options)
+
+
 def test_every_row_ignored_gives_nan_loss_and_zero_gradient_like_torch():
     logits = torch.randn(3, 4)
     targets = torch.full((3,), -100)

@@ -73,6 +73,8 @@ def test_int32_indices_like_torch():
         (torch.tensor([0.0, 1.0]), torch.randn(4, 2), {}, TypeError, r"indices must be an integer index tensor of dtype torch.int64 or torch.int32, got dtype torch.float32"),
         (torch.tensor([0, 1]), torch.randn(4), {}, ValueError, r"weight must be 2-D \(V, E\), got 1-D"),
         (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": 4}, ValueError, r"padding_idx must lie in \[-4, 3\] for V=4, got 4"),
+        (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": 6}, ValueError, r"padding_idx must lie in \[-4, 3\] for V=4, got 6"),
+        (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": -5}, ValueError, r"padding_idx must lie in \[-4, 3\] for V=4, got -5"),
         (torch.tensor([0, 1]), torch.randint(0, 2, (4, 2)), {}, TypeError, r"weight must be a floating-point tensor"),
     ],
 )

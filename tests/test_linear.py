@@ -35,6 +35,7 @@ def test_square_weight_gradient_is_not_transposed():
     "x, weight, bias, error, message",
     [
         (torch.randn(2, 5), torch.randn(3, 4), None, ValueError, r"x must have D=4 features .* got shape \(2, 5\)"),
+        (torch.randn(2, 3), torch.randn(3, 4), None, ValueError, r"x must have D=4 features .* got shape \(2, 3\)"),
         (torch.randn(2, 4), torch.randn(4), None, ValueError, r"weight must be 2-D \(H, D\), got 1-D"),
         (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4), ValueError, r"bias must have shape \(3,\) .*got \(4,\)"),
         (torch.tensor(1.0), torch.randn(3, 1), None, ValueError, r"x must be at least 1-D"),
@@ -58,3 +59,11 @@ def test_tensors_on_different_devices():
 def test_empty_dimensions_like_torch(x_shape, w_shape):
     """Found by the fuzz test: reshape(-1, D) is ambiguous when D = 0; the row count is explicit now."""
     check_against_autograd(linear, references.linear, torch.randn(x_shape), torch.randn(w_shape))
+
+
+def test_many_features_are_not_compared_by_identity():
+    """D = 300 (ints above 256 are distinct objects in CPython): found by the mutation score,
+    where `x.shape[-1] is not D` survived every test drawn with small D."""
+    x, weight = torch.randn(2, 300, dtype=torch.float64), torch.randn(3, 300, dtype=torch.float64)
+    out, cache = linear.forward(x, weight)
+    torch.testing.assert_close(out, x @ weight.T)
