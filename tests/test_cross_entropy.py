@@ -83,6 +83,7 @@ def test_ignored_rows_do_not_count_in_the_mean():
         (torch.randn(3, 4), torch.tensor([0, -1, 2]), {}, ValueError, r"targets must lie in \[0, 4\) \(or ignore_index=-100\), got -1"),
         (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"reduction": "avg"}, ValueError, r"reduction must be one of .* got 'avg'"),
         (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got 1.5"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"label_smoothing": -0.5}, ValueError, r"label_smoothing must lie in \[0, 1\], got -0.5"),
         (torch.randint(0, 3, (3, 4)), torch.tensor([0, 1, 2]), {}, TypeError, r"logits must be a floating-point tensor, got dtype torch.int64"),
         (torch.randn(3, 0), torch.tensor([0, 1, 2]), {}, ValueError, r"logits must have at least one class"),
     ],
