@@ -75,6 +75,7 @@ def test_int32_indices_like_torch():
         (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": 4}, ValueError, r"padding_idx must lie in \[-4, 3\] for V=4, got 4"),
         (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": 6}, ValueError, r"padding_idx must lie in \[-4, 3\] for V=4, got 6"),
         (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": -5}, ValueError, r"padding_idx must lie in \[-4, 3\] for V=4, got -5"),
+        (torch.tensor([0, 1]), torch.randn(4, 2), {"padding_idx": True}, TypeError, r"padding_idx must be an int or None, got bool"),
         (torch.tensor([0, 1]), torch.randint(0, 2, (4, 2)), {}, TypeError, r"weight must be a floating-point tensor"),
     ],
 )

@@ -46,6 +46,7 @@ def test_backward_uses_the_exact_shift_not_the_rounded_output():
         (torch.randn(3, 4), {"dim": 2}, ValueError, r"dim must lie in \[-2, 1\] for a 2-D input, got 2"),
         (torch.randn(3, 4), {"dim": (0, 0)}, ValueError, r"dim must not repeat a dimension, got \(0, 0\)"),
         (torch.randn(3, 4), {"dim": 1.0}, TypeError, r"dim must be an int or a non-empty tuple of ints, got 1.0"),
+        (torch.randn(3, 4), {"dim": ()}, TypeError, r"dim must be an int or a non-empty tuple of ints, got \(\)"),
         (torch.randn(3, 0), {"dim": 1}, ValueError, r"x must have a non-empty dim 1 to reduce over"),
         (torch.arange(4), {}, TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
         ([1.0, 2.0], {}, TypeError, r"x must be a torch.Tensor, got list"),
