@@ -65,6 +65,7 @@ def test_one_and_two_rows_in_float64(N, correction):
         (torch.randn(1, 3), None, None, {"correction": 2}, ValueError, r"x must have more rows than correction=2 .*got N=1"),
         (torch.randn(0, 3), None, None, {}, ValueError, r"x must have more rows than correction=0 .*got N=0"),
         (torch.randn(4, 3), None, None, {"correction": -1}, ValueError, r"correction must be a non-negative int, got -1"),
+        (torch.randn(4, 3), None, None, {"correction": True}, ValueError, r"correction must be a non-negative int, got True"),
         (torch.randn(4, 3), None, None, {"eps": -1.0}, ValueError, r"eps must be a positive float, got -1.0"),
         (torch.randn(4, 3), None, None, {"eps": 0.0}, ValueError, r"eps must be a positive float, got 0.0"),
         (torch.randn(4, 3), torch.randn(3, dtype=torch.float64), None, {}, TypeError, r"weight must have the dtype of x \(torch.float32\), got torch.float64"),
