@@ -419,9 +419,9 @@ def _sgd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tenso
               lr: float | torch.Tensor) -> torch.Tensor:
     loss, grads = manual_grads(params, Xb, Yb)
     if isinstance(lr, torch.Tensor):  # a graph input under torch.compile: no recompile per value
-        torch._foreach_sub_(list(params.values()), torch._foreach_mul(grads, lr))
+        torch._foreach_sub_([params[k] for k in PARAM_NAMES], torch._foreach_mul(grads, lr))
     else:
-        torch._foreach_add_(list(params.values()), grads, alpha=-lr)  # p -= lr * grad, one call
+        torch._foreach_add_([params[k] for k in PARAM_NAMES], grads, alpha=-lr)  # p -= lr * grad
     return loss
 
 
@@ -436,7 +436,7 @@ def manual_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Ten
         loss, grads = manual_grads(params, Xb, Yb)
     verify(params, Xb, Yb, dict(zip(PARAM_NAMES, grads)), verify_at)  # before the update
     with torch.no_grad():
-        torch._foreach_add_(list(params.values()), grads, alpha=-lr)
+        torch._foreach_add_([params[k] for k in PARAM_NAMES], grads, alpha=-lr)
     return loss
 
 

@@ -170,3 +170,15 @@ def test_vocabulary_comes_from_the_data(tmp_path):
     ds = makemore.load_dataset(path)
     assert ds.vocab.chars == tuple(sorted(set("zoëanna-leebob")))
     assert ds.vocab.size == len(ds.vocab.chars) + 1
+
+
+def test_the_update_follows_parameter_names_not_dict_order(dataset):
+    """The foreach update pairs each gradient with its parameter by name: a dict built in
+    another order (a checkpoint, a user's own) trains the same."""
+    params, Xb, Yb = makemore.first_batch(dataset, 16)
+    ordered = {k: v.clone() for k, v in params.items()}
+    shuffled = {k: params[k].clone() for k in reversed(makemore.PARAM_NAMES)}
+    makemore.manual_step(ordered, Xb, Yb, 0.1)
+    makemore.manual_step(shuffled, Xb, Yb, 0.1)
+    for name in makemore.PARAM_NAMES:
+        assert torch.equal(ordered[name], shuffled[name]), name
