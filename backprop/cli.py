@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -182,7 +181,9 @@ def use_compile(args) -> bool:
         return False
     if args.compile == "yes":
         return True
-    return args.steps >= COMPILE_FROM_STEPS and shutil.which("g++") is not None  # Inductor's CPU backend
+    from backprop.compiled import cpu_compiler_found
+
+    return args.steps >= COMPILE_FROM_STEPS and cpu_compiler_found()
 
 
 def cmd_train(parser, args) -> int:

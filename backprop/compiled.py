@@ -21,12 +21,19 @@ embedding's backward is not compiled (see OPS below): it is the eager index_add_
 from __future__ import annotations
 
 import functools
+import shutil
 from types import ModuleType
 
 import torch
 
 import backprop
 from backprop import _check
+
+
+def cpu_compiler_found() -> bool:
+    """torch.compile's CPU backend (Inductor) builds C++ with g++: without it, compiling CPU code
+    fails. The CLI, the tests and the benchmarks ask here before they compile on the CPU."""
+    return shutil.which("g++") is not None
 
 
 class CompiledOp:

@@ -418,11 +418,16 @@ def manual_grads(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor)
 def _sgd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
               lr: float | torch.Tensor) -> torch.Tensor:
     loss, grads = manual_grads(params, Xb, Yb)
+    _sgd_update(params, grads, lr)
+    return loss
+
+
+def _sgd_update(params: dict[str, torch.Tensor], grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
+    """p -= lr * grad for every parameter, paired by name (grads in PARAM_NAMES order)."""
     if isinstance(lr, torch.Tensor):  # a graph input under torch.compile: no recompile per value
         torch._foreach_sub_([params[k] for k in PARAM_NAMES], torch._foreach_mul(grads, lr))
     else:
-        torch._foreach_add_([params[k] for k in PARAM_NAMES], grads, alpha=-lr)  # p -= lr * grad
-    return loss
+        torch._foreach_add_([params[k] for k in PARAM_NAMES], grads, alpha=-lr)
 
 
 def manual_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, lr: float,
@@ -436,7 +441,7 @@ def manual_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Ten
         loss, grads = manual_grads(params, Xb, Yb)
     verify(params, Xb, Yb, dict(zip(PARAM_NAMES, grads)), verify_at)  # before the update
     with torch.no_grad():
-        torch._foreach_add_([params[k] for k in PARAM_NAMES], grads, alpha=-lr)
+        _sgd_update(params, grads, lr)
     return loss
 
 

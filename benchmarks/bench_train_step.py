@@ -2,13 +2,12 @@
 manual (the kernels' maths, eager), manual-compiled (the whole step under torch.compile), autograd,
 and, for scale, the notebook's own fused manual step written with raw torch ops."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from backprop import makemore
+from backprop.compiled import cpu_compiler_found
 
 
 @pytest.fixture(params=["manual", "manual-compiled", "autograd", "notebook"])
@@ -47,7 +46,7 @@ def batch():
 
 
 def test_train_step(benchmark, device, variant, batch):
-    if variant == "manual-compiled" and device == "cpu" and shutil.which("g++") is None:
+    if variant == "manual-compiled" and device == "cpu" and not cpu_compiler_found():
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     params, Xb, Yb = batch
     params = {k: v.to(device).clone() for k, v in params.items()}  # each variant its own copy

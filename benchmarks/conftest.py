@@ -35,7 +35,6 @@ in time order, and its maximum, is the peak (at op granularity).
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 
 import pytest
@@ -98,7 +97,7 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
     """A zero-argument callable running the chosen variant once, synchronised."""
     if variant == "manual":
         steps = _kernel_steps(backprop.OPS[name], args, options, dout)
-    elif variant.endswith("compiled") and device == "cpu" and shutil.which("g++") is None:
+    elif variant.endswith("compiled") and device == "cpu" and not compiled.cpu_compiler_found():
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     elif variant == "manual-compiled":
         steps = _kernel_steps(compiled.OPS[name], args, options, dout)

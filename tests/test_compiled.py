@@ -1,17 +1,16 @@
 """backprop.compiled: the same verification suite on a few fixed shapes, the same errors, and
 the recompile policy stated in the module's docstring."""
 
-import shutil
-
 import pytest
 import torch
 
 import backprop
 from backprop import compiled
+from backprop.compiled import cpu_compiler_found
 from backprop.testing.suite import check_case, gradcheck_case
 
 # torch.compile's CPU backend (Inductor) builds C++: without a compiler these tests skip
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and not torch.cuda.is_available(),
+needs_compiler = pytest.mark.skipif(not cpu_compiler_found() and not torch.cuda.is_available(),
                                     reason="torch.compile on the CPU needs a C++ compiler (g++)")
 
 pytestmark = needs_compiler

@@ -1,16 +1,16 @@
 """The main job: the notebook's data, init, gradient table and training."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from backprop import makemore
+from backprop.compiled import cpu_compiler_found
 
 # torch.compile's CPU backend (Inductor) builds C++: without a compiler these tests skip
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and not torch.cuda.is_available(),
+needs_compiler = pytest.mark.skipif(not cpu_compiler_found() and not torch.cuda.is_available(),
                                     reason="torch.compile on the CPU needs a C++ compiler (g++)")
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "names.txt"
