@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-COMPILE_FROM_STEPS = 10_000
+COMPILE_FROM_STEPS = 50_000
 
 
 def _int_at_least(low: int, what: str):
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--verify-every", type=non_negative_int, default=0, metavar="K",
                        help="check manual gradients against autograd every K steps (0: never)")
     train.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
-                       help="run the manual step through torch.compile (makemore.compiled_step); auto: "
-                            f"yes for --steps >= {COMPILE_FROM_STEPS:,} when a C++ compiler is found, "
-                            "since compiling costs ~20 s once (default auto)")
+                       help="run the manual step compiled (makemore.compiled_trainer: built ahead of "
+                            "time on the CPU and cached in ~/.cache/backprop, torch.compile on CUDA); "
+                            f"auto: yes for --steps >= {COMPILE_FROM_STEPS:,} when a C++ compiler is "
+                            "found, since the first build costs ~30 s (default auto)")
     train.add_argument("--seed", type=int, default=makemore.INIT_SEED)
     train.add_argument("--out", type=Path, default=None,
                        help="write loss.png, summary.json and model.pt here")

@@ -134,6 +134,33 @@ def test_compiled_training_matches_eager_training(dataset):
     torch.testing.assert_close(fast_losses, eager_losses, rtol=1e-5, atol=0)
 
 
+@needs_compiler
+def test_compiled_step_is_built_once_per_shape_and_takes_any_training_set(dataset, monkeypatch):
+    """One build per (shapes, dtypes, torch, code): a second training set of another size reuses
+    it (the number of examples is symbolic), and each step equals the eager step on that batch."""
+    p0, _, _ = batch(dataset, hidden=24)
+    X, Y = dataset.splits["train"]
+    makemore.compiled_trainer({k: v.clone() for k, v in p0.items()}, X[:500], Y[:500], 16)  # built
+    builds = []
+    monkeypatch.setattr(makemore, "_build_aot_step", lambda *a: builds.append(a))
+    for rows in (500, 50, 7):
+        params = {k: v.clone() for k, v in p0.items()}
+        step = makemore.compiled_trainer(params, X[:rows], Y[:rows], 16)
+        ix = torch.randint(0, rows, (16,), generator=torch.Generator().manual_seed(rows))
+        eager = {k: v.clone() for k, v in p0.items()}
+        expected = makemore.manual_step(eager, X[ix], Y[ix], 0.1)
+        loss = step(ix, torch.tensor(0.1))
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+        for k in makemore.PARAM_NAMES:
+            torch.testing.assert_close(params[k], eager[k], rtol=0, atol=1e-6)
+        assert not torch.equal(params["W1"], p0["W1"])  # updated in place (b1's gradient is ~0:
+        # the batch norm after it cancels any shift)
+    assert builds == []
+    other = {**p0, "W1": torch.zeros(30, 25), "b1": torch.zeros(25)}
+    assert makemore.aot_step_path(other, X, 16) != makemore.aot_step_path(p0, X, 16)
+    assert makemore.aot_step_path(p0, X, 8) != makemore.aot_step_path(p0, X, 16)
+
+
 def test_training_checks_the_data_once(dataset):
     bad = makemore.Dataset(dataset.words, dataset.vocab, dict(dataset.splits))
     X, Y = bad.splits["train"]
