@@ -138,15 +138,15 @@ def test_compiled_training_matches_eager_training(dataset):
 def test_compiled_step_is_built_once_per_shape_and_takes_any_training_set(dataset, monkeypatch):
     """One build per (shapes, dtypes, torch, code): a second training set of another size reuses
     it (the number of examples is symbolic), and each step equals the eager step on that batch."""
-    p0, _, _ = batch(dataset, hidden=24)
+    p0, _, _ = batch(dataset, hidden=32)  # the shapes of the test above: one build for both
     X, Y = dataset.splits["train"]
-    makemore.compiled_trainer({k: v.clone() for k, v in p0.items()}, X[:500], Y[:500], 16)  # built
+    makemore.compiled_trainer({k: v.clone() for k, v in p0.items()}, X[:500], Y[:500], 32)  # built
     builds = []
     monkeypatch.setattr(makemore, "_build_aot_step", lambda *a: builds.append(a))
     for rows in (500, 50, 7):
         params = {k: v.clone() for k, v in p0.items()}
-        step = makemore.compiled_trainer(params, X[:rows], Y[:rows], 16)
-        ix = torch.randint(0, rows, (16,), generator=torch.Generator().manual_seed(rows))
+        step = makemore.compiled_trainer(params, X[:rows], Y[:rows], 32)
+        ix = torch.randint(0, rows, (32,), generator=torch.Generator().manual_seed(rows))
         eager = {k: v.clone() for k, v in p0.items()}
         expected = makemore.manual_step(eager, X[ix], Y[ix], 0.1)
         loss = step(ix, torch.tensor(0.1))
@@ -157,8 +157,9 @@ def test_compiled_step_is_built_once_per_shape_and_takes_any_training_set(datase
         # the batch norm after it cancels any shift)
     assert builds == []
     other = {**p0, "W1": torch.zeros(30, 25), "b1": torch.zeros(25)}
-    assert makemore.aot_step_path(other, X, 16) != makemore.aot_step_path(p0, X, 16)
-    assert makemore.aot_step_path(p0, X, 8) != makemore.aot_step_path(p0, X, 16)
+    assert makemore.aot_step_path(other, X, 32) != makemore.aot_step_path(p0, X, 32)
+    assert makemore.aot_step_path(p0, X, 16) != makemore.aot_step_path(p0, X, 32)
+    assert makemore.aot_step_path(p0, X.int(), 32) != makemore.aot_step_path(p0, X, 32)
 
 
 def test_training_checks_the_data_once(dataset):
