@@ -159,9 +159,11 @@ def cmd_check(parser, args) -> int:
 class Progress:
     """One status line on stderr: a bar, the loss and steps per second."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.start, self.last = stream, time.perf_counter(), 0.0
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        # sys.stderr looked up now, not at import: callers (and pytest) may have replaced it
+        self.stream = sys.stderr if stream is None else stream
+        self.start, self.last = time.perf_counter(), 0.0
+        self.tty = self.stream.isatty()
 
     def __call__(self, step: int, total: int, loss: float) -> None:
         now = time.perf_counter()
@@ -194,12 +196,22 @@ def cmd_train(parser, args) -> int:
     if args.compile == "yes" and args.backward != "manual":
         parser.error("--compile yes applies to --backward manual only")
     ds = _dataset(parser, args)
+    compiled = use_compile(args)
+
+    def compile_failed(e: Exception) -> None:  # --compile auto: say so, then train eager
+        nonlocal compiled
+        compiled = False
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"backprop train: building the compiled step failed ({type(e).__name__}: {first_line}); "
+              "training with the eager step (--compile yes makes this an error)", file=sys.stderr)
+
     start = time.perf_counter()
     try:
         model, losses = makemore.train(
             ds, steps=args.steps, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
             lr_decay_step=args.lr_decay_step, backward=args.backward,
-            verify_every=args.verify_every, seed=args.seed, device=device, compile=use_compile(args),
+            verify_every=args.verify_every, seed=args.seed, device=device, compile=compiled,
+            on_compile_error=compile_failed if args.compile == "auto" else None,
             progress=Progress(),
         )
     except makemore.GradientDrift as e:
@@ -209,7 +221,7 @@ def cmd_train(parser, args) -> int:
     result = {f"{k}_loss": makemore.evaluate(model, *(t.to(device) for t in ds.splits[k]))
               for k in ("train", "val", "test")}
     result |= {"steps": args.steps, "seconds": round(seconds, 2), "backward": args.backward,
-               "compiled": use_compile(args),
+               "compiled": compiled,
                "samples": makemore.sample(model, 20)}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -88,3 +88,26 @@ def test_characters_outside_a_to_z_are_handled(tmp_path):
 def test_device_cuda_without_a_gpu():
     r = run("check", "--device", "cuda")
     assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mode, code", [("auto", 0), ("yes", None)])
+def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
+    """In process (the failure is injected): --compile auto says why on stderr and trains eager,
+    reporting compiled: false; --compile yes lets the error through."""
+    from backprop import cli, compiled, makemore
+
+    def broken(*args):
+        raise RuntimeError("no compiler today\nsecond line")
+
+    monkeypatch.setattr(makemore, "compiled_trainer", broken)
+    monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: True)
+    monkeypatch.setattr(cli, "COMPILE_FROM_STEPS", 1)
+    argv = ["train", "--steps", "3", "--hidden", "8", "--json", "--compile", mode]
+    if code is None:
+        with pytest.raises(RuntimeError, match="no compiler today"):
+            cli.main(argv)
+        return
+    assert cli.main(argv) == code
+    out, err = capsys.readouterr()
+    assert json.loads(out)["compiled"] is False
+    assert "building the compiled step failed (RuntimeError: no compiler today); training with the eager step" in err

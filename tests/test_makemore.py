@@ -162,6 +162,22 @@ def test_compiled_step_is_built_once_per_shape_and_takes_any_training_set(datase
     assert makemore.aot_step_path(p0, X.int(), 32) != makemore.aot_step_path(p0, X, 32)
 
 
+def test_a_failed_build_trains_eager_with_a_handler_and_raises_without(dataset, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(makemore, "compiled_trainer", broken)
+    seen = []
+    model, losses = makemore.train(dataset, steps=5, hidden=16, compile=True, on_compile_error=seen.append)
+    eager, eager_losses = makemore.train(dataset, steps=5, hidden=16)
+    assert [str(e) for e in seen] == ["no compiler today"]
+    assert losses == eager_losses
+    for name in makemore.PARAM_NAMES:
+        assert torch.equal(model.params[name], eager.params[name]), name
+    with pytest.raises(RuntimeError, match="no compiler today"):
+        makemore.train(dataset, steps=5, hidden=16, compile=True)
+
+
 def test_training_checks_the_data_once(dataset):
     bad = makemore.Dataset(dataset.words, dataset.vocab, dict(dataset.splits))
     X, Y = bad.splits["train"]
