@@ -53,6 +53,12 @@ def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+def same_dtype_as(name: str, t: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """t is a tensor of ref's dtype (a TypeError naming both otherwise); returns t."""
+    same_dtype(name, tensor(name, t), ref_name, ref)
+    return t
+
+
 def same_device(**tensors: torch.Tensor | None) -> None:
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {k: v.device for k, v in present.items()}

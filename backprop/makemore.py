@@ -365,7 +365,7 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
     _check_once(params, Xtr, Ytr, batch_size)
     if compile:
         try:
-            fast_step = compiled_trainer(params, Xtr, Ytr, batch_size)
+            fast_step = compiled_trainer(params, Xtr, Ytr, batch_size, check=False)  # ix drawn here
         except Exception as e:  # torch.export / Inductor / the C++ compiler: many kinds
             if on_compile_error is None:
                 raise
@@ -520,11 +520,14 @@ _dynamo_steps: dict[str, object] = {}  # torch.compile'd _step_graph, per device
 
 
 def compiled_trainer(params: dict[str, torch.Tensor], Xtr: torch.Tensor, Ytr: torch.Tensor,
-                     batch_size: int):
+                     batch_size: int, *, check: bool = True):
     """A step function (ix, lr) -> loss for these parameters and this training set: _step_graph,
     compiled (AOTInductor on the CPU, built once and cached; torch.compile on CUDA). ix holds the
-    batch's row numbers, lr is a 0-d tensor of the parameters' dtype; the parameters are updated
-    in place."""
+    batch's row numbers (int64, (batch_size,), in [0, len(Xtr))), lr is a 0-d tensor of the
+    parameters' dtype; the parameters are updated in place. The built step reads raw memory and
+    checks nothing, so the arguments are checked here: the fixed ones once, ix and lr on every
+    call unless check=False (the trainer, which draws ix itself)."""
+    _check_trainer_inputs(params, Xtr, Ytr, batch_size)
     flat = (*(params[k] for k in PARAM_NAMES), Xtr, Ytr)
     device = params["W1"].device
     if device.type == "cpu":
@@ -535,15 +538,58 @@ def compiled_trainer(params: dict[str, torch.Tensor], Xtr: torch.Tensor, Ytr: to
         # the loaded model's loader runs a flat list of tensors; calling the model itself would
         # first parse its input/output specs and flatten the arguments (~100 us a step)
         run = torch._inductor.aoti_load_package(str(path)).loader.run
-        return lambda ix, lr: run([*flat, ix, lr])[0]
-    if device.type not in _dynamo_steps:
-        _dynamo_steps[device.type] = torch.compile(_step_graph, dynamic=False)
-    fn = _dynamo_steps[device.type]
+
+        def fast(ix, lr):
+            return run([*flat, ix, lr])[0]
+    else:
+        if device.type not in _dynamo_steps:
+            _dynamo_steps[device.type] = torch.compile(_step_graph, dynamic=False)
+        fn = _dynamo_steps[device.type]
+
+        def fast(ix, lr):
+            with torch.no_grad():
+                return fn(*flat, ix, lr)
+    if not check:
+        return fast
 
     def step(ix, lr):
-        with torch.no_grad():
-            return fn(*flat, ix, lr)
+        _check.shape("ix", _check.index("ix", ix, (torch.int64,)), (batch_size,), "(batch_size,)")
+        _check.shape("lr", _check.same_dtype_as("lr", lr, "the parameters", params["W1"]), (), "(0-d)")
+        _check.same_device(ix=ix, lr=lr, W1=params["W1"])
+        _check.in_range("ix", ix, 0, Xtr.shape[0])
+        return fast(ix, lr)
     return step
+
+
+def _check_trainer_inputs(params, Xtr, Ytr, batch_size: int) -> None:
+    """What the built step assumes: dense tensors on one device, the parameters of one floating
+    dtype with the shapes init_params gives, int64 contexts and targets in the vocabulary."""
+    missing = [k for k in PARAM_NAMES if k not in params]
+    if missing:
+        raise ValueError(f"params must hold {', '.join(PARAM_NAMES)}, missing {', '.join(missing)}")
+    for k in PARAM_NAMES:
+        _check.same_dtype_as(f"params[{k!r}]", params[k], "params['W1']", params["W1"])
+    for name, t in [*((f"params[{k!r}]", params[k]) for k in PARAM_NAMES), ("Xtr", Xtr), ("Ytr", Ytr)]:
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    _check.same_device(Xtr=Xtr, Ytr=Ytr, **{k: params[k] for k in PARAM_NAMES})
+    V, E = params["C"].shape
+    H = params["W1"].shape[1]
+    expected = {"C": (V, E), "W1": (BLOCK_SIZE * E, H), "b1": (H,), "W2": (H, V), "b2": (V,),
+                "bngain": (1, H), "bnbias": (1, H)}
+    for k, shape in expected.items():
+        _check.shape(f"params[{k!r}]", params[k], shape, "(init_params' layout)")
+    _check.index("Xtr", Xtr, (torch.int64,))
+    _check.index("Ytr", Ytr, (torch.int64,))
+    _check.ndim("Xtr", Xtr, 2, "(examples, block_size)")
+    _check.shape("Xtr", Xtr, (Xtr.shape[0], BLOCK_SIZE), "(examples, block_size)")
+    _check.shape("Ytr", Ytr, (Xtr.shape[0],), "(examples,) like Xtr")
+    if Xtr.shape[0] < 2:
+        raise ValueError(f"Xtr must hold at least 2 examples, got {Xtr.shape[0]}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (batch norm needs 2 rows), got {batch_size!r}")
+    _check.in_range("Xtr", Xtr, 0, V)
+    _check.in_range("Ytr", Ytr, 0, V)
 
 
 def autograd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,

@@ -162,6 +162,46 @@ def test_compiled_step_is_built_once_per_shape_and_takes_any_training_set(datase
     assert makemore.aot_step_path(p0, X.int(), 32) != makemore.aot_step_path(p0, X, 32)
 
 
+@needs_compiler
+@pytest.mark.parametrize("ix, lr, error, match", [
+    (torch.zeros(16, dtype=torch.int64), None, ValueError, r"ix must have shape \(32,\)"),
+    (torch.zeros(32, dtype=torch.int32), None, TypeError, "ix must be an integer index tensor of dtype torch.int64"),
+    (torch.full((32,), 500), None, ValueError, r"ix must lie in \[0, 500\), got 500"),
+    (torch.full((32,), -1), None, ValueError, r"ix must lie in \[0, 500\), got -1"),
+    (None, torch.tensor(0.1, dtype=torch.float64), TypeError, "lr must have the dtype of the parameters"),
+    (None, torch.tensor([0.1]), ValueError, r"lr must have shape \(\)"),
+])
+def test_the_compiled_step_checks_each_call(dataset, ix, lr, error, match):
+    """The built step reads raw memory: a short or int32 ix, or a float64 lr, would be read as
+    garbage, so the step checks them (the trainer, drawing ix itself, skips it)."""
+    params, _, _ = batch(dataset, hidden=32)
+    X, Y = dataset.splits["train"]
+    before = {k: v.clone() for k, v in params.items()}
+    step = makemore.compiled_trainer(params, X[:500], Y[:500], 32)
+    with pytest.raises(error, match=match):
+        step(torch.zeros(32, dtype=torch.int64) if ix is None else ix,
+             torch.tensor(0.1) if lr is None else lr)
+    for k in makemore.PARAM_NAMES:
+        assert torch.equal(params[k], before[k]), k
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda p, X, Y: ({**p, "W1": p["W1"].T.contiguous().T}, X, Y), ValueError, r"params\['W1'\] must be contiguous"),
+    (lambda p, X, Y: ({k: v for k, v in p.items() if k != "b2"}, X, Y), ValueError, "missing b2"),
+    (lambda p, X, Y: ({**p, "b1": p["b1"].double()}, X, Y), TypeError, r"params\['b1'\] must have the dtype"),
+    (lambda p, X, Y: ({**p, "b1": p["b1"][:5]}, X, Y), ValueError, r"params\['b1'\] must have shape \(32,\)"),
+    (lambda p, X, Y: (p, X.int(), Y), TypeError, "Xtr must be an integer index tensor of dtype torch.int64"),
+    (lambda p, X, Y: (p, X, Y[:-1]), ValueError, r"Ytr must have shape \(500,\)"),
+    (lambda p, X, Y: (p, X[:1], Y[:1]), ValueError, "Xtr must hold at least 2 examples, got 1"),
+    (lambda p, X, Y: (p, X, torch.where(Y == Y[3], 27, Y)), ValueError, r"Ytr must lie in \[0, 27\), got 27"),
+])
+def test_the_compiled_trainer_checks_what_it_is_built_for(dataset, change, error, match):
+    params, _, _ = batch(dataset, hidden=32)
+    X, Y = dataset.splits["train"]
+    with pytest.raises(error, match=match):
+        makemore.compiled_trainer(*change(params, X[:500], Y[:500]), 32)
+
+
 def test_a_failed_build_trains_eager_with_a_handler_and_raises_without(dataset, monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler today")
