@@ -96,7 +96,7 @@ def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
     reporting compiled: false; --compile yes lets the error through."""
     from backprop import cli, compiled, makemore
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("no compiler today\nsecond line")
 
     monkeypatch.setattr(makemore, "compiled_trainer", broken)

@@ -101,7 +101,7 @@ def test_manual_and_autograd_training_keep_matching_parameters(dataset):
 def test_verify_every_stops_on_a_drifting_gradient(dataset, monkeypatch):
     real = makemore.manual_grads
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         loss, grads = real(*args)
         grads[3] = grads[3] * 1.01  # dW2 with a 1% bug
         return loss, grads
@@ -203,7 +203,7 @@ def test_the_compiled_trainer_checks_what_it_is_built_for(dataset, change, error
 
 
 def test_a_failed_build_trains_eager_with_a_handler_and_raises_without(dataset, monkeypatch):
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("no compiler today")
 
     monkeypatch.setattr(makemore, "compiled_trainer", broken)
