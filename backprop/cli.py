@@ -22,22 +22,24 @@ COMPILE_FROM_STEPS = 50_000
 
 
 def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= low, refused with 'expected a <what> integer'."""
+    """An argparse type: an integer >= low, refused with 'expected <what>'."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if value < low:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
 
     return parse
 
 
-positive_int = _int_at_least(1, "positive")
-non_negative_int = _int_at_least(0, "non-negative")
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "a non-negative integer")
+# batch norm's variance is Bessel-corrected (1/(n-1)), as in the notebook: one row has none
+batch_size_int = _int_at_least(2, "an integer >= 2 (batch norm's 1/(n-1) variance needs two rows)")
 
 
 def positive_float(text: str) -> float:
@@ -58,7 +60,7 @@ def _data_options(p: argparse.ArgumentParser, hidden: int) -> None:
     p.add_argument("--split-seed", type=int, default=makemore.SPLIT_SEED,
                    help="random.seed for the 80/10/10 split")
     p.add_argument("--hidden", type=positive_int, default=hidden, help=f"hidden units (default {hidden})")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=batch_size_int, default=32)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
 

@@ -107,6 +107,11 @@ def load_dataset(path: str | Path, split_seed: int = SPLIT_SEED) -> Dataset:
     random.Random(split_seed).shuffle(shuffled)  # the same order as random.seed(s); random.shuffle
     n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
     parts = {"train": shuffled[:n1], "val": shuffled[n1:n2], "test": shuffled[n2:]}
+    empty = [k for k, v in parts.items() if not v]
+    if empty:  # training and evaluation need every split (6 words is the least that fills them)
+        sizes = " / ".join(str(len(v)) for v in parts.values())
+        raise ValueError(f"{path}: {len(words)} words split 80/10/10 into {sizes} words, leaving the "
+                         f"{' and '.join(empty)} split empty; give at least 6 words")
     return Dataset(words, vocab, {k: build_dataset(v, vocab) for k, v in parts.items()})
 
 
@@ -365,7 +370,7 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
     _check_once(params, Xtr, Ytr, batch_size)
     if compile:
         try:
-            fast_step = compiled_trainer(params, Xtr, Ytr, batch_size, check=False)  # ix drawn here
+            fast_step = compiled_trainer(params, Xtr, Ytr, batch_size, check=False)  # checked above
         except Exception as e:  # torch.export / Inductor / the C++ compiler: many kinds
             if on_compile_error is None:
                 raise
@@ -526,8 +531,10 @@ def compiled_trainer(params: dict[str, torch.Tensor], Xtr: torch.Tensor, Ytr: to
     batch's row numbers (int64, (batch_size,), in [0, len(Xtr))), lr is a 0-d tensor of the
     parameters' dtype; the parameters are updated in place. The built step reads raw memory and
     checks nothing, so the arguments are checked here: the fixed ones once, ix and lr on every
-    call unless check=False (the trainer, which draws ix itself)."""
-    _check_trainer_inputs(params, Xtr, Ytr, batch_size)
+    call. check=False skips both, for a caller that has validated its data and draws ix itself
+    (train, after _check_once)."""
+    if check:
+        _check_trainer_inputs(params, Xtr, Ytr, batch_size)
     flat = (*(params[k] for k in PARAM_NAMES), Xtr, Ytr)
     device = params["W1"].device
     if device.type == "cpu":

@@ -55,7 +55,7 @@ def test_train_writes_outputs_and_sample_reads_the_checkpoint(tmp_path):
     [
         (["train", "--data", "/nonexistent/words.txt"], "does not exist"),
         (["train", "--steps", "0"], "--steps: expected a positive integer, got 0"),
-        (["check", "--batch-size", "-3"], "--batch-size: expected a positive integer, got -3"),
+        (["check", "--batch-size", "-3"], "--batch-size: expected an integer >= 2 (batch norm's 1/(n-1) variance needs two rows), got -3"),
         (["sample", "--checkpoint", "/nonexistent/model.pt"], "does not exist"),
     ],
 )
@@ -111,3 +111,19 @@ def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)["compiled"] is False
     assert "building the compiled step failed (RuntimeError: no compiler today); training with the eager step" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "--batch-size", "1"), "--batch-size: expected an integer >= 2"),
+    (("check", "--batch-size", "1"), "--batch-size: expected an integer >= 2"),
+])
+def test_a_batch_of_one_row_is_refused(args, message):
+    r = run(*args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_too_few_words_is_a_clear_message(tmp_path):
+    (tmp_path / "two.txt").write_text("ab\ncd\n")
+    r = run("train", "--data", str(tmp_path / "two.txt"), "--steps", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "2 words split 80/10/10 into 1 / 0 / 1 words, leaving the val split empty" in r.stderr

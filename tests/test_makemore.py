@@ -248,6 +248,20 @@ def test_bad_data_files(tmp_path, content, message):
         makemore.read_words(path)
 
 
+@pytest.mark.parametrize("n, empty", [(1, "train and val"), (3, "val"), (5, "val")])
+def test_too_few_words_for_the_split(tmp_path, n, empty):
+    path = tmp_path / "words.txt"
+    path.write_text("".join(f"w{chr(97 + i)}\n" for i in range(n)))
+    with pytest.raises(ValueError, match=f"{n} words split 80/10/10 into .* leaving the {empty} split empty"):
+        makemore.load_dataset(path)
+
+
+def test_six_words_fill_every_split(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("ab\ncd\nef\ngh\nij\nkl\n")
+    assert makemore.load_dataset(path).summary()["examples"] == [12, 3, 3]
+
+
 def test_vocabulary_comes_from_the_data(tmp_path):
     path = tmp_path / "words.txt"
     path.write_text("zoë\nanna-lee\nbob\n" * 10)
