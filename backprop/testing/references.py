@@ -27,6 +27,27 @@ def cross_entropy_magnitude(logits, targets, *, dout, reduction="mean", ignore_i
     return {"dlogits": (torch.softmax(logits, 1) + q) * w[:, None]}
 
 
+def batch_norm_magnitude(x, weight=None, bias=None, *, dout, eps=1e-5, correction=0):
+    """The size of the terms in out = xhat w + b, dweight = sum(dout xhat) and
+    dx = w rstd (dout - sum(dout) / N - xhat sum(dout xhat) / d), d = N - correction.
+    When dout is an affine function of x (hypothesis drew x from dout's own stream) the three
+    terms of dx cancel to O(eps / var), and the default stand-in (the reference run on |x| and
+    |dout|) cancels with them, because it normalises |x| again; rounding scales with the terms."""
+    N = x.shape[0]
+    xc = x - x.mean(0)
+    rstd = ((xc * xc).sum(0) / (N - correction) + eps).rsqrt()
+    xhat = (xc * rstd).abs()
+    a = dout.abs()
+    w = weight.abs() if weight is not None else torch.ones_like(rstd)
+    sizes = {
+        "out": xhat * w + (bias.abs() if bias is not None else 0.0),
+        "dx": w * rstd * (a + a.sum(0) / N + xhat * (a * xhat).sum(0) / (N - correction)),
+    }
+    if weight is not None:
+        sizes["dweight"] = (a * xhat).sum(0)
+    return sizes
+
+
 def logsumexp(x, *, dim=-1, keepdim=False):
     return torch.logsumexp(x, dim=dim, keepdim=keepdim)
 

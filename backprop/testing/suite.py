@@ -12,10 +12,10 @@ from types import ModuleType
 import torch
 
 from backprop.testing.oracle import check_against_autograd, check_gradcheck
-from backprop.testing.references import REFERENCES, cross_entropy_magnitude
+from backprop.testing.references import REFERENCES, batch_norm_magnitude, cross_entropy_magnitude
 
 # formulas that cancel internally name the size of their terms for the rounding floor
-MAGNITUDES = {"cross_entropy": cross_entropy_magnitude}
+MAGNITUDES = {"cross_entropy": cross_entropy_magnitude, "batch_norm": batch_norm_magnitude}
 
 
 def check_case(name: str, op: ModuleType, case: tuple) -> None:
