@@ -33,6 +33,9 @@ def forward(
 ) -> tuple[torch.Tensor, Cache]:
     """mean = x.mean(0);  var = ((x - mean)**2).sum(0) / (N - correction)
     out = weight * (x - mean) / sqrt(var + eps) + bias
+
+    An infinite weight gives +-inf (nan where x equals the mean), as the formula does; F.batch_norm
+    on the CPU gives nan there, because it folds the affine into x * s + (bias - mean * s).
     """
     return forward_math(*check_forward(x, weight, bias, eps=eps, correction=correction))
 

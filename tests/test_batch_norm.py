@@ -91,3 +91,14 @@ def test_bad_input(x, weight, bias, options, error, message):
 def test_tensors_on_different_devices():
     with pytest.raises(ValueError, match=r"one device, got x on cpu, weight on cuda:0"):
         batch_norm.forward(torch.randn(4, 3), torch.randn(3, device="cuda"))
+
+
+def test_infinite_weight_follows_the_formula(device):
+    """Found by the fuzz test in a thorough run: x (2, 1) and weight [inf]. The formula gives
+    +-inf; F.batch_norm (CPU) gives [nan, -inf] from its folded x * s + (bias - mean * s)."""
+    x = torch.tensor([[4.623], [-0.8803], [2.0]], device=device)
+    for weight, bias in [(torch.tensor([torch.inf]), None), (torch.tensor([-torch.inf]), torch.tensor([1.0]))]:
+        weight, bias = weight.to(device), bias.to(device) if bias is not None else None
+        out, _ = batch_norm.forward(x, weight, bias)
+        torch.testing.assert_close(out, references.batch_norm_composed(x, weight, bias), equal_nan=True)
+        assert torch.isinf(out).all() and (out.sign() == ((x - x.mean(0)) * weight.sign()).sign()).all()
