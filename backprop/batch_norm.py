@@ -36,6 +36,8 @@ def forward(
 
     An infinite weight gives +-inf (nan where x equals the mean), as the formula does; F.batch_norm
     on the CPU gives nan there, because it folds the affine into x * s + (bias - mean * s).
+    Zero channels give an empty result, with or without weight and bias (F.batch_norm with an
+    empty weight or bias fails with an IndexError from select()).
     """
     return forward_math(*check_forward(x, weight, bias, eps=eps, correction=correction))
 

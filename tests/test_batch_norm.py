@@ -102,3 +102,13 @@ def test_infinite_weight_follows_the_formula(device):
         out, _ = batch_norm.forward(x, weight, bias)
         torch.testing.assert_close(out, references.batch_norm_composed(x, weight, bias), equal_nan=True)
         assert torch.isinf(out).all() and (out.sign() == ((x - x.mean(0)) * weight.sign()).sign()).all()
+
+
+def test_zero_channels(device):
+    """Found by the fuzz test: x (2, 0) with a weight of shape (0,) (F.batch_norm raises an
+    IndexError there). The output and every gradient are empty, with the inputs' shapes."""
+    x, w, b = (torch.randn(2, 0, device=device), torch.ones(0, device=device), torch.zeros(0, device=device))
+    out, cache = batch_norm.forward(x, w, b)
+    dx, dw, db = batch_norm.backward(torch.randn(2, 0, device=device), cache)
+    assert [t.shape for t in (out, dx, dw, db)] == [(2, 0), (2, 0), (0,), (0,)]
+
