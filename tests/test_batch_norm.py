@@ -111,4 +111,3 @@ def test_zero_channels(device):
     out, cache = batch_norm.forward(x, w, b)
     dx, dw, db = batch_norm.backward(torch.randn(2, 0, device=device), cache)
     assert [t.shape for t in (out, dx, dw, db)] == [(2, 0), (2, 0), (0,), (0,)]
-

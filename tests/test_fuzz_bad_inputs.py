@@ -76,20 +76,18 @@ def test_bad_inputs_fail_cleanly_or_match_torch(name, data):
         return
     # ours accepted the input: torch must too. The documented divergences (backprop/batch_norm.py):
     # a single row with correction=0, which torch refuses and we normalise to the bias; zero
-    # channels with a weight or bias, where torch's kernel fails with an IndexError from select()
-    # and we return the empty result that torch gives without them
+    # channels with a weight or bias, where F.batch_norm fails with an IndexError from select();
+    # an infinite weight, where F.batch_norm folds the affine into x * (w rstd) + (b - mean w rstd)
+    # and gives inf - inf = nan. In the last two ours follows the formula, as torch's composed ops do
     single_row_bn = name == "batch_norm" and args[0].shape[0] == 1
     zero_channel_bn = name == "batch_norm" and args[0].shape[1] == 0
+    inf_weight_bn = name == "batch_norm" and len(args) > 1 and args[1] is not None and not args[1].isfinite().all()
+    composed_bn = zero_channel_bn or inf_weight_bn
     assert single_row_bn or zero_channel_bn or not _torch_refuses(name, args, options), \
         f"torch refuses {name}{options}"
     if not single_row_bn:
         with torch.no_grad():
-            expected = REFERENCES[name](*args, **options) if not zero_channel_bn else torch.empty_like(args[0])
-            if name == "batch_norm" and len(args) > 1 and args[1] is not None and not args[1].isfinite().all():
-                # the documented divergence (backprop/batch_norm.py): F.batch_norm folds the affine into
-                # x * (w rstd) + (b - mean w rstd), so an infinite weight gives inf - inf = nan where the
-                # formula, and torch's composed ops, give +-inf; ours follows the formula
-                expected = batch_norm_composed(*args, **options)
+            expected = (batch_norm_composed if composed_bn else REFERENCES[name])(*args, **options)
         torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
     dout = random_dout(out.shape, out.dtype, out.device, seed=0)
     grads = op.backward(dout, cache)
