@@ -13,6 +13,16 @@ import torch
 from backprop import _check
 
 
+class Args(NamedTuple):
+    """forward's arguments, checked: what forward_math reads."""
+
+    x: torch.Tensor  # (N, C)
+    weight: torch.Tensor | None  # (C,)
+    bias: torch.Tensor | None  # (C,)
+    eps: float
+    correction: int
+
+
 class Cache(NamedTuple):
     xhat: torch.Tensor  # (N, C) normalised input: one (N, C) buffer, saves recomputing it in backward
     rstd: torch.Tensor  # (C,) 1 / sqrt(var + eps)
@@ -39,10 +49,17 @@ def forward(
     Zero channels give an empty result, with or without weight and bias (F.batch_norm with an
     empty weight or bias fails with an IndexError from select()).
     """
-    return forward_math(*check_forward(x, weight, bias, eps=eps, correction=correction))
+    return forward_math(prepare(x, weight, bias, eps=eps, correction=correction))
 
 
-def check_forward(x, weight=None, bias=None, *, eps=1e-5, correction=0):
+def prepare(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    correction: int = 0,
+) -> Args:
     """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
     _check.ndim("x", x, 2, "(N, C)")
@@ -61,11 +78,12 @@ def check_forward(x, weight=None, bias=None, *, eps=1e-5, correction=0):
         )
     if not eps > 0:  # as torch in training: eps = 0 divides by zero on a constant channel
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    return x, weight, bias, eps, correction
+    return Args(x, weight, bias, eps, correction)
 
 
-def forward_math(x, weight, bias, eps, correction):
+def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     """forward without the checks."""
+    x, weight, bias, eps, correction = a
     N = x.shape[0]
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = _check.cast(x, acc)
@@ -99,11 +117,13 @@ def backward(
     return backward_math(dout, cache)
 
 
-def check_backward(dout, cache: Cache) -> None:
+def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.dout(dout, cache.xhat.shape, cache.dtype)
 
 
-def backward_math(dout, cache: Cache):
+def backward_math(
+    dout: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     xhat, rstd, weight, has_bias, correction, dtype = cache
     N = xhat.shape[0]
     acc = xhat.dtype

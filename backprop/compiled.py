@@ -3,7 +3,7 @@
     out, cache = backprop.compiled.cross_entropy.forward(logits, targets)
     grads      = backprop.compiled.cross_entropy.backward(dout, cache)
 
-Each compiled op runs the eager op's own checks first (``check_forward`` / ``check_backward``:
+Each compiled op runs the eager op's own checks first (``prepare`` / ``check_backward``:
 they raise the same errors and read targets and indices on the host), then the eager op's
 ``forward_math`` / ``backward_math`` compiled by Inductor. Nothing is rewritten: the compiled
 path is the readable kernel, fused.
@@ -48,7 +48,7 @@ class CompiledOp:
 
         @functools.wraps(op.forward)  # same signature and docstring (the oracle reads both)
         def forward(*args, **options):
-            return self._forward(*op.check_forward(*args, **options))
+            return self._forward(op.prepare(*args, **options))
 
         @functools.wraps(op.backward)
         def backward(dout, cache):

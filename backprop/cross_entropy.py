@@ -11,6 +11,17 @@ from backprop import _check
 REDUCTIONS = ("mean", "sum", "none")
 
 
+class Args(NamedTuple):
+    """forward's arguments, checked and prepared: what forward_math reads."""
+
+    logits: torch.Tensor  # (N, C)
+    targets: torch.Tensor  # (N,) int64, ignored rows replaced by class 0 (a gatherable index)
+    valid: torch.Tensor | None  # (N,) bool, False on ignored rows; None when no row is ignored
+    count: int  # number of valid rows: the 'mean' denominator
+    reduction: str
+    label_smoothing: float
+
+
 class Cache(NamedTuple):
     logits: torch.Tensor  # (N, C) the input itself, not a copy: backward recomputes softmax from it
     shift: torch.Tensor  # (N, 1) the row max m (0 where it is not finite)
@@ -35,12 +46,19 @@ def forward(
     q_n = (1 - eps) * onehot(y_n) + eps / C:
     loss_n = -sum_c q_n[c] * log p[c]   (0 on ignored rows);  mean divides by the valid rows.
     """
-    return forward_math(*check_forward(logits, targets, reduction=reduction, ignore_index=ignore_index,
-                                       label_smoothing=label_smoothing))
+    return forward_math(prepare(logits, targets, reduction=reduction, ignore_index=ignore_index,
+                                label_smoothing=label_smoothing))
 
 
-def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
-    """Validate forward's arguments; returns forward_math's. The ignored rows are found here,
+def prepare(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Args:
+    """Validate forward's arguments and prepare forward_math's. The ignored rows are found here,
     because the range check of the targets must skip them (one device sync)."""
     _check.floating("logits", logits)
     _check.index("targets", targets, (torch.int64,))
@@ -56,7 +74,7 @@ def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     if not 0 <= ignore_index < C and _check.all_in_range(targets, 0, C):
         # the common case in one pass: every target a class, so none equals ignore_index
-        return logits, targets, None, N, reduction, float(label_smoothing)
+        return Args(logits, targets, None, N, reduction, float(label_smoothing))
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
     if count < N:
@@ -64,13 +82,13 @@ def check_forward(logits, targets, *, reduction="mean", ignore_index=-100, label
     else:
         safe, valid = targets, None  # the common case: nothing to mask
     _check.in_range("targets", safe, 0, C, allowed=f"ignore_index={ignore_index}")
-    return logits, safe, valid, count, reduction, float(label_smoothing)
+    return Args(logits, safe, valid, count, reduction, float(label_smoothing))
 
 
-def forward_math(logits, targets, valid, count, reduction, label_smoothing):
-    """forward without the checks: targets with ignored rows set to class 0, valid the mask
-    (None when no row is ignored), count the number of valid rows. No logits-sized buffer is kept:
-    the cache holds the logits themselves and two (N, 1) columns."""
+def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
+    """forward without the checks. No logits-sized buffer is kept: the cache holds the logits
+    themselves and two (N, 1) columns."""
+    logits, targets, valid, count, reduction, label_smoothing = a
     C = logits.shape[1]
     # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead (nan stays nan)
     shift = logits.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # (N, 1)
@@ -99,12 +117,12 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     return backward_math(dout, cache)
 
 
-def check_backward(dout, cache: Cache) -> None:
+def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     N = cache.logits.shape[0]
     _check.dout(dout, (N,) if cache.reduction == "none" else (), cache.logits.dtype)
 
 
-def backward_math(dout, cache: Cache):
+def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
     logits, shift, logsum, targets, valid, count, reduction, eps = cache
     C = logits.shape[1]
     w = dout / count if reduction == "mean" else dout  # () or (N,)

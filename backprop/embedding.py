@@ -9,6 +9,15 @@ import torch
 from backprop import _check
 
 
+class Args(NamedTuple):
+    """forward's arguments, checked and prepared: what forward_math reads."""
+
+    indices: torch.Tensor  # (*) int, every entry in [0, V)
+    weight: torch.Tensor  # (V, E)
+    padding_idx: int | None  # in [0, V), already wrapped
+    deterministic: bool
+
+
 class Cache(NamedTuple):
     indices: torch.Tensor  # (*) int; the table itself is not needed for the gradient
     num_embeddings: int  # V
@@ -33,10 +42,16 @@ def forward(
     CUDA atomics add in whatever order the threads arrive (torch's own embedding backward is not
     repeatable on CUDA either). On the CPU index_add_ is a serial loop and both modes repeat.
     """
-    return forward_math(*check_forward(indices, weight, padding_idx=padding_idx, deterministic=deterministic))
+    return forward_math(prepare(indices, weight, padding_idx=padding_idx, deterministic=deterministic))
 
 
-def check_forward(indices, weight, *, padding_idx=None, deterministic=True):
+def prepare(
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    padding_idx: int | None = None,
+    deterministic: bool = True,
+) -> Args:
     """Validate forward's arguments; returns forward_math's (padding_idx wrapped into [0, V))."""
     _check.index("indices", indices)
     _check.floating("weight", weight)
@@ -52,10 +67,11 @@ def check_forward(indices, weight, *, padding_idx=None, deterministic=True):
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     _check.in_range("indices", indices, 0, V)
-    return indices, weight, padding_idx, deterministic
+    return Args(indices, weight, padding_idx, deterministic)
 
 
-def forward_math(indices, weight, padding_idx, deterministic=True):
+def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
+    indices, weight, padding_idx, deterministic = a
     # index_select copies (weight[i] with a 0-d i would alias the table); as in F.embedding,
     # the padding row is read like any other
     out = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[1])
@@ -72,11 +88,11 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
     return backward_math(dout, cache)
 
 
-def check_backward(dout, cache: Cache) -> None:
+def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.dout(dout, (*cache.indices.shape, cache.embedding_dim), cache.dtype)
 
 
-def backward_math(dout, cache: Cache):
+def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
     indices, V, E, padding_idx, dtype, deterministic = cache
     dweight = dout.new_zeros(V, E)  # (V, E)
     rows = dout.reshape(indices.numel(), E)  # (P, E) one row per position

@@ -10,6 +10,14 @@ import torch
 from backprop import _check
 
 
+class Args(NamedTuple):
+    """forward's arguments, checked: what forward_math reads."""
+
+    x: torch.Tensor  # (*, D)
+    weight: torch.Tensor  # (H, D)
+    bias: torch.Tensor | None  # (H,)
+
+
 class Cache(NamedTuple):
     x: torch.Tensor  # (*, D) the input, needed for dweight
     weight: torch.Tensor  # (H, D) needed for dx
@@ -21,10 +29,10 @@ def forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, Cache]:
     """out[..., h] = sum_d x[..., d] * weight[h, d] + bias[h]."""
-    return forward_math(*check_forward(x, weight, bias))
+    return forward_math(prepare(x, weight, bias))
 
 
-def check_forward(x, weight, bias=None):
+def prepare(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Args:
     """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
     _check.floating("weight", weight)
@@ -44,10 +52,11 @@ def check_forward(x, weight, bias=None):
         _check.same_dtype("bias", bias, "x", x)
     _check.same_device(x=x, weight=weight, bias=bias)
 
-    return x, weight, bias
+    return Args(x, weight, bias)
 
 
-def forward_math(x, weight, bias):
+def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
+    x, weight, bias = a
     H, D = weight.shape
     # (N, D): leading dimensions flattened into rows, the row count explicit (D may be 0)
     x2 = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), D)
@@ -66,11 +75,13 @@ def backward(
     return backward_math(dout, cache)
 
 
-def check_backward(dout, cache: Cache) -> None:
+def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.dout(dout, (*cache.x.shape[:-1], cache.weight.shape[0]), cache.x.dtype)
 
 
-def backward_math(dout, cache: Cache):
+def backward_math(
+    dout: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     x, weight, has_bias = cache
     H, D = weight.shape
     if x.ndim == 2:

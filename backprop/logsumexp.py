@@ -9,6 +9,14 @@ import torch
 from backprop import _check
 
 
+class Args(NamedTuple):
+    """forward's arguments, checked: what forward_math reads."""
+
+    x: torch.Tensor  # (*)
+    dims: tuple[int, ...]  # reduced dims, non-negative; () for a 0-d x
+    keepdim: bool
+
+
 class Cache(NamedTuple):
     x: torch.Tensor  # (*) the input (the caller holds it anyway: no new buffer)
     shift: torch.Tensor  # x's shape with the reduced dims of size 1: the row max, 0 where not finite
@@ -32,10 +40,10 @@ def forward(
     x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False
 ) -> tuple[torch.Tensor, Cache]:
     """out = m + log(sum(exp(x - m))) along dim, with m the max along dim (shifted coordinates)."""
-    return forward_math(*check_forward(x, dim=dim, keepdim=keepdim))
+    return forward_math(prepare(x, dim=dim, keepdim=keepdim))
 
 
-def check_forward(x, *, dim=-1, keepdim=False):
+def prepare(x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False) -> Args:
     """Validate forward's arguments; returns forward_math's (dim as a tuple of non-negative dims)."""
     _check.floating("x", x)
     dims = _dims(dim, x.ndim)
@@ -45,10 +53,11 @@ def check_forward(x, *, dim=-1, keepdim=False):
                 raise ValueError(f"x must have a non-empty dim {d} to reduce over, got shape {tuple(x.shape)}")
     if x.ndim == 0:
         dims = ()  # reducing a 0-d tensor is the identity, as in torch
-    return x, dims, bool(keepdim)
+    return Args(x, dims, bool(keepdim))
 
 
-def forward_math(x, dims, keepdim):
+def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
+    x, dims, keepdim = a
     shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
     # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead, as torch does
     shift = shift.nan_to_num_(0.0, 0.0, 0.0)  # in place: shift is ours (amax or clone)
@@ -68,12 +77,12 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     return backward_math(dout, cache)
 
 
-def check_backward(dout, cache: Cache) -> None:
+def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     x, shift, _, dims, keepdim = cache
     _check.dout(dout, shift.shape if keepdim or not dims else shift.squeeze(dims).shape, x.dtype)
 
 
-def backward_math(dout, cache: Cache):
+def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     x, shift, sumexp, dims, keepdim = cache
     if dims and not keepdim:
         dout = dout.reshape(shift.shape)  # put the reduced dims back as size 1 to broadcast

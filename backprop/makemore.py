@@ -419,14 +419,15 @@ def manual_grads(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor)
     """(loss, [dC, dW1, db1, dW2, db2, dbngain, dbnbias]) through the kernels' forward_math and
     backward_math: the same kernels as fused_forward / fused_backward, unchecked."""
     n = Xb.shape[0]
-    emb, c_emb = embedding.forward_math(Xb, p["C"], None)  # (N, T, E)
-    hprebn, c_l1 = linear.forward_math(emb.view(n, -1), p["W1"].T, p["b1"])  # (N, H)
-    hpreact, c_bn = batch_norm.forward_math(hprebn, p["bngain"].view(-1), p["bnbias"].view(-1),
-                                            BN_EPS, 1)  # (N, H)
-    h, c_tanh = tanh.forward_math(hpreact)  # (N, H)
-    logits, c_l2 = linear.forward_math(h, p["W2"].T, p["b2"])  # (N, V)
-    # no row is ignored: safe targets = targets, no mask, n valid rows
-    loss, c_ce = cross_entropy.forward_math(logits, Yb, None, n, "mean", 0.0)
+    emb, c_emb = embedding.forward_math(embedding.Args(Xb, p["C"], padding_idx=None, deterministic=True))
+    hprebn, c_l1 = linear.forward_math(linear.Args(emb.view(n, -1), p["W1"].T, p["b1"]))  # (N, H)
+    hpreact, c_bn = batch_norm.forward_math(batch_norm.Args(
+        hprebn, p["bngain"].view(-1), p["bnbias"].view(-1), eps=BN_EPS, correction=1))  # (N, H)
+    h, c_tanh = tanh.forward_math(tanh.Args(hpreact))  # (N, H)
+    logits, c_l2 = linear.forward_math(linear.Args(h, p["W2"].T, p["b2"]))  # (N, V)
+    # no row is ignored: the targets are already safe, no mask, n valid rows
+    loss, c_ce = cross_entropy.forward_math(cross_entropy.Args(
+        logits, Yb, valid=None, count=n, reduction="mean", label_smoothing=0.0))
     dlogits, _ = cross_entropy.backward_math(torch.ones_like(loss), c_ce)
     dh, dW2t, db2 = linear.backward_math(dlogits, c_l2)
     (dhpreact,) = tanh.backward_math(dh, c_tanh)

@@ -9,6 +9,12 @@ import torch
 from backprop import _check
 
 
+class Args(NamedTuple):
+    """forward's arguments, checked: what forward_math reads."""
+
+    x: torch.Tensor  # (*)
+
+
 class Cache(NamedTuple):
     out: torch.Tensor  # (*) tanh(x): the rule needs only the output, so x is not kept
 
@@ -16,16 +22,17 @@ class Cache(NamedTuple):
 @_check.no_autograd
 def forward(x: torch.Tensor) -> tuple[torch.Tensor, Cache]:
     """out = tanh(x), elementwise."""
-    return forward_math(*check_forward(x))
+    return forward_math(prepare(x))
 
 
-def check_forward(x):
+def prepare(x: torch.Tensor) -> Args:
     """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
-    return (x,)
+    return Args(x)
 
 
-def forward_math(x):
+def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
+    x = a.x
     out = torch.tanh(x)
     return out, Cache(out)
 
@@ -37,11 +44,11 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     return backward_math(dout, cache)
 
 
-def check_backward(dout, cache: Cache) -> None:
+def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.dout(dout, cache.out.shape, cache.out.dtype)
 
 
-def backward_math(dout, cache: Cache):
+def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     out = cache.out
     # (1 - y)(1 + y), not 1 - y*y: 1 - y is exact for y near 1 (Sterbenz), where 1 - y*y
     # rounds y*y first and loses bits to the cancellation
