@@ -40,7 +40,8 @@ def _plotting_stub() -> Iterator[None]:
         matplotlib.use("Agg")  # never open a window while grading
         yield
         return
-    saved = {k: sys.modules.get(k) for k in ("matplotlib", "matplotlib.pyplot")}
+    absent = object()
+    saved = {k: sys.modules.get(k, absent) for k in ("matplotlib", "matplotlib.pyplot")}
     for name in saved:
         stub = types.ModuleType(name)
         stub.__getattr__ = lambda attr: _Anything()  # type: ignore[method-assign]
@@ -50,7 +51,7 @@ def _plotting_stub() -> Iterator[None]:
         yield
     finally:
         for name, module in saved.items():
-            if module is None:
+            if module is absent:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module

@@ -26,6 +26,7 @@ class Context:
     Yb: Tensor
     eps: float                  # unit roundoff of the learner's dtype
     err_same: float             # max |same - ref|: autograd's own rounding error
+    scale: float = 0.0          # the magnitude the rule's rounding floor is relative to
     err: float = 0.0            # max |learner - ref|
     allowed: float = 0.0        # the acceptance rule's bound on err
 
@@ -57,6 +58,15 @@ SUMMANDS: dict[str, tuple[Callable[[Context], Tensor], int]] = {
     "dbnmeani": (lambda c: -c.refs["dbndiff"], 0),
     "db1": (lambda c: c.refs["dhprebn"], 0),
 }
+
+
+def magnitude(c: Context) -> float:
+    """max |ref|, or for a summed gradient its largest sum of |terms|: a sum is only accurate to
+    eps * sum(|x|), and db1 sums to 0 in exact arithmetic (batch norm cancels b1)."""
+    if c.name in SUMMANDS:
+        make, dim = SUMMANDS[c.name]
+        return max(max_abs(c.ref), max_abs(make(c).abs().sum(dim)))
+    return max_abs(c.ref)
 
 
 def _one_hot_max(c: Context) -> Tensor:
@@ -121,7 +131,7 @@ def _factor(g: Tensor, c: Context) -> str | None:
 
 def _targets(g: Tensor, c: Context) -> str | None:
     r, n = c.ref, c.n
-    if r.dim() != 2 or r.shape[0] != n:
+    if r.shape != c.atoms["logits"].shape:  # only (n, V) tensors have target entries
         return None
     mask = torch.zeros(r.shape, dtype=torch.bool)
     mask[range(n), c.Yb] = True

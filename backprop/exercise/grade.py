@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from backprop.exercise.diagnose import Context, diagnose, max_abs, ulps
+from backprop.exercise.diagnose import Context, diagnose, magnitude, max_abs, ulps
 from backprop.exercise.forward import ATOMS, GRADS, PARAMS, PARENTS, autograd
 
 # Why a correct gradient can differ from autograd's in the last bits (docs/grader.md, "Bit-exactness").
@@ -114,7 +114,7 @@ def judge(g: object, c: Context) -> str:
         c.allowed = 1e-7 + 1e-7 * max_abs(c.ref)
         ok = torch.allclose(g64, c.ref, rtol=1e-7, atol=1e-7)
     else:
-        c.allowed = 2 * c.err_same + 4 * c.eps * max_abs(c.ref)
+        c.allowed = 2 * c.err_same + 4 * c.eps * c.scale
         ok = c.err <= c.allowed  # False for nan
     return "ok" if ok else "wrong"
 
@@ -147,6 +147,7 @@ def grade_tensors(learner: Mapping[str, object], params: Mapping[str, Tensor], X
         g = learner[name]
         err_same = max_abs(same[name].double() - refs[name])
         c = Context(name, refs[name], same[name], refs, atoms, Yb, eps, err_same)
+        c.scale = magnitude(c)
         verdict = verdicts[name] = judge(g, c)
         row = Row(name, verdict)
         if isinstance(g, Tensor):

@@ -113,7 +113,7 @@ def _done(result: TrainingResult, quiet: bool) -> TrainingResult:
 
 def _final_row(name: str, got: Tensor, same: Tensor, ref: Tensor) -> Row:
     err_same = max_abs(same.double() - ref)
-    c = Context(name, ref, same, {}, {}, torch.zeros(0), torch.finfo(same.dtype).eps, err_same)
+    c = Context(name, ref, same, {}, {}, torch.zeros(0), torch.finfo(same.dtype).eps, err_same, max_abs(ref))
     verdict = judge(got, c)
     row = Row(name, verdict, exact=bool(torch.equal(got, same)), approx=torch.allclose(got, same),
               maxdiff=max_abs(got - same))
