@@ -170,7 +170,7 @@ def notebook(tmp_path: Path, extra: str = "") -> Path:
     """correct.py as a notebook, one cell per '# %%', with the magics and plots a real notebook has."""
     cells = ["%matplotlib inline\nimport matplotlib.pyplot as plt", "!ls"]
     cells += CORRECT.read_text().split("# %%")[1:]
-    cells += ["plt.figure(figsize=(4, 4))\nplt.imshow(dlogits.detach(), cmap='gray')\nplt.show()" + extra]
+    cells += ["plt.figure(figsize=(4, 4))\nplt.imshow(dlogits.detach().numpy(), cmap='gray')\nplt.show()" + extra]
     nb = {"cells": [{"cell_type": "markdown", "source": ["# exercise 1"]}]
           + [{"cell_type": "code", "source": c.splitlines(keepends=True), "outputs": []} for c in cells],
           "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
