@@ -17,7 +17,7 @@ from backprop.testing.compare import Report, compare
 class CheckFailure(AssertionError):
     """A failed check. ``stage`` says which check caught it: forward, gradient, contract, gradcheck."""
 
-    def __init__(self, stage: str, message: str, report: Report | None = None):
+    def __init__(self, stage: str, message: str, report: Report | None = None) -> None:
         self.stage, self.report = stage, report
         table = f"\n{report}" if report is not None else ""
         super().__init__(f"[{stage}] {message}{table}")
