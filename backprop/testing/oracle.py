@@ -71,10 +71,10 @@ def _grads(out: torch.Tensor, leaves: list, dout: torch.Tensor) -> list:
 
 
 # dout's stream is offset from the seed: strategies draw inputs from seeded streams too, and a
-# dout equal to an input's values (both shrunk to seed 0) made dx of batch_norm pure cancellation.
+# dout equal to an input's values (both shrunk to seed 0) makes dx of batch_norm pure cancellation.
 # The offset makes that rarer, not impossible: hypothesis also draws integer constants it finds in
 # the source, this one included, so an input can still share dout's values. A formula that can
-# cancel names its terms' size instead (suite.MAGNITUDES), so such a case is checked, not a flake.
+# cancel names its terms' size instead (OpInfo.magnitude), so such a case is checked, not a flake.
 DOUT_SEED_OFFSET = 0x5EED_D0E5
 
 
