@@ -19,14 +19,10 @@ Shape letters, used in every module's comments:
 
 from backprop import batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
 
-OPS = {
-    "cross_entropy": cross_entropy,
-    "logsumexp": logsumexp,
-    "batch_norm": batch_norm,
-    "tanh": tanh,
-    "linear": linear,
-    "embedding": embedding,
-}
+# The library's one list of ops (an op module defines forward, backward and Cache). The harness's
+# op table, backprop.testing.opinfo.OP_DB, has one entry for each; tests/test_op_table.py checks.
+OPS = {op.__name__.removeprefix("backprop."): op
+       for op in (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding)}
 
 __version__ = "0.1.0"
-__all__ = ["OPS", "batch_norm", "cross_entropy", "embedding", "linear", "logsumexp", "tanh"]
+__all__ = ["OPS", *OPS]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import shutil
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def cpu_compiler_found() -> bool:
 class CompiledOp:
     """forward/backward with op's signature and errors; forward_math/backward_math compiled."""
 
-    def __init__(self, op: ModuleType, *, compile_backward: bool = True):
+    def __init__(self, op: ModuleType, *, compile_backward: bool = True) -> None:
         self.op = op
         self.__name__ = f"backprop.compiled.{op.__name__.rsplit('.', 1)[-1]}"
         self.Cache = op.Cache
@@ -47,11 +48,11 @@ class CompiledOp:
         self._backward = torch.compile(op.backward_math) if compile_backward else op.backward_math
 
         @functools.wraps(op.forward)  # same signature and docstring (the oracle reads both)
-        def forward(*args, **options):
+        def forward(*args: Any, **options: Any) -> tuple[torch.Tensor, tuple]:
             return self._forward(op.prepare(*args, **options))
 
         @functools.wraps(op.backward)
-        def backward(dout, cache):
+        def backward(dout: torch.Tensor, cache: tuple) -> tuple[torch.Tensor | None, ...]:
             op.check_backward(dout, cache)
             return self._backward(dout, cache)
 
@@ -65,11 +66,6 @@ class CompiledOp:
 # index_add_ to a parallel scatter with atomic adds on the CPU, which is not bitwise repeatable
 # (the contract check caught it: a second backward on the same cache changed dweight)
 OPS = {name: CompiledOp(op, compile_backward=name != "embedding") for name, op in backprop.OPS.items()}
-cross_entropy = OPS["cross_entropy"]
-logsumexp = OPS["logsumexp"]
-batch_norm = OPS["batch_norm"]
-tanh = OPS["tanh"]
-linear = OPS["linear"]
-embedding = OPS["embedding"]
+globals().update(OPS)  # backprop.compiled.<op>, as backprop.<op>
 
-__all__ = ["OPS", "CompiledOp", "batch_norm", "cross_entropy", "embedding", "linear", "logsumexp", "tanh"]
+__all__ = ["OPS", "CompiledOp", "cpu_compiler_found", *OPS]

@@ -1,14 +1,20 @@
 """batch_norm: every variant on the same input, one group per shape, correction and mode.
 correction=1 has no torch op: its autograd reference is the notebook's composed ops."""
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
-SHAPES = {"notebook 32x64": ((32, 64), "small"), "large 4096x1024": ((4096, 1024), "large"),
-          "gpu 65536x1024": ((65536, 1024), "gpu")}
+from backprop.testing.opinfo import OPS
+
+SHAPES = OPS["batch_norm"].benchmark_shapes
 
 
-def native(x, weight, bias, *, dout, eps=1e-5, correction=0):
+def native(x: Tensor, weight: Tensor, bias: Tensor, *, dout: Tensor, eps: float = 1e-5,
+           correction: int = 0) -> tuple[Callable, Callable] | None:
     """aten's native_batch_norm and native_batch_norm_backward (training mode, no running stats)."""
     if correction != 0:
         return None
@@ -26,7 +32,7 @@ def native(x, weight, bias, *, dout, eps=1e-5, correction=0):
     return (lambda: backward(*forward())), (lambda: backward(*saved))
 
 
-def traffic(x, weight, bias, *, mode, **options):
+def traffic(x: Tensor, weight: Tensor, bias: Tensor, *, mode: str, **options: Any) -> int:
     """fwd: read x, write out; bwd: read dout and x (or x-hat), write dx. (C,) vectors negligible."""
     return (5 if mode == "fwd+bwd" else 3) * x.numel() * x.element_size()
 

@@ -1,16 +1,20 @@
 """cross_entropy: every variant on the same logits and targets, one group per shape and mode."""
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
-SHAPES = {
-    "notebook 32x27": ((32, 27), "small"),
-    "large 8192x32768": ((8192, 32768), "large"),
-    "gpu 16384x65536": ((16384, 65536), "gpu"),
-}
+from backprop.testing.opinfo import OPS
+
+SHAPES = OPS["cross_entropy"].benchmark_shapes
 
 
-def native(logits, targets, *, dout, **options):
+def native(
+    logits: Tensor, targets: Tensor, *, dout: Tensor, **options: Any
+) -> tuple[Callable, Callable] | None:
     """aten's own pair: _log_softmax + nll_loss_forward, nll_loss_backward + _log_softmax_backward_data."""
     if options:
         return None
@@ -29,7 +33,7 @@ def native(logits, targets, *, dout, **options):
     return (lambda: backward(*forward())), (lambda: backward(*saved))
 
 
-def traffic(logits, targets, *, mode, **options):
+def traffic(logits: Tensor, targets: Tensor, *, mode: str, **options: Any) -> int:
     """Both modes must at least read the (N, C) logits (or log-probabilities) once and write dlogits."""
     return 2 * logits.numel() * logits.element_size()
 

@@ -1,15 +1,20 @@
 """embedding: every variant on the same indices and table, one group per shape and mode."""
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
-SHAPES = {
-    "notebook V=27 E=10 32x3": ((27, 10, (32, 3)), "small"),
-    "large V=50257 E=768 8x1024": ((50257, 768, (8, 1024)), "large"),
-}
+from backprop.testing.opinfo import OPS
+
+SHAPES = OPS["embedding"].benchmark_shapes
 
 
-def native(indices, weight, *, dout, **options):
+def native(
+    indices: Tensor, weight: Tensor, *, dout: Tensor, **options: Any
+) -> tuple[Callable, Callable] | None:
     """aten.embedding and aten.embedding_dense_backward."""
     if options:
         return None
@@ -21,7 +26,7 @@ def native(indices, weight, *, dout, **options):
     return (lambda: (aten.embedding(weight, indices), backward())), backward
 
 
-def traffic(indices, weight, *, mode, **options):
+def traffic(indices: Tensor, weight: Tensor, *, mode: str, **options: Any) -> int:
     """bwd: read dout (P, E), write dweight (V, E); fwd adds reading P rows and writing out."""
     P, (V, E) = indices.numel(), weight.shape
     return ((3 * P + V) if mode == "fwd+bwd" else (P + V)) * E * weight.element_size()

@@ -4,8 +4,9 @@ matmuls), so no copy comparison; torch has no single aten backward op for it (au
 import pytest
 import torch
 
-SHAPES = {"notebook 32x30->200": ((32, 30, 200), "small"),
-          "large 4096x1024->1024": ((4096, 1024, 1024), "large")}
+from backprop.testing.opinfo import OPS
+
+SHAPES = OPS["linear"].benchmark_shapes
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -1,13 +1,18 @@
 """logsumexp: every variant on the same input, one group per shape and mode. torch has no aten
 backward op for logsumexp (autograd composes exp and mul), so there is no native variant."""
 
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 
-SHAPES = {"notebook 32x27": ((32, 27), "small"), "large 8192x32768": ((8192, 32768), "large")}
+from backprop.testing.opinfo import OPS
+
+SHAPES = OPS["logsumexp"].benchmark_shapes
 
 
-def traffic(x, *, mode, **options):
+def traffic(x: Tensor, *, mode: str, **options: Any) -> int:
     """Read x, write dx (the reduced outputs are negligible)."""
     return 2 * x.numel() * x.element_size()
 

@@ -1,20 +1,24 @@
 """tanh: every variant on the same input, one group per shape and mode."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import Tensor
 
-SHAPES = {"notebook 32x200": ((32, 200), "small"), "large 16M": ((4096, 4096), "large"),
-          "gpu 256M": ((16384, 16384), "gpu")}
+from backprop.testing.opinfo import OPS
+
+SHAPES = OPS["tanh"].benchmark_shapes
 
 
-def native(x, *, dout):
+def native(x: Tensor, *, dout: Tensor) -> tuple[Callable, Callable]:
     """aten.tanh and aten.tanh_backward(dout, out)."""
     out = torch.ops.aten.tanh(x)
     return ((lambda: torch.ops.aten.tanh_backward(dout, torch.ops.aten.tanh(x))),
             (lambda: torch.ops.aten.tanh_backward(dout, out)))
 
 
-def traffic(x, *, mode):
+def traffic(x: Tensor, *, mode: str) -> int:
     """fwd: read x, write y; bwd: read y and dout, write dx."""
     return (5 if mode == "fwd+bwd" else 3) * x.numel() * x.element_size()
 

@@ -4,7 +4,7 @@
 Variants (the ``variant`` fixture):
   manual             backprop.<op>: our eager kernels
   manual-compiled    backprop.compiled.<op>: the same kernels fused by torch.compile
-  autograd           the torch twin (backprop.testing.references) under torch.autograd; for
+  autograd           the torch twin (the op table's reference) under torch.autograd; for
                      batch_norm with correction=1, the notebook's composed ops (torch has no op)
   autograd-compiled  torch.compile of that twin, under autograd
   native             the aten forward and backward ops called directly, where torch has them
@@ -42,7 +42,8 @@ import torch
 
 import backprop
 from backprop import compiled
-from backprop.testing import REFERENCES, random_dout
+from backprop.testing import random_dout
+from backprop.testing.opinfo import OPS as TABLE
 
 VARIANTS = ["manual", "manual-compiled", "autograd", "autograd-compiled", "native", "copy"]
 MODES = ["fwd+bwd", "bwd"]
@@ -85,7 +86,7 @@ def _autograd_steps(fn, args, options, dout):
     return fwd_bwd, lambda: torch.autograd.grad(out, wrt, dout, retain_graph=True)
 
 
-def make_inputs(name: str, make_args: Callable, options: dict, device: str):
+def make_inputs(name: str, make_args: Callable, options: dict, device: str) -> tuple[tuple, torch.Tensor]:
     """(args on the device, dout): the same for every variant of a case."""
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in make_args())
     out, _ = backprop.OPS[name].forward(*args, **options)
@@ -102,9 +103,9 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
     elif variant == "manual-compiled":
         steps = _kernel_steps(compiled.OPS[name], args, options, dout)
     elif variant == "autograd":
-        steps = _autograd_steps(REFERENCES[name], args, options, dout)
+        steps = _autograd_steps(TABLE[name].reference, args, options, dout)
     elif variant == "autograd-compiled":
-        fn = _COMPILED_REFERENCES.setdefault(name, torch.compile(REFERENCES[name]))
+        fn = _COMPILED_REFERENCES.setdefault(name, torch.compile(TABLE[name].reference))
         steps = _autograd_steps(fn, args, options, dout)
     elif variant == "native":
         steps = native(*args, dout=dout, **options) if native else None

@@ -11,16 +11,16 @@ from backprop.testing.suite import check_case, gradcheck_case
 
 @given(case=batch_norm_cases())
 # at x ~ -50 +- 0.02 a float32 mean is off by half an ulp of 50, 1e-4 of the spread: our forward
-# error was 7x torch's (which sums in float64 on the CPU); now the corrected two-pass mean
+# error was 7x torch's (which sums in float64 on the CPU) before the corrected two-pass mean
 @example(case=((torch.tensor([[-49.9845886230], [-50.0029335022], [-50.0217895508], [-49.9943161011]]),
                 None, None), {"eps": 1e-05, "correction": 0}))
-# x and dout drawn from the same stream made dx pure cancellation (the oracle now offsets dout)
+# x and dout drawn from the same stream make dx pure cancellation (the oracle offsets dout's seed)
 @example(case=((torch.tensor([[-48.4590034485], [-50.2934303284], [-52.1787910461], [-49.4315681458],
                               [-51.0845222473]]), None, None), {"eps": 1e-05, "correction": 0}))
-# ... and an offset seed did not stop it: hypothesis draws integer constants found in the source,
-# so it drew x's seed as the oracle's dout seed. x == dout makes dx cancel to O(eps / var) in
-# float32; our error was 2.24x torch's, both ~1 ulp of the terms (a conditioning limit): the
-# floor now scales with the terms (batch_norm_magnitude), as the policy says
+# ... which an offset seed cannot rule out: hypothesis draws integer constants found in the source,
+# the oracle's dout seed among them. x == dout makes dx cancel to O(eps / var) in float32; both
+# errors are ~1 ulp of the terms (a conditioning limit), so the floor scales with the terms
+# (the op table's batch_norm magnitude), as the policy says
 @example(case=((random_dout(torch.Size([4, 1]), torch.float32, "cpu", 0), None, None),
                {"eps": 1e-05, "correction": 0}))
 @example(case=((random_dout(torch.Size([33, 12]), torch.float32, "cpu", 0), torch.linspace(0.5, 1.5, 12),
@@ -94,7 +94,7 @@ def test_tensors_on_different_devices():
 
 
 def test_infinite_weight_follows_the_formula(device):
-    """Found by the fuzz test in a thorough run: x (2, 1) and weight [inf]. The formula gives
+    """x (2, 1) and weight [inf], a documented divergence from F.batch_norm. The formula gives
     +-inf; F.batch_norm (CPU) gives [nan, -inf] from its folded x * s + (bias - mean * s)."""
     x = torch.tensor([[4.623], [-0.8803], [2.0]], device=device)
     for weight, bias in [(torch.tensor([torch.inf]), None), (torch.tensor([-torch.inf]), torch.tensor([1.0]))]:
@@ -105,7 +105,7 @@ def test_infinite_weight_follows_the_formula(device):
 
 
 def test_zero_channels(device):
-    """Found by the fuzz test: x (2, 0) with a weight of shape (0,) (F.batch_norm raises an
+    """x (2, 0) with a weight of shape (0,), a documented divergence (F.batch_norm raises an
     IndexError there). The output and every gradient are empty, with the inputs' shapes."""
     x, w, b = (torch.randn(2, 0, device=device), torch.ones(0, device=device), torch.zeros(0, device=device))
     out, cache = batch_norm.forward(x, w, b)

@@ -1,4 +1,4 @@
-"""backprop.compiled: the same verification suite on a few fixed shapes, the same errors, and
+"""backprop.compiled: the same verification suite on the op table's fixed cases, the same errors, and
 the recompile policy stated in the module's docstring."""
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 import backprop
 from backprop import compiled
 from backprop.compiled import cpu_compiler_found
+from backprop.testing.opinfo import OPS as TABLE
 from backprop.testing.suite import check_case, gradcheck_case
 
 # torch.compile's CPU backend (Inductor) builds C++: without a compiler these tests skip
@@ -16,41 +17,15 @@ needs_compiler = pytest.mark.skipif(not cpu_compiler_found() and not torch.cuda.
 pytestmark = needs_compiler
 
 
-def fixed_cases(name: str, device: str = "cpu"):
-    """Notebook-scale cases and one with other sizes and options per op (seeded)."""
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
-
-    def randint(high, *shape):
-        return torch.randint(0, high, shape, generator=g).to(device)
-
-    targets = randint(27, 48)
-    targets[::5] = -100
-    cases = {
-        "cross_entropy": [((randn(32, 27), randint(27, 32)), {}),
-                          ((randn(48, 27) * 30, targets), {"label_smoothing": 0.1})],
-        "logsumexp": [((randn(32, 27),), {"dim": 1}), ((randn(5, 7, 9) * 50,), {"dim": (0, 2), "keepdim": True})],
-        "batch_norm": [((randn(32, 200), randn(200), randn(200)), {"correction": 1}),
-                       ((randn(17, 64) + 40, randn(64), None), {})],
-        "tanh": [((randn(32, 200),), {}), ((randn(3, 5, 7) * 4,), {})],
-        "linear": [((randn(32, 30), randn(200, 30), randn(200)), {}), ((randn(2, 9, 16), randn(8, 16), None), {})],
-        "embedding": [((randint(27, 32, 3), randn(27, 10)), {}),
-                      ((randint(5, 4, 50), randn(11, 6)), {"padding_idx": 2, "deterministic": True})],
-    }
-    return cases[name]
-
-
 @pytest.mark.parametrize("name", list(backprop.OPS))
 def test_compiled_matches_autograd(device, name):
-    for case in fixed_cases(name, device):
+    for case in TABLE[name].fixed_cases(device):
         check_case(name, compiled.OPS[name], case)
 
 
 @pytest.mark.parametrize("name", list(backprop.OPS))
 def test_compiled_gradcheck(name):
-    case = fixed_cases(name)[1]
+    case = TABLE[name].fixed_cases("cpu")[1]
     assert gradcheck_case(name, compiled.OPS[name], case)
 
 
@@ -58,7 +33,7 @@ def test_compiled_gradcheck(name):
 def test_compiled_agrees_with_eager(name):
     """Inductor may fuse and reorder, so the bar is rounding, not bits."""
     eager, fast = backprop.OPS[name], compiled.OPS[name]
-    args, options = fixed_cases(name)[0]
+    args, options = TABLE[name].fixed_cases("cpu")[0]
     out, cache = eager.forward(*args, **options)
     out_c, cache_c = fast.forward(*args, **options)
     assert type(cache_c) is type(cache)

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import backprop
 from backprop.autograd import apply
+from backprop.testing.opinfo import OPS as TABLE
 from backprop.testing.oracle import _bitwise_equal, random_dout
-from backprop.testing.strategies import CASES
 
 OPS = list(backprop.OPS)
 
@@ -42,7 +42,7 @@ def test_module_shape(name):
 @given(data=st.data())
 def test_grads_tuple_with_none_where_due(name, data):
     op = backprop.OPS[name]
-    args, options = data.draw(CASES[name](), label="case")
+    args, options = data.draw(TABLE[name].cases(), label="case")
     _, cache, grads, _ = run(op, args, options)
     assert isinstance(cache, op.Cache)
     assert isinstance(grads, tuple) and len(grads) == len(args)
@@ -57,7 +57,7 @@ def test_grads_tuple_with_none_where_due(name, data):
 @given(data=st.data())
 def test_pure_deterministic_and_autograd_free(name, data):
     op = backprop.OPS[name]
-    args, options = data.draw(CASES[name](), label="case")
+    args, options = data.draw(TABLE[name].cases(), label="case")
     args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in args]
     before = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -81,7 +81,7 @@ def test_pure_deterministic_and_autograd_free(name, data):
 @given(data=st.data())
 def test_noncontiguous_inputs_give_the_same_results(name, data):
     op = backprop.OPS[name]
-    args, options = data.draw(CASES[name](dtype=torch.float64), label="case")
+    args, options = data.draw(TABLE[name].cases(dtype=torch.float64), label="case")
     out, _, grads, dout = run(op, args, options)
     out_nc, _, grads_nc, _ = run(op, [noncontiguous(a) for a in args], options,
                                  dout=noncontiguous(dout))
@@ -96,29 +96,16 @@ def test_noncontiguous_inputs_give_the_same_results(name, data):
 @pytest.mark.parametrize("name", OPS)
 def test_adapter_backward_is_the_kernel(name):
     op = backprop.OPS[name]
-    args, options = _fixed_case(name)
-    out, cache, grads, dout = run(op, args, options)
-    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
-              and a.is_floating_point() else a for a in args]
-    y = apply(op, *leaves, **options)
-    y.backward(dout)
-    assert _bitwise_equal(y.detach(), out)
-    for leaf, g in zip(leaves, grads):
-        if g is not None:
-            assert _bitwise_equal(leaf.grad, g)
-
-
-def _fixed_case(name):
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return {
-        "cross_entropy": ((r(6, 5), torch.tensor([0, 4, -100, 2, 2, 1])), {"label_smoothing": 0.1}),
-        "logsumexp": ((r(3, 4, 5),), {"dim": (0, 2)}),
-        "batch_norm": ((r(8, 3), r(3), r(3)), {"correction": 1}),
-        "tanh": ((r(4, 5),), {}),
-        "linear": ((r(2, 3, 4), r(5, 4), r(5)), {}),
-        "embedding": ((torch.tensor([[1, 1], [0, 3]]), r(4, 3)), {"padding_idx": 0}),
-    }[name]
+    for args, options in TABLE[name].fixed_cases("cpu"):
+        out, cache, grads, dout = run(op, args, options)
+        leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
+                  and a.is_floating_point() else a for a in args]
+        y = apply(op, *leaves, **options)
+        y.backward(dout)
+        assert _bitwise_equal(y.detach(), out)
+        for leaf, g in zip(leaves, grads):
+            if g is not None:
+                assert _bitwise_equal(leaf.grad, g)
 
 
 def test_adapter_drops_into_a_model():

@@ -10,7 +10,10 @@ from backprop.autograd import apply
 from backprop.testing import CheckFailure, check_against_autograd, check_gradcheck, compare
 
 
-def kernel(forward, backward, name="k"):
+def kernel(forward, backward, name="k", no_grad=True):
+    """A user's kernel; under torch.no_grad(), as the contract asks (no autograd history)."""
+    if no_grad:
+        forward, backward = torch.no_grad()(forward), torch.no_grad()(backward)
     return SimpleNamespace(forward=forward, backward=backward, __name__=name)
 
 
@@ -70,6 +73,75 @@ def test_a_nondeterministic_backward_is_caught():
 
     with pytest.raises(CheckFailure, match="second backward on the same cache changed dx"):
         check_against_autograd(kernel(sigmoid_forward, backward), torch.sigmoid, X)
+
+
+@pytest.mark.parametrize(
+    "forward, message",
+    [
+        (lambda x: (torch.sigmoid(x).T, None), r"returned shape \(5, 6\), torch.float32, cpu; the reference returns \(6, 5\)"),
+        (lambda x: (torch.sigmoid(x).double(), None), r"returned shape \(6, 5\), torch.float64, cpu; the reference returns \(6, 5\), torch.float32"),
+        (lambda x: ([torch.sigmoid(x)], None), r"must return \(tensor, cache\), got list"),
+    ],
+)
+def test_a_forward_of_the_wrong_shape_or_dtype_fails_at_the_forward_stage(forward, message):
+    with pytest.raises(CheckFailure, match=message) as info:
+        check_against_autograd(kernel(forward, sigmoid_backward), torch.sigmoid, X)
+    assert info.value.stage == "forward"
+
+
+def test_an_op_without_a_name_reports_the_real_failure():
+    unnamed = SimpleNamespace(forward=lambda x: (torch.sigmoid(x) * 1.001, None), backward=sigmoid_backward)
+    with pytest.raises(CheckFailure, match=r"namespace\(.*\)\.forward disagrees with the reference") as info:
+        check_against_autograd(unnamed, torch.sigmoid, X)
+    assert info.value.stage == "forward"
+
+
+def test_a_second_backward_returning_a_shorter_tuple_is_caught():
+    calls = []
+
+    def backward(dout, y):
+        calls.append(1)
+        return (dout * y * (1 - y),) if len(calls) == 1 else ()
+
+    with pytest.raises(CheckFailure, match="second backward on the same cache returned a tuple of length 0") as info:
+        check_against_autograd(kernel(sigmoid_forward, backward), torch.sigmoid, X)
+    assert info.value.stage == "contract"
+
+
+@pytest.mark.parametrize(
+    "backward, message",
+    [
+        # without torch.no_grad(), a dout that requires grad (a double-backward caller's) records history
+        (sigmoid_backward, r"dx records autograd history \(dout requires grad\)"),
+        (lambda dout, y: ((dout * y * (1 - y)).requires_grad_(),), r"dx records autograd history: "),
+    ],
+)
+def test_gradients_that_record_autograd_history_are_caught(backward, message):
+    with pytest.raises(CheckFailure, match=message) as info:
+        check_against_autograd(kernel(sigmoid_forward, backward, no_grad=False), torch.sigmoid, X)
+    assert info.value.stage == "contract"
+
+
+def test_a_nondeterministic_forward_is_caught():
+    calls = []
+
+    def forward(x):
+        calls.append(1)
+        y = torch.sigmoid(x) * (1 + 1e-6 * (len(calls) - 1))  # exact the first time only
+        return y, y
+
+    with pytest.raises(CheckFailure, match="second forward on the same inputs changed out") as info:
+        check_against_autograd(kernel(forward, sigmoid_backward), torch.sigmoid, X)
+    assert info.value.stage == "forward"
+
+
+def test_the_table_puts_the_verdict_first_and_labels_the_same_dtype_comparison():
+    text = str(check_against_autograd(kernel(sigmoid_forward, sigmoid_backward), torch.sigmoid, X))
+    header = next(line for line in text.splitlines() if line.startswith("verdict  "))
+    assert header.split()[:2] == ["verdict", "tensor"]
+    assert "| vs torch, same dtype: bitwise" in header and "approx" not in header and " ok" not in header
+    rows = [line.split() for line in text.splitlines()[-2:]]
+    assert [row[:2] for row in rows] == [["ok", "out"], ["ok", "dx"]]
 
 
 def test_gradcheck_catches_a_wrong_formula_independently_of_autograd():

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from mutants import MUTANTS
 
 from backprop.testing import CheckFailure
-from backprop.testing.strategies import CASES
+from backprop.testing.opinfo import OPS
 from backprop.testing.suite import check_case, gradcheck_case
 
 
@@ -15,7 +15,7 @@ def first_catch(m) -> str | None:
     gradcheck or contract), None if it survived. A crash does not count as a catch: a mutant that
     only crashes (say, on shapes that do not line up) must still be caught by a check on the cases
     where it runs, so a broken mutant cannot pass for a caught one."""
-    strategy = CASES[m.op]()
+    strategy = OPS[m.op].cases()
     if hasattr(m, "cases"):
         strategy = m.cases(strategy)
     caught = []

@@ -17,10 +17,16 @@ from backprop.testing.compare import Report, compare
 class CheckFailure(AssertionError):
     """A failed check. ``stage`` says which check caught it: forward, gradient, contract, gradcheck."""
 
-    def __init__(self, stage: str, message: str, report: Report | None = None):
+    def __init__(self, stage: str, message: str, report: Report | None = None) -> None:
         self.stage, self.report = stage, report
         table = f"\n{report}" if report is not None else ""
         super().__init__(f"[{stage}] {message}{table}")
+
+
+def _name(op: Any) -> str:
+    """op's name for messages: a module's or a SimpleNamespace's __name__, else its repr."""
+    name = getattr(op, "__name__", None)
+    return name if isinstance(name, str) else repr(op)
 
 
 def _positional(op: ModuleType, args: tuple) -> tuple[list[str], list]:
@@ -31,11 +37,11 @@ def _positional(op: ModuleType, args: tuple) -> tuple[list[str], list]:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if len(args) > len(params):
-        raise TypeError(f"{op.__name__}.forward takes {len(params)} positional arguments, got {len(args)}")
+        raise TypeError(f"{_name(op)}.forward takes {len(params)} positional arguments, got {len(args)}")
     rest = [p.default for p in params[len(args):]]
     if any(d is inspect.Parameter.empty for d in rest):
         missing = [p.name for p in params[len(args):] if p.default is inspect.Parameter.empty]
-        raise TypeError(f"{op.__name__}.forward is missing positional arguments {missing}")
+        raise TypeError(f"{_name(op)}.forward is missing positional arguments {missing}")
     return [p.name for p in params], [*args, *rest]
 
 
@@ -65,10 +71,10 @@ def _grads(out: torch.Tensor, leaves: list, dout: torch.Tensor) -> list:
 
 
 # dout's stream is offset from the seed: strategies draw inputs from seeded streams too, and a
-# dout equal to an input's values (both shrunk to seed 0) made dx of batch_norm pure cancellation.
+# dout equal to an input's values (both shrunk to seed 0) makes dx of batch_norm pure cancellation.
 # The offset makes that rarer, not impossible: hypothesis also draws integer constants it finds in
 # the source, this one included, so an input can still share dout's values. A formula that can
-# cancel names its terms' size instead (suite.MAGNITUDES), so such a case is checked, not a flake.
+# cancel names its terms' size instead (OpInfo.magnitude), so such a case is checked, not a flake.
 DOUT_SEED_OFFSET = 0x5EED_D0E5
 
 
@@ -91,9 +97,11 @@ def check_against_autograd(
 
     Runs the reference in the inputs' dtype and in float64, runs the kernel, and checks the
     forward, every gradient (against a random upstream gradient) and the kernel contract:
-    a tuple with one gradient per positional argument, None for integer/absent inputs,
-    no input or cache modified, and backward repeatable bit for bit. Returns the Report;
-    raises CheckFailure (an AssertionError) whose message holds the table.
+    a tensor output of the reference's shape and dtype, a tuple with one gradient per positional
+    argument, None for integer/absent inputs, no input or cache modified, forward and backward
+    repeatable bit for bit, and no autograd history recorded, even for a ``dout`` that requires
+    grad (a double-backward caller's: run the kernel under ``torch.no_grad()``). Returns the
+    Report; raises CheckFailure (an AssertionError) whose message holds the table.
 
     The rounding floor scales with the size of the terms summed into each entry. By default
     that is the reference run on |inputs| and |dout|; ``magnitude(*args64, dout=dout64,
@@ -121,9 +129,18 @@ def check_against_autograd(
     snapshot = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     dout_before = dout.clone()
     out, cache = op.forward(*args, **options)
+    if not isinstance(out, torch.Tensor):
+        raise CheckFailure("forward",
+                           f"{_name(op)}.forward must return (tensor, cache), got {type(out).__name__}")
+    if (out.shape, out.dtype, out.device) != (theirs_out.shape, theirs_out.dtype, theirs_out.device):
+        raise CheckFailure(
+            "forward",
+            f"{_name(op)}.forward returned shape {tuple(out.shape)}, {out.dtype}, {out.device}; the "
+            f"reference returns {tuple(theirs_out.shape)}, {theirs_out.dtype}, {theirs_out.device}",
+        )
     report = Report([compare("out", out, theirs_out.detach(), ref_out.detach(), mag_out.detach())])
     if not report.passed:
-        raise CheckFailure("forward", f"{op.__name__}.forward disagrees with the reference", report)
+        raise CheckFailure("forward", f"{_name(op)}.forward disagrees with the reference", report)
 
     cache_items = _cache_items(cache)
     cache_before = [v.clone() if isinstance(v, torch.Tensor) else v for _, v in cache_items]
@@ -145,11 +162,12 @@ def check_against_autograd(
                 f"d{name} must match {name}: shape {tuple(a.shape)}, {a.dtype}, {a.device}; "
                 f"got {tuple(g.shape)}, {g.dtype}, {g.device}",
             )
+    _check_no_history(grads, names, "")
     for name, g, t, r, m in zip(names, grads, theirs_grads, ref_grads, mag_grads):
         if g is not None:
             report.append(compare(f"d{name}", g, t, r, m))
     if not report.passed:
-        raise CheckFailure("gradient", f"{op.__name__}.backward disagrees with autograd", report)
+        raise CheckFailure("gradient", f"{_name(op)}.backward disagrees with autograd", report)
 
     for name, a, s in zip(names, args, snapshot):
         if isinstance(a, torch.Tensor) and not _bitwise_equal(a.detach(), s.detach()):
@@ -159,11 +177,28 @@ def check_against_autograd(
     for (field, v), before in zip(cache_items, cache_before):
         if isinstance(v, torch.Tensor) and not _bitwise_equal(v, before):
             raise CheckFailure("contract", f"cache field {field} was modified by backward")
-    again = op.backward(dout, cache)
+    # the second backward gets the same dout values, requiring grad as a double-backward caller's
+    again = op.backward(dout.detach().clone().requires_grad_(), cache)
+    if not isinstance(again, tuple) or len(again) != len(grads):
+        got = f"{type(again).__name__} of length {len(again)}" if hasattr(again, "__len__") else repr(again)
+        raise CheckFailure("contract", f"a second backward on the same cache returned a {got}, "
+                                       f"the first a tuple of {len(grads)}")
+    _check_no_history(again, names, " (dout requires grad)")
     for name, g, h in zip(names, grads, again):
-        if g is not None and not _bitwise_equal(g, h):
+        if (g is None) != (h is None) or (g is not None and not _bitwise_equal(g, h)):
             raise CheckFailure("contract", f"a second backward on the same cache changed d{name}")
+    out_again, _ = op.forward(*args, **options)
+    if not isinstance(out_again, torch.Tensor) or not _bitwise_equal(out, out_again):
+        raise CheckFailure("forward", "a second forward on the same inputs changed out")
     return report
+
+
+def _check_no_history(grads: tuple, names: list[str], when: str) -> None:
+    """The contract: backward records no autograd history, so no gradient requires grad."""
+    for name, g in zip(names, grads):
+        if isinstance(g, torch.Tensor) and (g.requires_grad or g.grad_fn is not None):
+            raise CheckFailure("contract", f"d{name} records autograd history{when}: backward must run "
+                                           "without it (torch.no_grad())")
 
 
 def _cache_items(cache: Any) -> list[tuple[str, Any]]:
@@ -199,4 +234,4 @@ def check_gradcheck(op: ModuleType, *args: Any, **options: Any) -> None:
     try:
         torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
     except GradcheckError as e:
-        raise CheckFailure("gradcheck", f"{op.__name__}: {e}") from None
+        raise CheckFailure("gradcheck", f"{_name(op)}: {e}") from None

@@ -1,20 +1,31 @@
-"""The torch twin of each op, with the op's exact signature: the oracle's reference functions."""
+"""The torch twin of each op, with the op's exact signature: the oracle's reference functions.
+The op table (``backprop.testing.opinfo``) names each op's twin and, where its formula cancels,
+its ``*_magnitude`` function."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+import backprop
 
-def cross_entropy(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+Tensor = torch.Tensor
+
+
+def cross_entropy(
+    logits: Tensor, targets: Tensor, *, reduction: str = "mean", ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     return F.cross_entropy(
         logits, targets, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing,
     )
 
 
-def cross_entropy_magnitude(logits, targets, *, dout, reduction="mean", ignore_index=-100,
-                            label_smoothing=0.0):
+def cross_entropy_magnitude(
+    logits: Tensor, targets: Tensor, *, dout: Tensor, reduction: str = "mean", ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
     """The size of the terms in dlogits = w (softmax - q): w (softmax + q). When the prediction
     matches the target distribution (label_smoothing=1 on near-uniform logits) every entry is a
     cancellation, and rounding scales with these terms, not with the result."""
@@ -27,7 +38,10 @@ def cross_entropy_magnitude(logits, targets, *, dout, reduction="mean", ignore_i
     return {"dlogits": (torch.softmax(logits, 1) + q) * w[:, None]}
 
 
-def batch_norm_magnitude(x, weight=None, bias=None, *, dout, eps=1e-5, correction=0):
+def batch_norm_magnitude(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, dout: Tensor,
+    eps: float = 1e-5, correction: int = 0,
+) -> dict[str, Tensor]:
     """The size of the terms in out = xhat w + b, dweight = sum(dout xhat) and
     dx = w rstd (dout - sum(dout) / N - xhat sum(dout xhat) / d), d = N - correction.
     When dout is an affine function of x (hypothesis drew x from dout's own stream) the three
@@ -48,11 +62,14 @@ def batch_norm_magnitude(x, weight=None, bias=None, *, dout, eps=1e-5, correctio
     return sizes
 
 
-def logsumexp(x, *, dim=-1, keepdim=False):
+def logsumexp(x: Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False) -> Tensor:
     return torch.logsumexp(x, dim=dim, keepdim=keepdim)
 
 
-def batch_norm_composed(x, weight=None, bias=None, *, eps=1e-5, correction=0):
+def batch_norm_composed(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5,
+    correction: int = 0,
+) -> Tensor:
     """The makemore notebook's atoms: mean, diff, diff**2, var (1/(N - correction)), rsqrt."""
     mean = x.mean(0, keepdim=True)
     diff = x - mean
@@ -65,36 +82,35 @@ def batch_norm_composed(x, weight=None, bias=None, *, eps=1e-5, correction=0):
     return out
 
 
-def batch_norm(x, weight=None, bias=None, *, eps=1e-5, correction=0):
+def batch_norm(
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5,
+    correction: int = 0,
+) -> Tensor:
     """F.batch_norm in training mode for correction=0; the composed notebook ops otherwise
     (torch has no op for the Bessel-corrected case) and for N=1, which F.batch_norm refuses."""
     if correction == 0 and x.shape[0] > 1:
         if weight is None and bias is not None:
-            # torch 2.11's CUDA native_batch_norm_backward returns an empty (or zero) bias gradient
-            # when weight is None (found on an H200); a weight of ones is the same function
+            # CUDA's native_batch_norm_backward returns an empty (or zero) bias gradient when
+            # weight is None (docs/verification.md); a weight of ones is the same function
             weight = torch.ones_like(bias)
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     return batch_norm_composed(x, weight, bias, eps=eps, correction=correction)
 
 
-def tanh(x):
+def tanh(x: Tensor) -> Tensor:
     return torch.tanh(x)
 
 
-def linear(x, weight, bias=None):
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def embedding(indices, weight, *, padding_idx=None, deterministic=True):
+def embedding(
+    indices: Tensor, weight: Tensor, *, padding_idx: int | None = None, deterministic: bool = True
+) -> Tensor:
     """deterministic changes only the order of summation on CUDA, not the value."""
     return F.embedding(indices, weight, padding_idx=padding_idx)
 
 
-REFERENCES = {
-    "cross_entropy": cross_entropy,
-    "logsumexp": logsumexp,
-    "batch_norm": batch_norm,
-    "tanh": tanh,
-    "linear": linear,
-    "embedding": embedding,
-}
+# for code that needs no hypothesis (the op table needs it): each op's twin by name
+REFERENCES = {name: globals()[name] for name in backprop.OPS}

@@ -7,8 +7,13 @@ torch.Generator (a drawn seed), so a failing example replays exactly and shrinks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from hypothesis import strategies as st
+
+Case = tuple[tuple[Any, ...], dict[str, Any]]  # (positional args, options)
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 
@@ -25,7 +30,9 @@ def sizes(min_size: int = 1, max_size: int = 9) -> st.SearchStrategy[int]:
     return st.integers(min_size, max_size)
 
 
-def shapes(min_dims: int = 0, max_dims: int = 3, min_side: int = 1, max_side: int = 6):
+def shapes(
+    min_dims: int = 0, max_dims: int = 3, min_side: int = 1, max_side: int = 6
+) -> st.SearchStrategy[tuple[int, ...]]:
     return st.lists(sizes(min_side, max_side), min_size=min_dims, max_size=max_dims).map(tuple)
 
 
@@ -33,19 +40,22 @@ scales = st.sampled_from([1e-2, 1.0, 10.0])  # spread of the values
 shifts = st.sampled_from([0.0, 0.0, 1e4, -1e4])  # large common offsets: stability checks
 
 
-def values(shape, dtype, seed, *, scale=1.0, shift=0.0) -> torch.Tensor:
+def values(
+    shape: Sequence[int], dtype: torch.dtype, seed: int, *, scale: float = 1.0, shift: float = 0.0
+) -> torch.Tensor:
     """randn * scale + shift, drawn in float64 from a seeded generator, then rounded to dtype."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale + shift
     return x.to(dtype)
 
 
-def integers(shape, low, high, seed) -> torch.Tensor:
+def integers(shape: Sequence[int], low: int, high: int, seed: int) -> torch.Tensor:
+    """randint(low, high) from a seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(low, high, tuple(shape), generator=gen)
 
 
-def to_device(case, device):
+def to_device(case: Case, device: str | torch.device) -> Case:
     """Move a drawn (args, options) case to device: cases are drawn on the CPU, so they replay
     identically everywhere and can be pinned with @example."""
     args, options = case
@@ -53,7 +63,7 @@ def to_device(case, device):
 
 
 @st.composite
-def cross_entropy_cases(draw, dtype=None):
+def cross_entropy_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     N, C = draw(sizes(1, 16), label="N"), draw(sizes(1, 12), label="C")
     scale = draw(st.sampled_from([1e-2, 1.0, 10.0, 1e4]), label="scale")  # 1e4: logits of +-1e4
@@ -71,7 +81,7 @@ def cross_entropy_cases(draw, dtype=None):
 
 
 @st.composite
-def logsumexp_cases(draw, dtype=None):
+def logsumexp_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     shape = draw(shapes(0, 4), label="shape")
     x = values(shape, dtype, draw(seeds), scale=draw(scales, label="scale"),
@@ -90,7 +100,7 @@ def logsumexp_cases(draw, dtype=None):
 
 
 @st.composite
-def batch_norm_cases(draw, dtype=None):
+def batch_norm_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     correction = draw(st.sampled_from([0, 1]), label="correction")
     # N >= 3: with two rows xhat is +-c whatever x is, and dx is O(eps) left over from cancelling
@@ -108,7 +118,7 @@ def batch_norm_cases(draw, dtype=None):
 
 
 @st.composite
-def tanh_cases(draw, dtype=None):
+def tanh_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     x = values(draw(shapes(0, 4), label="shape"), dtype, draw(seeds),
                scale=draw(st.sampled_from([1e-3, 1.0, 3.0, 30.0]), label="scale"))
@@ -116,7 +126,7 @@ def tanh_cases(draw, dtype=None):
 
 
 @st.composite
-def linear_cases(draw, dtype=None):
+def linear_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     lead = draw(shapes(0, 3, 1, 5), label="leading")
     D, H = draw(sizes(1, 17), label="D"), draw(sizes(1, 17), label="H")
@@ -128,7 +138,7 @@ def linear_cases(draw, dtype=None):
 
 
 @st.composite
-def embedding_cases(draw, dtype=None):
+def embedding_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     V, E = draw(sizes(1, 20), label="V"), draw(sizes(1, 9), label="E")
     shape = draw(shapes(0, 3, 0, 7), label="indices_shape")  # empty index tensors included
@@ -138,13 +148,3 @@ def embedding_cases(draw, dtype=None):
     padding_idx = draw(st.one_of(st.none(), st.integers(-V, V - 1)), label="padding_idx")
     deterministic = draw(st.booleans(), label="deterministic")
     return (indices, weight), {"padding_idx": padding_idx, "deterministic": deterministic}
-
-
-CASES = {
-    "cross_entropy": cross_entropy_cases,
-    "logsumexp": logsumexp_cases,
-    "batch_norm": batch_norm_cases,
-    "tanh": tanh_cases,
-    "linear": linear_cases,
-    "embedding": embedding_cases,
-}

@@ -5,7 +5,8 @@ and each mutant is swapped into the real ``backprop.<op>`` module object while t
 run in-process under pytest: tests/test_<op>.py (property tests against autograd and float64,
 gradcheck, bad-input tables), the contract tests and the fuzzed bad inputs for that op. A mutant
 is killed when any of them fails. Loading torch once instead of once per mutant makes this about
-10x faster than cosmic-ray's own driver (tests/mutation/run.sh, one pytest process per mutant).
+10x faster than cosmic-ray's own driver (one pytest process per mutant). The ops are those of the
+op table (backprop.testing.opinfo.OP_DB). `tox -e mutation` runs it.
 
     python tests/mutation/score.py tanh linear          # or no names: every op
     python tests/mutation/score.py --out .mutation      # writes <op>.json: every mutant and its fate
@@ -21,14 +22,18 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OPS = ["tanh", "linear", "embedding", "logsumexp", "batch_norm", "cross_entropy"]
+sys.path.insert(0, str(ROOT))  # the checkout's backprop, the one whose tests run
+from backprop.testing.opinfo import OP_DB  # noqa: E402
+
+OPS = [info.name for info in OP_DB]
 TIME_LIMIT_S = 120
 
 
-def mutants(path: Path):
+def mutants(path: Path) -> Iterator[tuple[str, int, int, str]]:
     """(operator, occurrence, line, mutated source) for every mutation cosmic-ray would make."""
     import cosmic_ray.plugins
     from cosmic_ray.ast import ast_nodes, get_ast
@@ -72,7 +77,7 @@ class Timeout(Exception):
     pass
 
 
-def _alarm(signum, frame):
+def _alarm(signum: int, frame: object) -> None:
     raise Timeout("the mutant ran past the time limit")
 
 
@@ -123,7 +128,6 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / ".mutation")
     args = p.parse_args()
     os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HYPOTHESIS_PROFILE", "mutation")
     signal.signal(signal.SIGALRM, _alarm)
     args.out.mkdir(parents=True, exist_ok=True)

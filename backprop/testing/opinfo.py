@@ -1,0 +1,209 @@
+"""The op table: every op once, with everything the tests, benchmarks and scripts need to know
+about it (PyTorch's ``OpInfo`` / ``op_db`` is the model).
+
+    for info in OP_DB:
+        info.module, info.reference, info.cases(), info.fixed_cases("cpu"), ...
+
+Tests, benchmarks, the benchmark report, the mutation score and .ci/gpu iterate ``OP_DB``; none
+keeps its own list of ops. ``OP_DB`` covers exactly ``backprop.OPS`` (the library's list, which
+does not import the harness); tests/test_op_table.py checks that, and that each op has its test
+and benchmark files. Adding an op: ``backprop/<op>.py``, an entry in ``backprop.OPS``,
+``tests/test_<op>.py``, ``benchmarks/bench_<op>.py`` and one ``OpInfo`` below.
+
+Needs hypothesis (the ``cases`` strategies), as ``backprop.testing.strategies`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+import backprop
+from backprop.testing import references, strategies
+from backprop.testing.strategies import Case
+
+# (shape regex, mode, contender, baseline, threshold, what): one speed target of benchmarks/report.py
+Target = tuple[str, str, str, str, float, str]
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (tests/ and benchmarks/ are not installed)
+
+
+def float64_inputs(case: Case) -> Case:
+    """The case with its floating-point tensors in float64: what finite differences need."""
+    args, options = case
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args), options
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str  # backprop.<name>, tests/test_<name>.py, benchmarks/bench_<name>.py
+    reference: Callable[..., torch.Tensor]  # the torch twin, with the op's exact signature
+    cases: Callable[..., st.SearchStrategy[Case]]  # cases(dtype=None): hypothesis draws a Case
+    fixed_cases: Callable[[str], list[Case]]  # seeded, on a device: notebook scale, then other sizes/options
+    # label -> (sizes, "small" | "large" | "gpu"): the shapes benchmarks/bench_<name>.py times
+    benchmark_shapes: Mapping[str, tuple[tuple[Any, ...], str]]
+    # where the formula cancels internally, the size of its terms for the rounding floor:
+    # magnitude(*args64, dout=dout64, **options) -> {"out": ..., "d<arg>": ...} (see compare.py)
+    magnitude: Callable[..., dict[str, torch.Tensor]] | None = None
+    # the case made fit for finite differences (float64, narrowed); None: nothing to difference
+    gradcheck_inputs: Callable[[Case], Case | None] = float64_inputs
+    speed_targets: tuple[Target, ...] = field(default=())  # beyond ">= 1x autograd at notebook scale"
+
+    @property
+    def module(self) -> ModuleType:
+        return backprop.OPS[self.name]
+
+    @property
+    def test_file(self) -> Path:
+        return ROOT / "tests" / f"test_{self.name}.py"
+
+    @property
+    def bench_file(self) -> Path:
+        return ROOT / "benchmarks" / f"bench_{self.name}.py"
+
+
+def _rng(device: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """Seeded randn(*shape) and randint(high, *shape), drawn on the CPU and moved to device."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    def randint(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, high, shape, generator=g).to(device)
+
+    return randn, randint
+
+
+# ---------------------------------------------------------------- cross_entropy
+
+
+def _cross_entropy_fixed(device: str) -> list[Case]:
+    randn, randint = _rng(device)
+    first = (randn(32, 27), randint(27, 32))
+    targets = randint(27, 48)
+    targets[::5] = -100
+    return [(first, {}), ((randn(48, 27) * 30, targets), {"label_smoothing": 0.1})]
+
+
+def _cross_entropy_gradcheck(case: Case) -> Case | None:
+    (logits, targets), options = float64_inputs(case)
+    kept = targets != options.get("ignore_index", -100)
+    if options.get("reduction", "mean") == "mean" and not kept.any():
+        return None  # the mean over zero kept rows is nan everywhere: nothing to difference
+    # differences of a loss of size |f| carry noise ~1e-16 |f| / h; at logits of 1e4 that
+    # exceeds gradcheck's atol. The 1e4 regime is checked against float64 autograd instead.
+    return (logits / max(1.0, float(logits.abs().max()) / 10), targets), options
+
+
+# ---------------------------------------------------------------- logsumexp
+
+
+def _logsumexp_fixed(device: str) -> list[Case]:
+    randn, _ = _rng(device)
+    return [((randn(32, 27),), {"dim": 1}), ((randn(5, 7, 9) * 50,), {"dim": (0, 2), "keepdim": True})]
+
+
+def _logsumexp_gradcheck(case: Case) -> Case:
+    (x,), options = float64_inputs(case)
+    return (torch.where(x.isinf(), -30.0, x),), options  # differences need finite inputs
+
+
+# ---------------------------------------------------------------- batch_norm, tanh, linear
+
+
+def _batch_norm_fixed(device: str) -> list[Case]:
+    randn, _ = _rng(device)
+    return [((randn(32, 200), randn(200), randn(200)), {"correction": 1}),
+            ((randn(17, 64) + 40, randn(64), None), {})]
+
+
+def _tanh_fixed(device: str) -> list[Case]:
+    randn, _ = _rng(device)
+    return [((randn(32, 200),), {}), ((randn(3, 5, 7) * 4,), {})]
+
+
+def _linear_fixed(device: str) -> list[Case]:
+    randn, _ = _rng(device)
+    return [((randn(32, 30), randn(200, 30), randn(200)), {}), ((randn(2, 9, 16), randn(8, 16), None), {})]
+
+
+# ---------------------------------------------------------------- embedding
+
+
+def _embedding_fixed(device: str) -> list[Case]:
+    randn, randint = _rng(device)
+    first = (randint(27, 32, 3), randn(27, 10))
+    return [(first, {}), ((randint(5, 4, 50), randn(11, 6)), {"padding_idx": 2, "deterministic": True})]
+
+
+def _embedding_gradcheck(case: Case) -> Case:
+    args, options = float64_inputs(case)
+    # the padding row is read in forward but gets no gradient, by F.embedding's definition:
+    # finite differences disagree with that on purpose
+    return args, {**options, "padding_idx": None}
+
+
+# ---------------------------------------------------------------- the table
+
+# backward of the memory-bound ops against a copy of the bytes it must move
+_BANDWIDTH: tuple[Target, ...] = (
+    ("large", "bwd", "best", "copy", 0.5, "backward >= 50% of copy bandwidth"),
+    ("gpu", "bwd", "best", "copy", 0.7, "GPU backward >= 70% of copy (HBM) bandwidth"),
+)
+
+OP_DB: tuple[OpInfo, ...] = (
+    OpInfo(
+        "cross_entropy", references.cross_entropy, strategies.cross_entropy_cases, _cross_entropy_fixed,
+        {"notebook 32x27": ((32, 27), "small"), "large 8192x32768": ((8192, 32768), "large"),
+         "gpu 16384x65536": ((16384, 65536), "gpu")},
+        magnitude=references.cross_entropy_magnitude,
+        gradcheck_inputs=_cross_entropy_gradcheck,
+        speed_targets=(("large", "fwd+bwd", "best", "autograd", 3.0, "best path >= 3x F.cross_entropy"),
+                       ("large", "fwd+bwd", "manual", "autograd", 1.3, "eager >= 1.3x F.cross_entropy"),
+                       *_BANDWIDTH),
+    ),
+    OpInfo(
+        "logsumexp", references.logsumexp, strategies.logsumexp_cases, _logsumexp_fixed,
+        {"notebook 32x27": ((32, 27), "small"), "large 8192x32768": ((8192, 32768), "large")},
+        gradcheck_inputs=_logsumexp_gradcheck,
+        speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.5, ">= 1.5x torch.logsumexp"),),
+    ),
+    OpInfo(
+        "batch_norm", references.batch_norm, strategies.batch_norm_cases, _batch_norm_fixed,
+        {"notebook 32x64": ((32, 64), "small"), "large 4096x1024": ((4096, 1024), "large"),
+         "gpu 65536x1024": ((65536, 1024), "gpu")},
+        magnitude=references.batch_norm_magnitude,
+        speed_targets=(("large.*correction=1", "fwd+bwd", "best", "autograd", 2.0, ">= 2x composed ops"),
+                       ("large.*correction=0", "fwd+bwd", "best", "autograd", 0.5, ">= 0.5x F.batch_norm"),
+                       *_BANDWIDTH),
+    ),
+    OpInfo(
+        "tanh", references.tanh, strategies.tanh_cases, _tanh_fixed,
+        {"notebook 32x200": ((32, 200), "small"), "large 16M": ((4096, 4096), "large"),
+         "gpu 256M": ((16384, 16384), "gpu")},
+        speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.0, ">= 1x torch.tanh"), *_BANDWIDTH),
+    ),
+    OpInfo(
+        "linear", references.linear, strategies.linear_cases, _linear_fixed,
+        {"notebook 32x30->200": ((32, 30, 200), "small"),
+         "large 4096x1024->1024": ((4096, 1024, 1024), "large")},
+        speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.0, ">= 1x F.linear"),),
+    ),
+    OpInfo(
+        "embedding", references.embedding, strategies.embedding_cases, _embedding_fixed,
+        {"notebook V=27 E=10 32x3": ((27, 10, (32, 3)), "small"),
+         "large V=50257 E=768 8x1024": ((50257, 768, (8, 1024)), "large")},
+        gradcheck_inputs=_embedding_gradcheck,
+        speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.0, ">= 1x F.embedding"),),
+    ),
+)
+
+OPS: dict[str, OpInfo] = {info.name: info for info in OP_DB}
