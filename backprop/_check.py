@@ -158,7 +158,8 @@ def cache(c: object, expected: type, op: str) -> None:
     if type(c) is not expected:
         t = type(c)
         got = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-        raise TypeError(f"cache must be a {expected.__module__}.{expected.__qualname__} from {op}.forward, got {got}")
+        want = f"{expected.__module__}.{expected.__qualname__}"
+        raise TypeError(f"cache must be a {want} from {op}.forward, got {got}")
 
 
 def versions(*tensors: torch.Tensor | None) -> tuple[int | None, ...]:
