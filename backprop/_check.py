@@ -1,12 +1,17 @@
 """Input validation shared by the kernels.
 
 Every message names the argument, what was expected and what was received.
-Wrong dtypes raise TypeError; wrong shapes, values and devices raise ValueError.
+Wrong types and dtypes raise TypeError (an option of the wrong Python type too: bool is not an int,
+and a float option takes an int or a float but not a bool, a str or None); wrong shapes, values
+and devices raise ValueError. A cache whose tensors were modified in place after forward raises
+RuntimeError, as torch's own saved tensors do ("modified by an inplace operation").
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import torch
 
@@ -87,7 +92,9 @@ def in_range(name: str, t: torch.Tensor, low: int, high: int, allowed: str = "")
     raise ValueError(f"{name} must lie in [{low}, {high}){extra}, got {first} at index {where}")
 
 
-def dout(t: object, out_shape: tuple[int, ...], out_dtype: torch.dtype) -> torch.Tensor:
+def dout(
+    t: object, out_shape: tuple[int, ...], out_dtype: torch.dtype, out_device: torch.device
+) -> torch.Tensor:
     t = floating("dout", t)
     if tuple(t.shape) != tuple(out_shape):
         raise ValueError(
@@ -95,7 +102,91 @@ def dout(t: object, out_shape: tuple[int, ...], out_dtype: torch.dtype) -> torch
         )
     if t.dtype != out_dtype:
         raise TypeError(f"dout must have the dtype of the forward output ({out_dtype}), got {t.dtype}")
+    if t.device != out_device:
+        raise ValueError(f"dout must be on the device of the forward output ({out_device}), got {t.device}")
     return t
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _typename(v: object) -> str:
+    return type(v).__name__
+
+
+def int_option(name: str, v: object) -> int:
+    """An int option: a Python (or numpy) integer, not a bool, within int64 as torch's are."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_typename(v)}")
+    v = int(v)
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{name} must lie in the int64 range [-2**63, 2**63 - 1], got {v}")
+    return v
+
+
+def float_option(name: str, v: object) -> float:
+    """A finite float option: an int or a float (numpy's too), not a bool, a str or None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {_typename(v)}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    return v
+
+
+def bool_option(name: str, v: object) -> bool:
+    """A bool option: exactly True or False (a truthy string such as "no" is refused)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {_typename(v)}")
+    return v
+
+
+def str_option(name: str, v: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {_typename(v)}")
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def cache(c: object, expected: type, op: str) -> None:
+    """c is a Cache of this op (a TypeError naming cache otherwise): a tuple, None or another
+    op's cache would fail deep in backward with an unpack or attribute error."""
+    if type(c) is not expected:
+        t = type(c)
+        got = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+        want = f"{expected.__module__}.{expected.__qualname__}"
+        raise TypeError(f"cache must be a {want} from {op}.forward, got {got}")
+
+
+def versions(*tensors: torch.Tensor | None) -> tuple[int | None, ...]:
+    """The version counters of the tensors a cache keeps (None for an absent one): host-side ints,
+    no device sync. Every in-place op on a tensor (or on a view of its storage) bumps its counter."""
+    return tuple(None if t is None else t._version for t in tensors)
+
+
+def unmodified(c: tuple, names: tuple[str, ...]) -> None:
+    """The cache's tensors named in ``names`` still hold what forward saw: their version counters
+    equal those recorded in ``c.versions``, in the order of ``names``. The cache keeps the
+    caller's tensors, not copies (no extra memory), so an in-place edit after forward (a scale,
+    ``h += r``) would silently change the gradient; torch's saved tensors refuse it the same way.
+    A cache built by hand has ``versions=()``: there is nothing to compare."""
+    if not c.versions:
+        return
+    for name, before in zip(names, c.versions):
+        t = getattr(c, name)
+        if t is None and before is None:  # an optional tensor that forward did not get
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cache.{name} must be a torch.Tensor, got {_typename(t)}")
+        if t._version != before:
+            raise RuntimeError(
+                f"cache: {name} was modified in place after forward (version {before} -> {t._version}); "
+                "backward would be silently wrong. Clone it before editing in place."
+            )
 
 
 def wrap_dim(name: str, dim: object, ndim_: int) -> int:

@@ -29,7 +29,11 @@ class Cache(NamedTuple):
     weight: torch.Tensor | None  # (C,)
     has_bias: bool
     correction: int
-    dtype: torch.dtype  # of x and out; xhat and rstd are kept in the accumulation dtype
+    dtype: torch.dtype  # of x and out; xhat and rstd (ours, never the caller's) in the accumulation dtype
+    versions: tuple[int | None, ...] = ()  # of weight (None if absent) at forward; () for a cache built by hand
+
+
+VERSIONED = ("weight",)  # the caller's tensor, kept without a copy: backward refuses it edited
 
 
 @_check.no_autograd
@@ -47,7 +51,8 @@ def forward(
     An infinite weight gives +-inf (nan where x equals the mean), as the formula does; F.batch_norm
     on the CPU gives nan there, because it folds the affine into x * s + (bias - mean * s).
     Zero channels give an empty result, with or without weight and bias (F.batch_norm with an
-    empty weight or bias fails with an IndexError from select()).
+    empty weight or bias fails with an IndexError from select()). These and the other differences
+    from F.batch_norm are listed in docs/divergences.md.
     """
     return forward_math(prepare(x, weight, bias, eps=eps, correction=correction))
 
@@ -70,13 +75,15 @@ def prepare(
             _check.shape(name, t, (C,), f"(C,) with C={C} channels of x")
             _check.same_dtype(name, t, "x", x)
     _check.same_device(x=x, weight=weight, bias=bias)
+    # a ValueError for a bool or a float too, not the TypeError of the other options: callers match it
     if isinstance(correction, bool) or not isinstance(correction, int) or correction < 0:
         raise ValueError(f"correction must be a non-negative int, got {correction!r}")
     if N <= correction:
         raise ValueError(
             f"x must have more rows than correction={correction} to estimate a variance, got N={N}"
         )
-    if not eps > 0:  # as torch in training: eps = 0 divides by zero on a constant channel
+    eps = _check.float_option("eps", eps)
+    if not eps > 0:  # eps = 0 divides by zero on a constant channel (torch accepts it and gives nan)
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     return Args(x, weight, bias, eps, correction)
 
@@ -101,7 +108,8 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         out = xhat + _check.cast(bias, acc)
     else:
         out = xhat.clone()  # never alias the cache
-    return _check.cast(out, x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype)
+    return _check.cast(out, x.dtype), Cache(
+        xhat, rstd, weight, bias is not None, correction, x.dtype, _check.versions(weight))
 
 
 @_check.no_autograd
@@ -118,13 +126,15 @@ def backward(
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
-    _check.dout(dout, cache.xhat.shape, cache.dtype)
+    _check.cache(cache, Cache, "batch_norm")
+    _check.unmodified(cache, VERSIONED)
+    _check.dout(dout, cache.xhat.shape, cache.dtype, cache.xhat.device)
 
 
 def backward_math(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    xhat, rstd, weight, has_bias, correction, dtype = cache
+    xhat, rstd, weight, has_bias, correction, dtype, _ = cache
     N = xhat.shape[0]
     acc = xhat.dtype
     dy = _check.cast(dout, acc)  # (N, C)

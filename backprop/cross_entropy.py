@@ -15,7 +15,7 @@ class Args(NamedTuple):
     """forward's arguments, checked and prepared: what forward_math reads."""
 
     logits: torch.Tensor  # (N, C)
-    targets: torch.Tensor  # (N,) int64, ignored rows replaced by class 0 (a gatherable index)
+    targets: torch.Tensor  # (N,) int64 (uint8 targets converted), ignored rows replaced by class 0
     valid: torch.Tensor | None  # (N,) bool, False on ignored rows; None when no row is ignored
     count: int  # number of valid rows: the 'mean' denominator
     reduction: str
@@ -24,13 +24,17 @@ class Args(NamedTuple):
 
 class Cache(NamedTuple):
     logits: torch.Tensor  # (N, C) the input itself, not a copy: backward recomputes softmax from it
-    shift: torch.Tensor  # (N, 1) the row max m (0 where it is not finite)
+    shift: torch.Tensor  # (N, 1) the row max m (0 where it is -inf or nan)
     logsum: torch.Tensor  # (N, 1) s = log(sum(exp(z - m))), so that log p = (z - m) - s
     targets: torch.Tensor  # (N,) int64, ignored rows replaced by class 0
     valid: torch.Tensor | None  # (N,) bool, False on ignored rows; None when no row is ignored
     count: int  # number of valid rows: the 'mean' denominator
     reduction: str
     label_smoothing: float
+    versions: tuple[int, ...] = ()  # of logits and targets at forward; () for a cache built by hand
+
+
+VERSIONED = ("logits", "targets")  # the caller's tensors, kept without a copy: backward refuses them edited
 
 
 @_check.no_autograd
@@ -61,20 +65,25 @@ def prepare(
     """Validate forward's arguments and prepare forward_math's. The ignored rows are found here,
     because the range check of the targets must skip them (one device sync)."""
     _check.floating("logits", logits)
-    _check.index("targets", targets, (torch.int64,))
+    # uint8 as torch accepts it (int32 it refuses); gather needs int64, so a uint8 copy is widened
+    _check.index("targets", targets, (torch.uint8, torch.int64))
     _check.ndim("logits", logits, 2, "(N, C)")
     N, C = logits.shape
     _check.shape("targets", targets, (N,), f"(N,) with N={N} rows of logits")
     _check.same_device(logits=logits, targets=targets)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    reduction = _check.str_option("reduction", reduction, REDUCTIONS)
+    # an int, not a bool or a float: ignore_index=True or 1.0 would silently ignore class 1
+    ignore_index = _check.int_option("ignore_index", ignore_index)
+    label_smoothing = _check.float_option("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if C == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    if targets.dtype == torch.uint8:
+        targets = targets.long()  # (N,)
     if not 0 <= ignore_index < C and _check.all_in_range(targets, 0, C):
         # the common case in one pass: every target a class, so none equals ignore_index
-        return Args(logits, targets, None, N, reduction, float(label_smoothing))
+        return Args(logits, targets, None, N, reduction, label_smoothing)
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
     if count < N:
@@ -82,7 +91,7 @@ def prepare(
     else:
         safe, valid = targets, None  # the common case: nothing to mask
     _check.in_range("targets", safe, 0, C, allowed=f"ignore_index={ignore_index}")
-    return Args(logits, safe, valid, count, reduction, float(label_smoothing))
+    return Args(logits, safe, valid, count, reduction, label_smoothing)
 
 
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
@@ -90,8 +99,10 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     themselves and two (N, 1) columns."""
     logits, targets, valid, count, reduction, label_smoothing = a
     C = logits.shape[1]
-    # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead (nan stays nan)
-    shift = logits.amax(1, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # (N, 1)
+    # a row of -inf would give -inf - -inf = nan: shift it by 0 instead (its loss is nan all the
+    # same, as torch's). A +inf max is kept: inf - inf = nan for the whole row, which is torch's
+    # answer too (log_softmax does not mask it); shifting by 0 would give an inf loss instead
+    shift = logits.amax(1, keepdim=True).nan_to_num_(0.0, torch.inf, 0.0)  # (N, 1)
     shifted = logits - shift  # (N, C) a temporary, gone when forward returns
     # -sum_c log p[c] = sum_c (m - z_c) + C s: two non-negative terms, no cancellation
     smooth = -shifted.sum(1, keepdim=True) if label_smoothing > 0 else None  # (N, 1) before exp_
@@ -105,7 +116,8 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     loss = loss.squeeze(1)  # (N,)
     if reduction != "none":
         loss = loss.sum() / count if reduction == "mean" else loss.sum()
-    return loss, Cache(logits, shift, logsum, targets, valid, count, reduction, label_smoothing)
+    versions = _check.versions(logits, targets)
+    return loss, Cache(logits, shift, logsum, targets, valid, count, reduction, label_smoothing, versions)
 
 
 @_check.no_autograd
@@ -118,12 +130,14 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
+    _check.cache(cache, Cache, "cross_entropy")
+    _check.unmodified(cache, VERSIONED)
     N = cache.logits.shape[0]
-    _check.dout(dout, (N,) if cache.reduction == "none" else (), cache.logits.dtype)
+    _check.dout(dout, (N,) if cache.reduction == "none" else (), cache.logits.dtype, cache.logits.device)
 
 
 def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]:
-    logits, shift, logsum, targets, valid, count, reduction, eps = cache
+    logits, shift, logsum, targets, valid, count, reduction, eps, _ = cache
     C = logits.shape[1]
     w = dout / count if reduction == "mean" else dout  # () or (N,)
     if valid is not None:

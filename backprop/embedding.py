@@ -25,6 +25,10 @@ class Cache(NamedTuple):
     padding_idx: int | None  # in [0, V), already wrapped
     dtype: torch.dtype  # of weight, so that dout can be checked
     deterministic: bool  # backward sums repeats in a fixed order (bitwise reproducible on CUDA)
+    versions: tuple[int, ...] = ()  # of indices at forward; () for a cache built by hand
+
+
+VERSIONED = ("indices",)  # the caller's tensor, kept without a copy: backward refuses it edited
 
 
 @_check.no_autograd
@@ -76,7 +80,7 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     # the padding row is read like any other
     out = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[1])
     V, E = weight.shape
-    return out, Cache(indices, V, E, padding_idx, weight.dtype, deterministic)
+    return out, Cache(indices, V, E, padding_idx, weight.dtype, deterministic, _check.versions(indices))
 
 
 @_check.no_autograd
@@ -89,11 +93,13 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
-    _check.dout(dout, (*cache.indices.shape, cache.embedding_dim), cache.dtype)
+    _check.cache(cache, Cache, "embedding")
+    _check.unmodified(cache, VERSIONED)
+    _check.dout(dout, (*cache.indices.shape, cache.embedding_dim), cache.dtype, cache.indices.device)
 
 
 def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]:
-    indices, V, E, padding_idx, dtype, deterministic = cache
+    indices, V, E, padding_idx, dtype, deterministic, _ = cache
     dweight = dout.new_zeros(V, E)  # (V, E)
     rows = dout.reshape(indices.numel(), E)  # (P, E) one row per position
     if deterministic and dweight.is_cuda:

@@ -22,6 +22,10 @@ class Cache(NamedTuple):
     x: torch.Tensor  # (*, D) the input, needed for dweight
     weight: torch.Tensor  # (H, D) needed for dx
     has_bias: bool
+    versions: tuple[int, ...] = ()  # of x and weight at forward; () for a cache built by hand
+
+
+VERSIONED = ("x", "weight")  # the caller's tensors, kept without a copy: backward refuses them edited
 
 
 @_check.no_autograd
@@ -61,7 +65,8 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     # (N, D): leading dimensions flattened into rows, the row count explicit (D may be 0)
     x2 = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), D)
     out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, H)
-    return (out if x.ndim == 2 else out.reshape(*x.shape[:-1], H)), Cache(x, weight, bias is not None)
+    out = out if x.ndim == 2 else out.reshape(*x.shape[:-1], H)  # (*, H)
+    return out, Cache(x, weight, bias is not None, _check.versions(x, weight))
 
 
 @_check.no_autograd
@@ -76,13 +81,15 @@ def backward(
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
-    _check.dout(dout, (*cache.x.shape[:-1], cache.weight.shape[0]), cache.x.dtype)
+    _check.cache(cache, Cache, "linear")
+    _check.unmodified(cache, VERSIONED)
+    _check.dout(dout, (*cache.x.shape[:-1], cache.weight.shape[0]), cache.x.dtype, cache.x.device)
 
 
 def backward_math(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    x, weight, has_bias = cache
+    x, weight, has_bias, _ = cache
     H, D = weight.shape
     if x.ndim == 2:
         x2, dout2 = x, dout  # (N, D), (N, H)

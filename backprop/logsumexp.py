@@ -23,6 +23,10 @@ class Cache(NamedTuple):
     sumexp: torch.Tensor  # same shape: sum(exp(x - shift))
     dims: tuple[int, ...]  # reduced dims, non-negative
     keepdim: bool
+    versions: tuple[int, ...] = ()  # of x at forward; () for a cache built by hand
+
+
+VERSIONED = ("x",)  # the caller's tensor, kept without a copy: backward refuses it edited
 
 
 def _dims(dim: int | tuple[int, ...] | list[int], ndim: int) -> tuple[int, ...]:
@@ -53,7 +57,7 @@ def prepare(x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool =
                 raise ValueError(f"x must have a non-empty dim {d} to reduce over, got shape {tuple(x.shape)}")
     if x.ndim == 0:
         dims = ()  # reducing a 0-d tensor is the identity, as in torch
-    return Args(x, dims, bool(keepdim))
+    return Args(x, dims, _check.bool_option("keepdim", keepdim))
 
 
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
@@ -65,7 +69,7 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     out = sumexp.log().add_(shift)  # keepdim shape
     if not keepdim and dims:
         out = out.squeeze(dims)
-    return out, Cache(x, shift, sumexp, dims, keepdim)
+    return out, Cache(x, shift, sumexp, dims, keepdim, _check.versions(x))
 
 
 @_check.no_autograd
@@ -78,12 +82,15 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
-    x, shift, _, dims, keepdim = cache
-    _check.dout(dout, shift.shape if keepdim or not dims else shift.squeeze(dims).shape, x.dtype)
+    _check.cache(cache, Cache, "logsumexp")
+    _check.unmodified(cache, VERSIONED)
+    x, shift, _, dims, keepdim, _ = cache
+    out_shape = shift.shape if keepdim or not dims else shift.squeeze(dims).shape
+    _check.dout(dout, out_shape, x.dtype, x.device)
 
 
 def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
-    x, shift, sumexp, dims, keepdim = cache
+    x, shift, sumexp, dims, keepdim, _ = cache
     if dims and not keepdim:
         dout = dout.reshape(shift.shape)  # put the reduced dims back as size 1 to broadcast
     dx = (x - shift).exp_().mul_(dout / sumexp)  # (*) exp(x - m) * dout / sumexp

@@ -16,7 +16,11 @@ class Args(NamedTuple):
 
 
 class Cache(NamedTuple):
-    out: torch.Tensor  # (*) tanh(x): the rule needs only the output, so x is not kept
+    out: torch.Tensor  # (*) tanh(x), the returned output itself: the rule needs only it, x is not kept
+    versions: tuple[int, ...] = ()  # out's version counter at forward; () for a cache built by hand
+
+
+VERSIONED = ("out",)  # the cache's tensors that the caller also holds: backward refuses them edited
 
 
 @_check.no_autograd
@@ -34,7 +38,7 @@ def prepare(x: torch.Tensor) -> Args:
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     x = a.x
     out = torch.tanh(x)
-    return out, Cache(out)
+    return out, Cache(out, _check.versions(out))
 
 
 @_check.no_autograd
@@ -45,7 +49,9 @@ def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
-    _check.dout(dout, cache.out.shape, cache.out.dtype)
+    _check.cache(cache, Cache, "tanh")
+    _check.unmodified(cache, VERSIONED)
+    _check.dout(dout, cache.out.shape, cache.out.dtype, cache.out.device)
 
 
 def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
