@@ -28,7 +28,7 @@ def mutant(op, *, forward=None, backward=None):
 
 
 def _ce_backward(dout, cache, *, denominator=None, smoothing_part=None, use_dout=True):
-    logits, shift, logsum, targets, valid, count, reduction, eps = cache
+    logits, shift, logsum, targets, valid, count, reduction, eps, _ = cache
     logprobs = logits - shift - logsum
     N, C = logprobs.shape
     d = dout if use_dout else torch.ones_like(dout)
@@ -93,7 +93,7 @@ ce_unshifted = SimpleNamespace(forward=ce_unshifted_forward, backward=cross_entr
 @mutant(logsumexp)
 def lse_keepdim_broadcast_backward(dout, cache):
     """Wrong keepdim broadcast: puts the reduced dim back last instead of where it was."""
-    x, shift, sumexp, dims, keepdim = cache
+    x, shift, sumexp, dims, keepdim, _ = cache
     if dims and not keepdim:
         dout = dout.unsqueeze(-1)
     return (torch.exp(x - shift) * (dout / sumexp),)
@@ -102,7 +102,7 @@ def lse_keepdim_broadcast_backward(dout, cache):
 @mutant(logsumexp)
 def lse_unnormalised_backward(dout, cache):
     """Gradient exp(x) without normalising by the sum."""
-    x, shift, sumexp, dims, keepdim = cache
+    x, shift, sumexp, dims, keepdim, _ = cache
     if dims and not keepdim:
         dout = dout.reshape(shift.shape)
     return (torch.exp(x - shift) * dout,)
@@ -112,7 +112,7 @@ def lse_unnormalised_backward(dout, cache):
 
 
 def _bn_backward(dout, cache, *, d=None, mean_term=True, var_term=True, swap=False, dim=0):
-    xhat, rstd, weight, has_bias, correction, dtype = cache
+    xhat, rstd, weight, has_bias, correction, dtype, _ = cache
     N = xhat.shape[0]
     d = N - correction if d is None else d
     dy = dout.to(xhat.dtype)
@@ -184,7 +184,7 @@ tanh_uses_input = SimpleNamespace(forward=tanh_input_forward, backward=tanh.back
 @mutant(linear)
 def linear_missing_transpose_backward(dout, cache):
     """dx = dout @ W.T: a missing transpose that only square weights let through."""
-    x, weight, has_bias = cache
+    x, weight, has_bias, _ = cache
     H, D = weight.shape
     dout2 = dout.reshape(-1, H)
     dx = (dout2 @ weight.T).reshape(x.shape)  # shapes only agree when H == D
@@ -214,7 +214,7 @@ def linear_bias_first_row_backward(dout, cache):
 @mutant(embedding)
 def embedding_overwrite_backward(dout, cache):
     """Overwrites instead of accumulating repeated indices: dweight[idx] = dout."""
-    indices, V, E, padding_idx, dtype, _ = cache
+    indices, V, E, padding_idx, dtype, _, _ = cache
     dweight = dout.new_zeros(V, E)
     dweight[indices.reshape(-1)] = dout.reshape(-1, E)
     if padding_idx is not None:
@@ -225,7 +225,7 @@ def embedding_overwrite_backward(dout, cache):
 @mutant(embedding)
 def embedding_padding_not_zeroed_backward(dout, cache):
     """The padding row is not zeroed."""
-    indices, V, E, padding_idx, dtype, _ = cache
+    indices, V, E, padding_idx, dtype, _, _ = cache
     return None, dout.new_zeros(V, E).index_add_(0, indices.reshape(-1), dout.reshape(-1, E))
 
 
