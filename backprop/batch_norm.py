@@ -162,11 +162,12 @@ def jvp(
         # first keeps the rounding of xhat's mean out of it
         proj = (xhat * t_xc).sum(0).div_(N - correction)  # (C,)
         scale = rstd * _check.cast(weight, acc) if weight is not None else rstd  # (C,)
-        t_out = t_xc.sub_(xhat * proj).mul_(scale)  # (N, C)
+        t_out = (t_xc - xhat * proj) * scale  # (N, C)
+    # the terms are added out of place: under vmap one tangent may be batched and another not
     if t_w is not None:
         term = xhat * _check.cast(t_w, acc)  # (N, C)
-        t_out = term if t_out is None else t_out.add_(term)
+        t_out = term if t_out is None else t_out + term
     if t_b is not None:
         term = _check.cast(t_b, acc).expand(xhat.shape)  # (N, C)
-        t_out = term.clone() if t_out is None else t_out.add_(term)
+        t_out = term.clone() if t_out is None else t_out + term
     return None if t_out is None else _check.cast(t_out, dtype)

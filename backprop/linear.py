@@ -106,7 +106,8 @@ def jvp(
         t_out = torch.matmul(t_x, weight.t())  # (*, H) t_x W^T
     if t_w is not None:
         term = torch.matmul(x, t_w.t())  # (*, H) x t_W^T
-        t_out = term if t_out is None else t_out.add_(term)
+        # out of place: under vmap one tangent may be batched and another not
+        t_out = term if t_out is None else t_out + term
     if t_b is not None:  # broadcast over the leading dims
-        t_out = t_b.expand(*x.shape[:-1], weight.shape[0]).clone() if t_out is None else t_out.add_(t_b)
+        t_out = t_b.expand(*x.shape[:-1], weight.shape[0]).clone() if t_out is None else t_out + t_b
     return t_out

@@ -99,5 +99,6 @@ def jvp(tangents: tuple[torch.Tensor | None], cache: Cache) -> torch.Tensor | No
     x, shift, sumexp, dims, keepdim = cache
     if not dims:
         return t_x.clone()  # a 0-d x: out = x
-    t_out = (x - shift).exp_().mul_(t_x).sum(dim=dims, keepdim=True).div_(sumexp)  # keepdim shape
+    # exp(x - m) * t_x out of place: under vmap t_x may be batched where x is not
+    t_out = ((x - shift).exp_() * t_x).sum(dim=dims, keepdim=True) / sumexp  # keepdim shape
     return t_out if keepdim else t_out.squeeze(dims)

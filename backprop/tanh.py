@@ -63,4 +63,6 @@ def jvp(tangents: tuple[torch.Tensor | None], cache: Cache) -> torch.Tensor | No
     if t_x is None:
         return None
     y = cache.out
-    return (1 - y).mul_(1 + y).mul_(t_x)  # (*) as in backward_math: 1 - y is exact near |y| = 1
+    # as in backward_math: 1 - y is exact near |y| = 1. Out of place in t_x: under vmap the tangent
+    # may be batched where y is not, and an in-place update of y's buffer by it is refused
+    return (1 - y).mul_(1 + y) * t_x  # (*)
