@@ -236,3 +236,159 @@ def test_second_backward_rebuilds_prepares_args(name, k):
     for a, b in zip(_args_again(ctx, list(args), cache), op.prepare(*args, **options)):
         assert (a is b) if isinstance(a, torch.Tensor) and a.is_floating_point() else (
             torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+
+
+# ---------------------------------------------------------------- 3. custom ops
+
+
+def _library():
+    import backprop.library
+
+    return backprop.library
+
+
+@pytest.mark.parametrize("name,k", CASES)
+def test_opcheck(name, k):
+    """schema, autograd registration, fake tensors and AOT dispatch with dynamic shapes."""
+    lib = _library()
+    for seed in _thorough_seeds():
+        args, options = _cases(name, seed, dtype=torch.float32)[k]
+        args = [a.requires_grad_() if _is_float(a) else a for a in args]
+        lib.opcheck(name, *args, **options)
+
+
+@pytest.mark.parametrize("name,k", CASES)
+def test_custom_op_equals_the_kernel(name, k):
+    """forward and the gradients of torch.ops.backprop.<op> are the kernel's, bitwise."""
+    _library()
+    op, custom = backprop.OPS[name], getattr(torch.ops.backprop, name)
+    args, options = _cases(name, 3)[k]
+    out, cache = op.forward(*args, **options)
+    dout = torch.randn_like(out)
+    want = op.backward(dout, cache)
+    leaves = [a.detach().clone().requires_grad_() if _is_float(a) else a for a in args]
+    got_out = custom(*leaves, **options)
+    got = torch.autograd.grad(got_out, [a for a in leaves if _is_float(a)], dout)
+    torch.testing.assert_close(got_out, out, rtol=0, atol=0)
+    for g, w in zip(got, [w for w in want if w is not None]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_custom_op_schemas_mirror_forward():
+    lib = _library()
+    assert lib.schema_of(backprop.cross_entropy.forward) == (
+        '(Tensor logits, Tensor targets, *, str reduction="mean", int ignore_index=-100, '
+        'float label_smoothing=0.0)')
+    assert str(torch.ops.backprop.batch_norm.default._schema).startswith(
+        "backprop::batch_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, *, float eps=")
+    assert str(torch.ops.backprop.linear_backward.default._schema).endswith("-> Tensor[]")
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: torch.ops.backprop.cross_entropy(torch.randn(3, 4), torch.tensor([0, 4, 1])),
+     ValueError, r"targets must lie in \[0, 4\) \(or ignore_index=-100\), got 4 at index \(1,\)"),
+    (lambda: torch.ops.backprop.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1])),
+     ValueError, r"targets must have shape \(3,\)"),
+    (lambda: torch.ops.backprop.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 1]), reduction="avg"),
+     ValueError, "reduction must be one of"),
+    (lambda: torch.ops.backprop.embedding(torch.tensor([[0, 5]]), torch.randn(5, 2)),
+     ValueError, r"indices must lie in \[0, 5\), got 5 at index \(0, 1\)"),
+    (lambda: torch.ops.backprop.embedding(torch.tensor([0]), torch.randn(5, 2), padding_idx=7),
+     ValueError, r"padding_idx must lie in \[-5, 4\]"),
+    (lambda: torch.ops.backprop.batch_norm(torch.randn(1, 3), correction=1), ValueError, "more rows than"),
+])
+def test_custom_ops_keep_the_eager_messages(call, error, message):
+    _library()
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_second_backward_through_a_custom_op_is_a_clear_error():
+    _library()
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.ops.backprop.tanh(x).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match=r"backprop::tanh_backward has no derivative"):
+        g.sum().backward()
+
+
+def test_a_users_own_op_registers_and_checks_the_same_way():
+    """register() takes any module with the kernel contract; opcheck() checks it as ours."""
+    import types
+
+    lib = _library()
+    mine = types.ModuleType("mine")
+    mine.forward, mine.prepare, mine.forward_math = (backprop.tanh.forward, backprop.tanh.prepare,
+                                                     backprop.tanh.forward_math)
+    mine.backward = backprop.tanh.backward
+    lib.register("my_tanh", lib.Entry(mine), namespace="backprop_test")
+    x = torch.randn(4, requires_grad=True)
+    lib.opcheck(torch.ops.backprop_test.my_tanh.default, x)
+
+
+# ---------------------------------------------------------------- 4. compile and export
+
+
+def _mlp_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V, E, T, H = 27, 10, 3, 64
+    params = [torch.randn(V, E, generator=g), torch.randn(H, T * E, generator=g) * 0.2,
+              torch.randn(H, generator=g) * 0.1, torch.randn(V, H, generator=g) * 0.1,
+              torch.zeros(V), torch.ones(H), torch.zeros(H)]
+    X, Y = torch.randint(0, V, (32, T), generator=g), torch.randint(0, V, (32,), generator=g)
+    return params, X, Y
+
+
+def _mlp_custom(C, W1, b1, W2, b2, gamma, beta, X, Y):
+    ops = torch.ops.backprop
+    emb = ops.embedding(X, C)  # (N, T, E)
+    h = ops.linear(emb.view(X.shape[0], -1), W1, b1)  # (N, H)
+    h = ops.tanh(ops.batch_norm(h, gamma, beta, correction=1))
+    return ops.cross_entropy(ops.linear(h, W2, b2), Y)
+
+
+def _mlp_kernels(C, W1, b1, W2, b2, gamma, beta, X, Y):
+    emb = apply(backprop.embedding, X, C)
+    h = apply(backprop.linear, emb.view(X.shape[0], -1), W1, b1)
+    h = apply(backprop.tanh, apply(backprop.batch_norm, h, gamma, beta, correction=1))
+    return apply(backprop.cross_entropy, apply(backprop.linear, h, W2, b2), Y)
+
+
+def _loss_and_grads(fn, params, X, Y):
+    leaves = [p.clone().requires_grad_() for p in params]
+    loss = fn(*leaves, X, Y)
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="Inductor on the CPU needs g++")
+def test_makemore_mlp_compiles_fullgraph_and_matches_the_eager_kernels():
+    _library()
+    torch._dynamo.reset()
+    params, X, Y = _mlp_params()
+    want_loss, want = _loss_and_grads(_mlp_kernels, params, X, Y)
+    compiled = torch.compile(_mlp_custom, fullgraph=True)  # a graph break raises
+    loss, got = _loss_and_grads(compiled, params, X, Y)
+    torch.testing.assert_close(loss, want_loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 27\)"):
+        compiled(*params, X, torch.full_like(Y, 27))
+
+
+def test_makemore_mlp_exports_with_the_ops_opaque():
+    _library()
+
+    class MLP(torch.nn.Module):
+        def __init__(self, params):
+            super().__init__()
+            self.params = torch.nn.ParameterList(params)
+
+        def forward(self, X, Y):
+            return _mlp_custom(*self.params, X, Y)
+
+    params, X, Y = _mlp_params()
+    model = MLP(params)
+    exported = torch.export.export(model, (X, Y))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    mlp_ops = {"embedding", "linear", "batch_norm", "tanh", "cross_entropy"}
+    assert targets == {f"backprop.{op}.default" for op in mlp_ops} | {"aten.view.default"}, targets
+    torch.testing.assert_close(exported.module()(X, Y), _mlp_kernels(*params, X, Y))
