@@ -5,7 +5,8 @@
 
 The Function is in the ``setup_context`` style, so torch.func accepts it: ``grad``, ``vjp``,
 ``jacrev`` (backward), ``jvp``, ``jacfwd`` (the op's hand-written ``jvp``) and ``vmap`` (a rule
-that runs the op once per sample, see ``KernelFunction.vmap``).
+that runs the op once per sample, see ``KernelFunction.vmap``). Forward over forward mode
+(``jacfwd(jacfwd(f))``) raises NotImplementedError; the other three pairings work.
 
 Second order: a backward with ``create_graph=True`` (or under an outer ``torch.func.grad``)
 recomputes the cache from the saved inputs and runs ``forward_math`` / ``backward_math`` as
@@ -21,6 +22,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.func import functionalize
 
 
@@ -92,8 +95,21 @@ class KernelFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, _op: None, _options: None, *tangents: torch.Tensor | None) -> tuple:
-        _, cache = KernelFunction._unpack(ctx)
-        t_out = ctx.op.jvp(tangents, cache)
+        args, cache = KernelFunction._unpack(ctx)
+        jvp_levels = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+        if len(jvp_levels) > 1:
+            # the outer forward mode sees a zero tangent for what this rule computes (found by test);
+            # an error, not a silently wrong second derivative
+            name = ctx.op.__name__.rsplit(".", 1)[-1]
+            raise NotImplementedError(
+                f"{name}: forward over forward mode (jacfwd(jacfwd(...)), jvp of jvp) is not supported "
+                f"through backprop.autograd.apply; use jacfwd(jacrev(...)) or jacrev(jacfwd(...))"
+            )
+        if _outer_transform(args):  # jacfwd(jacfwd), jacrev(jacfwd): the cache must carry history
+            _, cache = functionalize(ctx.op.forward_math)(_args_again(ctx, args, cache))
+            t_out = functionalize(ctx.op.jvp)(tangents, cache)
+        else:
+            t_out = ctx.op.jvp(tangents, cache)
         if t_out is None:  # every tangent was None (an integer input's)
             out = ctx.saved_tensors[sum(ctx.arg_slots)]
             t_out = torch.zeros_like(out)
@@ -120,6 +136,17 @@ class KernelFunction(torch.autograd.Function):
                 )
         stacked = [torch.stack([res[k] for res in per_sample]) for k in range(len(per_sample[0]) - 1)]
         return (*stacked, spec), (*[0] * len(stacked), None)
+
+
+def _outer_transform(args: list) -> bool:
+    """Is the jvp itself differentiated? Then an input is wrapped by an outer torch.func transform
+    or tracked by autograd, and the cache (computed without history) must be recomputed from it."""
+    return any(
+        isinstance(a, torch.Tensor)
+        and (torch._C._functorch.is_functorch_wrapped_tensor(a)
+             or (torch.is_grad_enabled() and a.requires_grad))
+        for a in args
+    )
 
 
 def _differentiable_backward(ctx: Any, args: list, cache: tuple, dout: torch.Tensor) -> tuple:

@@ -106,8 +106,8 @@ def _embedding_prepare(indices, weight, *, padding_idx=None, deterministic=True)
                              deterministic=deterministic)
     V = weight.shape[0]
     ok = ((indices >= 0) & (indices < V)).all()
-    _range_checked(ok, f"indices must lie in [0, {V})",
-                   lambda: embedding.prepare(indices, weight, padding_idx=padding_idx, deterministic=deterministic))
+    eager = lambda: embedding.prepare(indices, weight, padding_idx=padding_idx, deterministic=deterministic)  # noqa: E731
+    _range_checked(ok, f"indices must lie in [0, {V})", eager)
     return args._replace(indices=indices)
 
 
