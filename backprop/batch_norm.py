@@ -151,7 +151,8 @@ def jvp(
     None when every tangent is None.
     """
     t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
-    xhat, rstd, weight, _, correction, dtype = cache
+    # by name: a field added to Cache leaves this rule as it is
+    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
     N = xhat.shape[0]
     acc = xhat.dtype
     t_out = None

@@ -100,7 +100,7 @@ def jvp(
 ) -> torch.Tensor | None:
     """Forward mode (bilinear): t_out = t_x W^T + x t_W^T + t_b. None when every tangent is None."""
     t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
-    x, weight, _ = cache
+    x, weight = cache.x, cache.weight
     t_out = None
     if t_x is not None:
         t_out = torch.matmul(t_x, weight.t())  # (*, H) t_x W^T

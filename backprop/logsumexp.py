@@ -96,7 +96,7 @@ def jvp(tangents: tuple[torch.Tensor | None], cache: Cache) -> torch.Tensor | No
     (t_x,) = tangents
     if t_x is None:
         return None
-    x, shift, sumexp, dims, keepdim = cache
+    x, shift, sumexp, dims, keepdim = cache.x, cache.shift, cache.sumexp, cache.dims, cache.keepdim
     if not dims:
         return t_x.clone()  # a 0-d x: out = x
     # exp(x - m) * t_x out of place: under vmap t_x may be batched where x is not
