@@ -3,49 +3,187 @@
     loss = backprop.autograd.apply(backprop.cross_entropy, logits, targets, reduction="sum")
     loss.backward()  # calls backprop.cross_entropy.backward
 
-This is what ``torch.autograd.gradcheck`` runs on, and how the kernels drop into a real model.
+The Function is in the ``setup_context`` style, so torch.func accepts it: ``grad``, ``vjp``,
+``jacrev`` (backward), ``jvp``, ``jacfwd`` (the op's hand-written ``jvp``) and ``vmap`` (a rule
+that runs the op once per sample, see ``KernelFunction.vmap``). Forward over forward mode
+(``jacfwd(jacfwd(f))``) raises NotImplementedError; the other three pairings work.
+
+Second order: a backward with ``create_graph=True`` (or under an outer ``torch.func.grad``)
+recomputes the cache from the saved inputs and runs ``forward_math`` / ``backward_math`` as
+differentiable torch ops (functionalised: the kernels' in-place updates become out-of-place),
+so autograd differentiates our hand-written backward. The first-order gradient is the same
+formula either way; only the graph is extra.
 """
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.func import functionalize
+
+
+def _split_cache(args: tuple, out: torch.Tensor, cache: tuple) -> tuple[list, tuple]:
+    """The cache as extra tensors to return from forward, plus a plain spec of every field:
+    ("arg", i) an input, ("out",) the output, ("saved", j) extra tensor j, ("plain", v) a value."""
+    extras, spec = [], []
+    for v in cache:
+        if not isinstance(v, torch.Tensor):
+            spec.append(("plain", v))
+        elif v is out:
+            spec.append(("out",))
+        elif any(v is a for a in args):
+            spec.append(("arg", next(i for i, a in enumerate(args) if v is a)))
+        else:
+            spec.append(("saved", len(extras)))
+            extras.append(v)
+    return extras, tuple(spec)
 
 
 class KernelFunction(torch.autograd.Function):
-    """Saves the kernel's cache and unpacks it; the maths lives in the op module."""
+    """Saves the kernel's cache and unpacks it; the maths lives in the op module.
+
+    forward returns (out, *extras, spec): the cache tensors that are neither an input nor the
+    output (non-differentiable outputs, so that torch.func sees them), and the cache's layout.
+    ``apply`` below hands the caller ``out`` alone.
+    """
 
     @staticmethod
-    def forward(ctx: Any, op: ModuleType, options: dict, *args: Any) -> torch.Tensor:
+    def forward(op: ModuleType, options: dict, *args: Any) -> tuple:
         out, cache = op.forward(*args, **options)
-        ctx.op, ctx.single = op, not isinstance(cache, tuple)  # a bare tensor cache is allowed
-        fields = [cache] if ctx.single else list(cache)
-        # tensors go through save_for_backward (version-checked, no reference cycles), the rest on ctx
-        slots = [isinstance(v, torch.Tensor) for v in fields]
-        ctx.save_for_backward(*(v for v, t in zip(fields, slots) if t))
-        ctx.plain = [None if t else v for v, t in zip(fields, slots)]
-        ctx.slots, ctx.cache_type = slots, type(cache)
-        ctx.set_materialize_grads(True)
-        return out
+        extras, spec = _split_cache(args, out, cache)
+        return (out, *extras, spec)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        op, options, *args = inputs
+        out, *extras, spec = output
+        ctx.mark_non_differentiable(*extras)
+        ctx.set_materialize_grads(True)
+        ctx.op, ctx.options, ctx.spec, ctx.n_args = op, options, spec, len(args)
+        # every tensor input is kept, not only the cache's: a second backward recomputes the cache
+        # from them (a parameter or an activation that the caller holds anyway, in a model)
+        ctx.arg_slots = [isinstance(a, torch.Tensor) for a in args]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] + [out, *extras]
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+        ctx.plain_args = [None if t else a for a, t in zip(args, ctx.arg_slots)]
+
+    @staticmethod
+    def _unpack(ctx: Any) -> tuple[list, Any]:
         saved = iter(ctx.saved_tensors)
-        fields = [next(saved) if t else v for v, t in zip(ctx.plain, ctx.slots)]
-        if ctx.single:
-            cache = fields[0]
-        elif hasattr(ctx.cache_type, "_fields"):
-            cache = ctx.cache_type(*fields)
+        args = [next(saved) if t else a for a, t in zip(ctx.plain_args, ctx.arg_slots)]
+        out = next(saved)
+        extras = list(saved)
+        pick = {"arg": args.__getitem__, "saved": extras.__getitem__, "plain": lambda v: v}
+        fields = [out if kind == "out" else pick[kind](*v) for kind, *v in ctx.spec]
+        return args, ctx.op.Cache(*fields)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, *_: Any) -> tuple:
+        args, cache = KernelFunction._unpack(ctx)
+        op = ctx.op
+        if torch.is_grad_enabled():  # create_graph=True, or an outer torch.func transform
+            grads = _differentiable_backward(ctx, args, cache, dout)
         else:
-            cache = ctx.cache_type(fields)
-        grads = ctx.op.backward(dout.contiguous(), cache)
+            grads = op.backward(dout.contiguous(), cache)
         return (None, None, *grads)
+
+    @staticmethod
+    def jvp(ctx: Any, _op: None, _options: None, *tangents: torch.Tensor | None) -> tuple:
+        args, cache = KernelFunction._unpack(ctx)
+        jvp_levels = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+        if len(jvp_levels) > 1:
+            # the outer forward mode sees a zero tangent for what this rule computes (found by test);
+            # an error, not a silently wrong second derivative
+            name = ctx.op.__name__.rsplit(".", 1)[-1]
+            raise NotImplementedError(
+                f"{name}: forward over forward mode (jacfwd(jacfwd(...)), jvp of jvp) is not supported "
+                f"through backprop.autograd.apply; use jacfwd(jacrev(...)) or jacrev(jacfwd(...))"
+            )
+        if _outer_transform(args):  # jacfwd(jacfwd), jacrev(jacfwd): the cache must carry history
+            _, cache = functionalize(ctx.op.forward_math)(_args_again(ctx, args, cache))
+            t_out = functionalize(ctx.op.jvp)(tangents, cache)
+        else:
+            t_out = ctx.op.jvp(tangents, cache)
+        if t_out is None:  # every tangent was None (an integer input's)
+            out = ctx.saved_tensors[sum(ctx.arg_slots)]
+            t_out = torch.zeros_like(out)
+        return (t_out, *[None] * (len(ctx.saved_tensors) - sum(ctx.arg_slots) - 1), None)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, op: ModuleType, options: dict, *args: Any) -> tuple:
+        """One kernel call per sample, stacked. Correct for every op (prepare's host checks run on
+        each unbatched sample, with their messages), at the cost of a Python loop over the batch."""
+        name = op.__name__.rsplit(".", 1)[-1]
+        arg_dims = in_dims[2:]
+        if info.batch_size == 0:
+            raise ValueError(f"{name} under vmap needs a batch of at least one sample, got 0")
+        per_sample = []
+        for i in range(info.batch_size):
+            sample = [a if d is None else a.select(d, i) for a, d in zip(args, arg_dims)]
+            per_sample.append(KernelFunction.apply(op, options, *sample))
+        spec = per_sample[0][-1]
+        for res in per_sample[1:]:
+            if res[-1] != spec:
+                raise ValueError(
+                    f"{name} under vmap needs one cache layout for every sample (the same count of "
+                    f"ignored rows, for cross_entropy), got {spec} and {res[-1]}"
+                )
+        stacked = [torch.stack([res[k] for res in per_sample]) for k in range(len(per_sample[0]) - 1)]
+        return (*stacked, spec), (*[0] * len(stacked), None)
+
+
+def _outer_transform(args: list) -> bool:
+    """Is the jvp itself differentiated? Then an input is wrapped by an outer torch.func transform
+    or tracked by autograd, and the cache (computed without history) must be recomputed from it."""
+    return any(
+        isinstance(a, torch.Tensor)
+        and (torch._C._functorch.is_functorch_wrapped_tensor(a)
+             or (torch.is_grad_enabled() and a.requires_grad))
+        for a in args
+    )
+
+
+def _differentiable_backward(ctx: Any, args: list, cache: tuple, dout: torch.Tensor) -> tuple:
+    """op's gradients as a differentiable function of args and dout: the cache is recomputed
+    from the inputs (the forward's cache records no history), and both halves run functionalised,
+    because the kernels update their own buffers in place (exp_, mul_, scatter_), which autograd
+    cannot differentiate through when the overwritten value was saved."""
+    op = ctx.op
+    _, cache = functionalize(op.forward_math)(_args_again(ctx, args, cache))
+    return functionalize(op.backward_math)(dout, cache)
+
+
+def _args_again(ctx: Any, args: list, cache: tuple) -> tuple:
+    """forward_math's Args without prepare (its host checks cannot run under vmap, and they
+    passed already), each field by name: the cache's (an input itself, or a prepared plain value
+    such as cross_entropy's masked targets), else forward's argument, option, or default."""
+    op = ctx.op
+    params = inspect.signature(op.forward).parameters
+    by_name = dict(zip(params, args))
+    fields = {}
+    for name in op.Args._fields:
+        if name in op.Cache._fields:
+            kind = ctx.spec[op.Cache._fields.index(name)][0]
+            value = getattr(cache, name)
+            if kind in ("saved", "out") and isinstance(value, torch.Tensor) and value.is_floating_point():
+                raise TypeError(f"{op.__name__}: Args.{name} would come from a cache tensor without "
+                                f"history; a second backward needs it recomputed from the inputs")
+            fields[name] = value
+        elif name in by_name:
+            fields[name] = by_name[name]
+        elif name in ctx.options:
+            fields[name] = ctx.options[name]
+        else:
+            fields[name] = params[name].default
+    return op.Args(**fields)
 
 
 def apply(op: ModuleType, *args: Any, **options: Any) -> torch.Tensor:
     """op.forward(*args, **options) as an autograd node whose backward is op.backward."""
-    return KernelFunction.apply(op, options, *args)
+    return KernelFunction.apply(op, options, *args)[0]

@@ -149,3 +149,36 @@ def backward_math(
         _check.cast(dweight, dtype) if weight is not None else None,
         _check.cast(dbias, dtype) if has_bias else None,
     )
+
+
+def jvp(
+    tangents: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], cache: Cache
+) -> torch.Tensor | None:
+    """Forward mode, with d = N - correction, means and sums over the N rows:
+    t_xhat = rstd * (t_xc - xhat * sum(xhat * t_xc) / d),  t_xc = t_x - mean(t_x)
+    t_out  = weight * t_xhat + t_weight * xhat + t_bias
+    (from d xc = t_xc and d rstd = -rstd^3 sum(xc t_xc) / d, with xc = xhat / rstd).
+    None when every tangent is None.
+    """
+    t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
+    # by name: a field added to Cache leaves this rule as it is
+    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
+    N = xhat.shape[0]
+    acc = xhat.dtype
+    t_out = None
+    if t_x is not None:
+        t_xc = _check.cast(t_x, acc)  # (N, C)
+        t_xc = t_xc - t_xc.mean(0)
+        # sum(xhat * t_x) alone is the same in exact arithmetic (sum(xhat) = 0); centring t_x
+        # first keeps the rounding of xhat's mean out of it
+        proj = (xhat * t_xc).sum(0).div_(N - correction)  # (C,)
+        scale = rstd * _check.cast(weight, acc) if weight is not None else rstd  # (C,)
+        t_out = (t_xc - xhat * proj) * scale  # (N, C)
+    # the terms are added out of place: under vmap one tangent may be batched and another not
+    if t_w is not None:
+        term = xhat * _check.cast(t_w, acc)  # (N, C)
+        t_out = term if t_out is None else t_out + term
+    if t_b is not None:
+        term = _check.cast(t_b, acc).expand(xhat.shape)  # (N, C)
+        t_out = term.clone() if t_out is None else t_out + term
+    return None if t_out is None else _check.cast(t_out, dtype)

@@ -157,3 +157,20 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, None]
         target += eps * (1 - 1 / C)
     dlogits.scatter_(1, targets[:, None], target * w)
     return dlogits, None
+
+
+def jvp(tangents: tuple[torch.Tensor | None, None], cache: Cache) -> torch.Tensor | None:
+    """Forward mode: row n moves by w_n <softmax(z_n) - q_n, t_n> = w_n (<p_n, t_n> - <q_n, t_n>),
+    w_n = 1 / count ('mean', summed), 1 ('sum', summed; 'none', per row), 0 on ignored rows.
+    p_n - q_n is backward_math's dlogits for dout = 1 per row (its expm1 keeps p_y - 1 exact).
+    None when t_logits is None."""
+    t_logits = tangents[0]
+    if t_logits is None:
+        return None
+    N = cache.logits.shape[0]
+    ones = cache.logits.new_ones(N)  # (N,) one unit of upstream gradient per row
+    p_minus_q, _ = backward_math(ones, cache._replace(reduction="none"))  # (N, C), 0 on ignored rows
+    rows = (p_minus_q * t_logits).sum(1)  # (N,)
+    if cache.reduction == "none":
+        return rows
+    return rows.sum() / cache.count if cache.reduction == "mean" else rows.sum()

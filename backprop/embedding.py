@@ -112,3 +112,14 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]
     if padding_idx is not None:
         dweight[padding_idx] = 0
     return None, dweight
+
+
+def jvp(tangents: tuple[None, torch.Tensor | None], cache: Cache) -> torch.Tensor | None:
+    """Forward mode: t_out[..., :] = t_W[indices[...], :] (the forward is linear in the table).
+    The padding row is read like any other, as in forward: padding_idx zeroes only the gradient.
+    None when t_W is None."""
+    _, t_w = tangents
+    if t_w is None:
+        return None
+    indices, E = cache.indices, cache.embedding_dim
+    return t_w.index_select(0, indices.reshape(-1)).reshape(*indices.shape, E)  # (*, E)

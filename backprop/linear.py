@@ -100,3 +100,21 @@ def backward_math(
     dweight = dout2.t() @ x2  # (H, D)
     dbias = dout2.sum(0) if has_bias else None  # (H,)
     return (dx if x.ndim == 2 else dx.reshape(x.shape)), dweight, dbias
+
+
+def jvp(
+    tangents: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], cache: Cache
+) -> torch.Tensor | None:
+    """Forward mode (bilinear): t_out = t_x W^T + x t_W^T + t_b. None when every tangent is None."""
+    t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
+    x, weight = cache.x, cache.weight
+    t_out = None
+    if t_x is not None:
+        t_out = torch.matmul(t_x, weight.t())  # (*, H) t_x W^T
+    if t_w is not None:
+        term = torch.matmul(x, t_w.t())  # (*, H) x t_W^T
+        # out of place: under vmap one tangent may be batched and another not
+        t_out = term if t_out is None else t_out + term
+    if t_b is not None:  # broadcast over the leading dims
+        t_out = t_b.expand(*x.shape[:-1], weight.shape[0]).clone() if t_out is None else t_out + t_b
+    return t_out

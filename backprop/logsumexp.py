@@ -95,3 +95,17 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
         dout = dout.reshape(shift.shape)  # put the reduced dims back as size 1 to broadcast
     dx = (x - shift).exp_().mul_(dout / sumexp)  # (*) exp(x - m) * dout / sumexp
     return (dx,)
+
+
+def jvp(tangents: tuple[torch.Tensor | None], cache: Cache) -> torch.Tensor | None:
+    """Forward mode: t_out = <softmax(x), t_x> along the dims = sum(exp(x - m) t_x) / sumexp.
+    None when t_x is None."""
+    (t_x,) = tangents
+    if t_x is None:
+        return None
+    x, shift, sumexp, dims, keepdim = cache.x, cache.shift, cache.sumexp, cache.dims, cache.keepdim
+    if not dims:
+        return t_x.clone()  # a 0-d x: out = x
+    # exp(x - m) * t_x out of place: under vmap t_x may be batched where x is not
+    t_out = ((x - shift).exp_() * t_x).sum(dim=dims, keepdim=True) / sumexp  # keepdim shape
+    return t_out if keepdim else t_out.squeeze(dims)

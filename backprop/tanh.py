@@ -60,3 +60,15 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     # rounds y*y first and loses bits to the cancellation
     dx = (1 - out).mul_(1 + out).mul_(dout)  # (*) = (1 - y) * (1 + y) * dout
     return (dx,)
+
+
+def jvp(tangents: tuple[torch.Tensor | None], cache: Cache) -> torch.Tensor | None:
+    """Forward mode: t_out = (1 - y)(1 + y) t_x, the backward's factor applied to the tangent.
+    None when t_x is None."""
+    (t_x,) = tangents
+    if t_x is None:
+        return None
+    y = cache.out
+    # as in backward_math: 1 - y is exact near |y| = 1. Out of place in t_x: under vmap the tangent
+    # may be batched where y is not, and an in-place update of y's buffer by it is refused
+    return (1 - y).mul_(1 + y) * t_x  # (*)
