@@ -4,19 +4,24 @@
     loss = torch.ops.backprop.cross_entropy(logits, targets, label_smoothing=0.1)
     loss.backward()  # runs torch.ops.backprop.cross_entropy_backward: our hand-written backward
 
-Each op in ``TABLE`` becomes two custom ops whose schemas are read off the module's ``forward``
-signature (options stay keyword-only arguments):
+Each op in ``TABLE`` (every op of ``backprop.OPS``) becomes three custom ops whose schemas are
+read off the module's ``forward`` signature (options stay keyword-only arguments):
 
-    backprop::<op>(<forward's arguments>) -> Tensor
-    backprop::<op>_backward(Tensor dout, <forward's arguments>) -> Tensor[]
+    backprop::<op>(<forward's arguments>) -> Tensor                 the public op
+    backprop::<op>_forward(<forward's arguments>) -> (Tensor out, Tensor cache0, ...)
+    backprop::<op>_backward(Tensor dout, Tensor out, Tensor cache0, ..., <forward's arguments>) -> Tensor[]
 
-with a fake (meta) implementation for each and ``register_autograd`` tying the first to the
-second. The backward op returns the gradients of the floating-point tensor arguments, in order.
+``<op>`` is ``<op>_forward``'s first output. The cache crosses the op boundary as tensors: the
+forward op also returns the cache's tensors that are neither inputs nor ``out`` (``CACHE_SLOTS``
+slots, the unused ones empty), so the backward never recomputes the forward; the cache's plain
+fields are read off prepare and forward_math run on meta tensors (shapes only). Each has a fake
+(meta) implementation, and ``register_autograd`` ties ``<op>_forward`` to ``<op>_backward``, which
+runs the module's ``backward_math``. Second derivatives are not offered on this path (a clear
+error); the autograd adapter (``backprop.autograd.apply``) has them.
 
-Memory for compute: the forward op returns only ``out``, so the backward op recomputes the cache
-from the inputs (one extra ``forward_math``, as activation checkpointing does) and then runs the
-module's ``backward``. Second derivatives are not offered on this path (a clear error); the
-autograd adapter (``backprop.autograd.apply``) has them.
+Inductor's on-disk cache (``/tmp/torchinductor_$USER``) keys compiled graphs without these ops'
+Python implementations: a graph compiled against an older backprop's schemas can be reused and
+fail with "missing value for argument". Clear that directory after upgrading backprop.
 
 Host checks: ``prepare`` reads targets and indices on the host to raise a message naming the
 offending entry. In a custom op that would be a device sync inside a compiled graph, so the ops in
@@ -34,7 +39,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from backprop import _check, batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
+import backprop
+from backprop import _check, cross_entropy, embedding
 
 NAMESPACE = "backprop"
 
@@ -119,55 +125,103 @@ class Entry(NamedTuple):
     prepare: Callable[..., tuple] | None = None
 
 
-TABLE = {
-    "cross_entropy": Entry(cross_entropy, _cross_entropy_prepare),
-    "logsumexp": Entry(logsumexp),
-    "batch_norm": Entry(batch_norm),
-    "tanh": Entry(tanh),
-    "linear": Entry(linear),
-    "embedding": Entry(embedding, _embedding_prepare),
-}
+# the sync-free prepares; every other op uses its module's own prepare
+_SYNC_FREE_PREPARE = {"cross_entropy": _cross_entropy_prepare, "embedding": _embedding_prepare}
+TABLE = {name: Entry(module, _SYNC_FREE_PREPARE.get(name)) for name, module in backprop.OPS.items()}
 
 
 def _is_float(a: object) -> bool:
     return isinstance(a, torch.Tensor) and a.is_floating_point()
 
 
+def _cache_tensors(args: tuple, out: torch.Tensor, cache: tuple) -> tuple[list[torch.Tensor], list]:
+    """Split the cache's fields into what the forward op must return and a plan to rebuild it:
+    a field is an input (``("arg", i)``), the output (``("out",)``), a new tensor (``("extra", k)``)
+    or a plain value (``("value", v)``). Inputs and the output are not returned again: a custom
+    op's outputs may not alias its inputs or each other."""
+    extras, plan = [], []
+    for field in cache:
+        if not isinstance(field, torch.Tensor):
+            plan.append(("value", field))
+        elif field is out:
+            plan.append(("out",))
+        elif any(field is a for a in args):
+            plan.append(("arg", next(i for i, a in enumerate(args) if field is a)))
+        else:
+            plan.append(("extra", len(extras)))
+            extras.append(field)
+    return extras, plan
+
+
+def _on_meta(a: object) -> object:
+    return torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a
+
+
 def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     """Register ``<namespace>::<name>`` and ``<namespace>::<name>_backward`` for an op module with
-    the backprop contract (prepare / forward_math / backward). Returns both custom ops."""
+    the backprop contract (prepare / forward_math / backward_math). Returns both custom ops.
+
+    The cache crosses the op boundary as tensors: ``<name>_forward`` returns ``[out, *extras]``
+    (the cache's tensors that are neither inputs nor ``out``) and ``<name>`` is its first output,
+    so the backward never recomputes the forward. The cache's plain fields (counts, flags, dims)
+    are read off a run of prepare and forward_math on meta tensors: shapes only, no arithmetic."""
     module = entry.module
     prepare = entry.prepare or module.prepare
+    backward_math = getattr(module, "backward_math", module.backward)  # a user's module may have no split
 
     def forward_impl(*args, **options):
-        out, _ = module.forward_math(prepare(*args, **options))
-        return out
+        out, cache = module.forward_math(prepare(*args, **options))
+        extras, _ = _cache_tensors(args, out, cache)
+        if len(extras) > CACHE_SLOTS:
+            raise RuntimeError(f"{name}: {len(extras)} cache tensors, more than the {CACHE_SLOTS} slots")
+        extras = [e.clone() if e._base is not None else e for e in extras]  # outputs are never views
+        return (out, *extras, *(out.new_empty(0) for _ in range(CACHE_SLOTS - len(extras))))
 
-    def backward_impl(dout, *args, **options):
-        _, cache = module.forward_math(prepare(*args, **options))  # the cache, recomputed
-        return [g for g in module.backward(dout, cache) if g is not None]
+    def rebuild(out, extras, args, options):
+        meta = tuple(_on_meta(a) for a in args)
+        meta_out, meta_cache = module.forward_math(prepare(*meta, **options))
+        _, plan = _cache_tensors(meta, meta_out, meta_cache)
+        fields = [p[1] if p[0] == "value" else out if p[0] == "out" else
+                  args[p[1]] if p[0] == "arg" else extras[p[1]] for p in plan]
+        return type(meta_cache)(*fields)
 
-    def backward_fake(dout, *args, **options):
-        return [torch.empty_like(a) for a in args if _is_float(a)]
+    def backward_impl(dout, out, *rest, **options):
+        extras, args = rest[:CACHE_SLOTS], rest[CACHE_SLOTS:]
+        cache = rebuild(out, extras, args, options)
+        # backward_math, not backward: autograd's saved tensors already refuse in-place edits
+        return [g for g in backward_math(dout, cache) if g is not None]
 
-    fwd = torch.library.custom_op(f"{namespace}::{name}", forward_impl, mutates_args=(),
-                                  schema=schema_of(module.forward) + " -> Tensor")
+    def backward_fake(dout, out, *rest, **options):
+        return [torch.empty_like(a) for a in rest[CACHE_SLOTS:] if _is_float(a)]
+
+    schema = schema_of(module.forward)
+    # fixed tuples, not Tensor[]: torch 2.13's autograd for custom ops with a Tensor[] in the schema
+    # rejects a backward for an op called with an optional tensor set to None (a pytree mismatch)
+    fwd = torch.library.custom_op(f"{namespace}::{name}_forward", forward_impl, mutates_args=(),
+                                  schema=schema + f" -> ({', '.join(['Tensor'] * (1 + CACHE_SLOTS))})")
+    slots = "".join(f"Tensor cache{i}, " for i in range(CACHE_SLOTS))
     bwd = torch.library.custom_op(f"{namespace}::{name}_backward", backward_impl, mutates_args=(),
-                                  schema=schema_of(module.forward, "Tensor dout, ") + " -> Tensor[]")
+                                  schema=schema_of(module.forward, f"Tensor dout, Tensor out, {slots}")
+                                  + " -> Tensor[]")
     fwd.register_fake(forward_impl)  # prepare and forward_math on fake tensors: no host read left
     bwd.register_fake(backward_fake)
 
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):  # called by keyword
         ctx.slots = [isinstance(a, torch.Tensor) for a in inputs]
-        ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)))
+        ctx.save_for_backward(*(a for a in inputs if isinstance(a, torch.Tensor)), *output)
+        ctx.n_inputs = sum(ctx.slots)
         ctx.plain = [None if t else a for a, t in zip(inputs, ctx.slots)]
         ctx.options = keyword_only_inputs or {}
+        # the cache outputs never get a gradient: do not materialise zeros of their size for them
+        ctx.set_materialize_grads(False)
 
-    def backward(ctx, dout):
-        saved = iter(ctx.saved_tensors)
-        args = [next(saved) if t else a for a, t in zip(ctx.plain, ctx.slots)]
-        grads = iter(bwd(dout, *args, **ctx.options))
-        return tuple(next(grads) if _is_float(a) else None for a in args)
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        inputs, (out, *extras) = iter(saved[:ctx.n_inputs]), saved[ctx.n_inputs:]
+        args = [next(inputs) if t else a for a, t in zip(ctx.plain, ctx.slots)]
+        dout = grads[0] if grads[0] is not None else torch.zeros_like(out)
+        dgrads = iter(bwd(dout.contiguous(), out, *extras, *args, **ctx.options))
+        return tuple(next(dgrads) if _is_float(a) else None for a in args)
 
     def no_second_order(ctx, *_):
         raise NotImplementedError(
@@ -177,7 +231,25 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
 
     fwd.register_autograd(backward, setup_context=setup_context)
     bwd.register_autograd(no_second_order)
-    return fwd, bwd
+    # the public op: the first output of <name>_forward (one Tensor, as the twin returns)
+    qualname = f"{namespace}::{name}"
+    if namespace not in _LIBS:
+        _LIBS[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    torch.library.define(qualname, schema + " -> Tensor", lib=_LIBS[namespace])
+    signature = inspect.signature(module.forward)
+
+    def public(*args, **options):
+        # the dispatcher may hand keyword-only arguments over by position: bind them by name again
+        bound = signature.bind(*args, **options)
+        bound.apply_defaults()
+        return fwd(*bound.args, **bound.kwargs)[0]
+
+    torch.library.impl(qualname, "CompositeImplicitAutograd", lib=_LIBS[namespace])(public)
+    return getattr(getattr(torch.ops, namespace), name), bwd
+
+
+CACHE_SLOTS = 6  # the most cache tensors an op's forward op returns besides out (unused ones are empty)
+_LIBS: dict[str, torch.library.Library] = {}  # per namespace: keeps the public ops' definitions alive
 
 
 OPS = {name: register(name, entry) for name, entry in TABLE.items()}
