@@ -95,7 +95,8 @@ def check_bad_input(name: str, op: Any, case: Case) -> None:
     # and gives inf - inf = nan. In the last two ours follows the formula, as torch's composed ops do
     single_row_bn = name == "batch_norm" and args[0].shape[0] == 1
     zero_channel_bn = name == "batch_norm" and args[0].shape[1] == 0
-    inf_weight_bn = name == "batch_norm" and len(args) > 1 and args[1] is not None and not args[1].isfinite().all()
+    inf_weight_bn = (name == "batch_norm" and len(args) > 1 and args[1] is not None
+                     and not args[1].isfinite().all())
     composed_bn = zero_channel_bn or inf_weight_bn
     assert single_row_bn or zero_channel_bn or not _torch_refuses(name, args, options), \
         f"{name}{options} accepted an input that torch refuses"

@@ -187,7 +187,8 @@ def tanh_input_forward(x):
     return torch.tanh(x), tanh.Cache(x)
 
 
-tanh_uses_input = SimpleNamespace(forward=no_autograd(tanh_input_forward), backward=tanh.backward, Cache=tanh.Cache,
+tanh_uses_input = SimpleNamespace(forward=no_autograd(tanh_input_forward), backward=tanh.backward,
+                                  Cache=tanh.Cache,
                                   __name__="tanh_uses_input", __doc__=tanh_input_forward.__doc__, op="tanh")
 
 
@@ -255,12 +256,13 @@ MUTANTS = [
 
 
 def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype] | None = None,
-                device: str = "cpu") -> str | None:
+                device: str = "cpu", fixed: bool = False) -> str | None:
     """Run the suite's checks on the mutant; return the stage that caught it (forward, gradient,
     gradcheck or contract), None if it survived ``max_examples`` derandomised cases. A crash does
     not count as a catch: a mutant that only crashes (say, on shapes that do not line up) must
     still be caught by a check on the cases where it runs, so a broken mutant cannot pass for a
-    caught one. ``dtypes`` narrows the drawn cases to those dtypes (the plugin's --backprop-dtypes)."""
+    caught one. ``dtypes`` narrows the drawn cases to those dtypes (the plugin's --backprop-dtypes);
+    ``fixed`` tries the op table's fixed cases first, as the plugin's run does."""
     from backprop.testing.opinfo import OPS
     from backprop.testing.oracle import CheckFailure
     from backprop.testing.strategies import to_device
@@ -271,6 +273,16 @@ def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype
     if hasattr(m, "cases"):
         strategy = m.cases(strategy)
     caught = []
+    for args, options in info.fixed_cases(device) if fixed else ():
+        for dtype in dtypes or (None,):
+            cast = tuple(a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point()
+                         else a for a in args)
+            try:
+                check_case(m.op, m, (cast, options))
+            except CheckFailure as e:
+                return e.stage
+            except Exception:
+                pass
 
     @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
