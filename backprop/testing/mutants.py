@@ -1,0 +1,304 @@
+"""A catalogue of plausible backward bugs: each a small variant of a correct kernel, with a
+one-line docstring naming the mistake. tests/test_mutants.py asserts the suite catches every one,
+and the pytest plugin (backprop.pytest_plugin) reruns the catalogue on a user's machine before it
+trusts a green run ("suite power").
+
+    stage = first_catch(m, max_examples=300)   # "gradient", "forward", ... or None: it survived
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from backprop import batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
+from backprop._check import no_autograd
+
+
+def mutant(op, *, forward=None, backward=None):
+    """Decorator: the function's docstring names the bug; it replaces op's forward or backward.
+    It runs without autograd, as the kernels do: a mutant that records history would be caught by
+    the contract's no-history check on every case, whatever its bug, and prove nothing."""
+
+    def make(fn):
+        fn = no_autograd(fn)
+        return SimpleNamespace(
+            forward=forward or (fn if backward is None and fn.__name__.endswith("forward") else op.forward),
+            backward=backward or (fn if fn.__name__.endswith("backward") else op.backward),
+            Cache=op.Cache, __name__=fn.__name__, __doc__=fn.__doc__, op=op.__name__.split(".")[-1],
+        )
+
+    return make
+
+
+# ---------------------------------------------------------------- cross_entropy
+
+
+def _ce_backward(dout, cache, *, denominator=None, smoothing_part=None, use_dout=True):
+    logits, shift, logsum, targets, valid, count, reduction, eps, _ = cache
+    logprobs = logits - shift - logsum
+    N, C = logprobs.shape
+    d = dout if use_dout else torch.ones_like(dout)
+    w = d / (count if denominator is None else denominator) if reduction == "mean" else d
+    if valid is not None:
+        w = torch.where(valid, w, 0.0)
+    w = w.reshape(-1, 1)
+    uniform = eps / C if smoothing_part is None else smoothing_part(eps, C)
+    q = torch.full_like(logprobs, uniform)
+    q.scatter_(1, targets[:, None], uniform + 1 - eps)
+    return (logprobs.exp() - q) * w, None
+
+
+@mutant(cross_entropy)
+def ce_mean_over_all_rows_backward(dout, cache):
+    """'mean' divides by N, counting the ignored rows."""
+    return _ce_backward(dout, cache, denominator=cache.logits.shape[0])
+
+
+@mutant(cross_entropy)
+def ce_forgets_1_over_n_backward(dout, cache):
+    """'mean' forgets the 1/N."""
+    return _ce_backward(dout, cache, denominator=1)
+
+
+@mutant(cross_entropy)
+def ce_smoothing_weight_backward(dout, cache):
+    """Label smoothing spreads eps over the C - 1 other classes instead of all C."""
+    return _ce_backward(dout, cache, smoothing_part=lambda eps, C: eps / max(C - 1, 1))
+
+
+@mutant(cross_entropy)
+def ce_drops_dout_backward(dout, cache):
+    """Drops the upstream gradient: treats dloss as 1."""
+    return _ce_backward(dout, cache, use_dout=False)
+
+
+def ce_unshifted_forward(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    """Unshifted exp: log(sum(exp(z))) overflows for large logits."""
+    _, cache = cross_entropy.forward(logits, targets, reduction=reduction, ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing)
+    logsum = torch.log(torch.exp(logits).sum(1, keepdim=True))
+    logprobs = logits - logsum
+    loss = F.nll_loss(logprobs, targets, ignore_index=ignore_index, reduction=reduction)
+    if label_smoothing > 0:
+        smooth = -logprobs.sum(1)
+        smooth = torch.where(targets != ignore_index, smooth, 0.0)
+        if reduction != "none":
+            smooth = smooth.sum() / (cache.count if reduction == "mean" else 1)
+        loss = (1 - label_smoothing) * loss + label_smoothing / logits.shape[1] * smooth
+    return loss, cache._replace(shift=torch.zeros_like(cache.shift), logsum=logsum)
+
+
+ce_unshifted = SimpleNamespace(forward=no_autograd(ce_unshifted_forward), backward=cross_entropy.backward,
+                               Cache=cross_entropy.Cache, __name__="ce_unshifted",
+                               __doc__=ce_unshifted_forward.__doc__, op="cross_entropy")
+
+
+# ---------------------------------------------------------------- logsumexp
+
+
+@mutant(logsumexp)
+def lse_keepdim_broadcast_backward(dout, cache):
+    """Wrong keepdim broadcast: puts the reduced dim back last instead of where it was."""
+    x, shift, sumexp, dims, keepdim, _ = cache
+    if dims and not keepdim:
+        dout = dout.unsqueeze(-1)
+    return (torch.exp(x - shift) * (dout / sumexp),)
+
+
+@mutant(logsumexp)
+def lse_unnormalised_backward(dout, cache):
+    """Gradient exp(x) without normalising by the sum."""
+    x, shift, sumexp, dims, keepdim, _ = cache
+    if dims and not keepdim:
+        dout = dout.reshape(shift.shape)
+    return (torch.exp(x - shift) * dout,)
+
+
+# ---------------------------------------------------------------- batch_norm
+
+
+def _bn_backward(dout, cache, *, d=None, mean_term=True, var_term=True, swap=False, dim=0):
+    xhat, rstd, weight, has_bias, correction, dtype, _ = cache
+    N = xhat.shape[0]
+    d = N - correction if d is None else d
+    dy = dout.to(xhat.dtype)
+    dbias, dweight = dy.sum(dim), (dy * xhat).sum(dim)
+    scale = rstd * weight.to(xhat.dtype) if weight is not None else rstd
+    dx = scale * (dy - (dbias / N if mean_term else 0) - (xhat * (dweight / d) if var_term else 0))
+    dw, db = (dbias, dweight) if swap else (dweight, dbias)
+    return dx.to(dtype), dw.to(dtype) if weight is not None else None, db.to(dtype) if has_bias else None
+
+
+@mutant(batch_norm)
+def bn_bessel_mixup_backward(dout, cache):
+    """Bessel mix-up: divides the variance path by N where the forward used N - correction."""
+    return _bn_backward(dout, cache, d=cache.xhat.shape[0])
+
+
+@mutant(batch_norm)
+def bn_drops_mean_term_backward(dout, cache):
+    """Drops the path through the mean."""
+    return _bn_backward(dout, cache, mean_term=False)
+
+
+@mutant(batch_norm)
+def bn_drops_variance_term_backward(dout, cache):
+    """Drops the path through the variance."""
+    return _bn_backward(dout, cache, var_term=False)
+
+
+@mutant(batch_norm)
+def bn_swapped_affine_grads_backward(dout, cache):
+    """dweight and dbias swapped."""
+    return _bn_backward(dout, cache, swap=True)
+
+
+@mutant(batch_norm)
+def bn_wrong_reduction_dim_backward(dout, cache):
+    """Reduces over the channels (dim 1) instead of the rows."""
+    xhat, dtype = cache.xhat, cache.dtype
+    dy = dout.to(xhat.dtype)
+    dbias, dweight = dy.sum(1, keepdim=True), (dy * xhat).sum(1, keepdim=True)
+    scale = cache.rstd * cache.weight.to(xhat.dtype) if cache.weight is not None else cache.rstd
+    N = xhat.shape[0]
+    dx = scale * (dy - dbias / N - xhat * dweight / (N - cache.correction))
+    return (dx.to(dtype), dweight.reshape(-1)[: xhat.shape[1]].to(dtype) if cache.weight is not None else None,
+            dbias.reshape(-1)[: xhat.shape[1]].to(dtype) if cache.has_bias else None)
+
+
+# ---------------------------------------------------------------- tanh
+
+
+@mutant(tanh)
+def tanh_one_plus_backward(dout, cache):
+    """1 + y**2 instead of 1 - y**2."""
+    return ((1 + cache.out * cache.out) * dout,)
+
+
+def tanh_input_forward(x):
+    """Uses the input where the rule needs the output: caches x, not tanh(x)."""
+    return torch.tanh(x), tanh.Cache(x)
+
+
+tanh_uses_input = SimpleNamespace(forward=no_autograd(tanh_input_forward), backward=tanh.backward,
+                                  Cache=tanh.Cache,
+                                  __name__="tanh_uses_input", __doc__=tanh_input_forward.__doc__, op="tanh")
+
+
+# ---------------------------------------------------------------- linear
+
+
+@mutant(linear)
+def linear_missing_transpose_backward(dout, cache):
+    """dx = dout @ W.T: a missing transpose that only square weights let through."""
+    x, weight, has_bias, _ = cache
+    H, D = weight.shape
+    dout2 = dout.reshape(-1, H)
+    dx = (dout2 @ weight.T).reshape(x.shape)  # shapes only agree when H == D
+    return dx, dout2.t() @ x.reshape(-1, D), dout2.sum(0) if has_bias else None
+
+
+def _square(case):
+    """Cut a linear case down to a square weight, where the missing transpose still runs."""
+    (x, weight, bias), options = case
+    k = min(weight.shape)
+    return (x[..., :k].contiguous(), weight[:k, :k].contiguous(), None if bias is None else bias[:k]), options
+
+
+linear_missing_transpose_backward.cases = lambda strategy: strategy.map(_square)
+
+
+@mutant(linear)
+def linear_bias_first_row_backward(dout, cache):
+    """Bias gradient taken from the first row only."""
+    dx, dweight, dbias = linear.backward(dout, cache)
+    return dx, dweight, dout.reshape(-1, cache.weight.shape[0])[0].clone() if cache.has_bias else None
+
+
+# ---------------------------------------------------------------- embedding
+
+
+@mutant(embedding)
+def embedding_overwrite_backward(dout, cache):
+    """Overwrites instead of accumulating repeated indices: dweight[idx] = dout."""
+    indices, V, E, padding_idx, dtype, _, _ = cache
+    dweight = dout.new_zeros(V, E)
+    dweight[indices.reshape(-1)] = dout.reshape(-1, E)
+    if padding_idx is not None:
+        dweight[padding_idx] = 0
+    return None, dweight
+
+
+@mutant(embedding)
+def embedding_padding_not_zeroed_backward(dout, cache):
+    """The padding row is not zeroed."""
+    indices, V, E, padding_idx, dtype, _, _ = cache
+    return None, dout.new_zeros(V, E).index_add_(0, indices.reshape(-1), dout.reshape(-1, E))
+
+
+MUTANTS = [
+    ce_mean_over_all_rows_backward, ce_forgets_1_over_n_backward, ce_smoothing_weight_backward,
+    ce_unshifted, ce_drops_dout_backward,
+    lse_keepdim_broadcast_backward, lse_unnormalised_backward,
+    bn_bessel_mixup_backward, bn_drops_mean_term_backward, bn_drops_variance_term_backward,
+    bn_swapped_affine_grads_backward, bn_wrong_reduction_dim_backward,
+    tanh_one_plus_backward, tanh_uses_input,
+    linear_missing_transpose_backward, linear_bias_first_row_backward,
+    embedding_overwrite_backward, embedding_padding_not_zeroed_backward,
+]
+
+
+def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype] | None = None,
+                device: str = "cpu", fixed: bool = False) -> str | None:
+    """Run the suite's checks on the mutant; return the stage that caught it (forward, gradient,
+    gradcheck or contract), None if it survived ``max_examples`` derandomised cases. A crash does
+    not count as a catch: a mutant that only crashes (say, on shapes that do not line up) must
+    still be caught by a check on the cases where it runs, so a broken mutant cannot pass for a
+    caught one. ``dtypes`` narrows the drawn cases to those dtypes (the plugin's --backprop-dtypes);
+    ``fixed`` tries the op table's fixed cases first, as the plugin's run does."""
+    from backprop.testing.opinfo import OPS
+    from backprop.testing.oracle import CheckFailure
+    from backprop.testing.strategies import to_device
+    from backprop.testing.suite import check_case, gradcheck_case
+
+    info = OPS[m.op]
+    strategy = info.cases() if not dtypes else st.sampled_from(list(dtypes)).flatmap(info.cases)
+    if hasattr(m, "cases"):
+        strategy = m.cases(strategy)
+    caught = []
+    for args, options in info.fixed_cases(device) if fixed else ():
+        for dtype in dtypes or (None,):
+            cast = tuple(a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point()
+                         else a for a in args)
+            try:
+                check_case(m.op, m, (cast, options))
+            except CheckFailure as e:
+                return e.stage
+            except Exception:
+                pass
+
+    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def search(case):
+        try:
+            check_case(m.op, m, to_device(case, device))
+            gradcheck_case(m.op, m, case)  # finite differences: float64 on the CPU
+        except CheckFailure as e:
+            caught.append(e.stage)
+            raise
+        except Exception:  # e.g. a missing transpose on non-square weights: try the next case
+            pass
+
+    try:
+        search()
+    except Exception:
+        return caught[0] if caught else None
+    return None

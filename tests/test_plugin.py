@@ -1,0 +1,168 @@
+"""The pytest plugin (backprop.pytest_plugin): inert unless asked; both kinds of implementation;
+suite power printed and enforced; xfails; and the worked example run as a user runs it."""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import backprop
+from backprop import pytest_plugin
+from backprop.plugin.implementations import adapt, detect, load
+from backprop.testing import CheckFailure, check_against_autograd, references
+
+pytest_plugins = ("pytester",)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "mykernels"
+FAST = ("-p", "backprop.pytest_plugin", "-p", "no:cacheprovider", "--backprop-max-examples", "5")
+
+# a bug the suite cannot catch: the kernel itself, under another name (an equivalent mutant)
+EQUIVALENT = """
+from types import SimpleNamespace
+from backprop import tanh
+MUTANTS = [SimpleNamespace(forward=tanh.forward, backward=tanh.backward, Cache=tanh.Cache,
+                           __name__="tanh_equivalent", __doc__="No bug at all.", op="tanh")]
+"""
+
+
+class Tanh(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (y,) = ctx.saved_tensors
+        return dout * (1 - y) * (1 + y)
+
+
+def test_plugin_module_imports_nothing_heavy_at_load():
+    """Installed through pytest11, it loads in every session of the environment: the harness,
+    hypothesis and the user's code are imported only when an implementation is named."""
+    tree = ast.parse(Path(pytest_plugin.__file__).read_text())
+    top = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert top <= {"__future__", "os", "warnings", "pathlib", "typing", "pytest"}
+
+
+@pytest.mark.parametrize("obj, kind", [(backprop.tanh, "contract"), (Tanh, "autograd"),
+                                       (torch.tanh, "autograd"), (torch.nn.Tanh(), "autograd")])
+def test_kind_is_detected(obj, kind):
+    assert detect(obj) == kind
+
+
+@pytest.mark.parametrize("impl", [Tanh, Tanh.apply, torch.tanh])
+def test_autograd_kind_meets_the_contract(impl):
+    op = adapt(impl, references.tanh, "tanh")
+    check_against_autograd(op, references.tanh, torch.randn(4, 5))
+
+
+def test_autograd_kind_owes_a_gradient_to_an_omitted_optional_tensor():
+    op = adapt(torch.nn.functional.linear, references.linear, "linear")
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    report = check_against_autograd(op, references.linear, x, w)
+    assert [r.name for r in report] == ["out", "dx", "dweight"]
+    assert len(op.backward(torch.ones(3, 2), op.forward(x, w)[1])) == 3
+
+
+def test_autograd_kind_bug_is_caught():
+    op = adapt(lambda x: torch.tanh(x) * 1.0001, references.tanh, "off")
+    with pytest.raises(CheckFailure, match=r"\[forward\]"):
+        check_against_autograd(op, references.tanh, torch.randn(4, 5))
+
+
+def test_load_reads_the_kind_after_at():
+    op, kind = load("tanh", "backprop.tanh@contract")
+    assert kind == "contract" and op is backprop.tanh
+    with pytest.raises(ValueError, match="unknown kind"):
+        load("tanh", "backprop.tanh@fused")
+
+
+def test_inert_without_an_implementation(pytester):
+    pytester.makepyfile("def test_one():\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "backprop.pytest_plugin", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("backprop:*")  # the report header names the implementations
+    result.stdout.no_fnmatch_line("*suite power*")
+    result.stdout.fnmatch_lines(["collected 1 item"])
+
+
+def test_check_kernel_fixture(pytester):
+    pytester.makepyfile("""
+        import torch
+        def test_mine(check_kernel):
+            report = check_kernel(torch.tanh, "tanh", torch.randn(3, 4))
+            assert [r.name for r in report] == ["out", "dx"]
+    """)
+    pytester.runpytest_inprocess("-p", "backprop.pytest_plugin", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_every_check_of_a_correct_kernel_passes_with_power_printed(pytester):
+    result = pytester.runpytest_inprocess(*FAST, "--backprop-impl", "tanh=backprop.tanh", "-v")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["*backprop[[]tanh::gradient_vs_float64[]] PASSED*",
+                                 "*suite power: 2 of 2 known bugs caught*"])
+
+
+def test_a_bug_the_suite_cannot_catch_fails_the_session(pytester):
+    pytester.makepyfile(equivalent=EQUIVALENT)
+    pytester.syspathinsert()
+    result = pytester.runpytest_inprocess(*FAST, "--backprop-impl", "tanh=backprop.tanh", "-k", "suite_power",
+                                          "--backprop-mutants", "equivalent:MUTANTS")
+    result.assert_outcomes(failed=1, deselected=5)
+    result.stdout.fnmatch_lines(["*MISSED*tanh_equivalent*No bug at all.*",
+                                 "*suite power: 2 of 3 known bugs caught; MISSED: tanh_equivalent*"])
+
+
+def test_a_suite_without_its_oracle_fails_the_session(pytester, monkeypatch):
+    """Remove the killer checks: the kernel's own tests go green, and suite power says why not to trust them."""
+    import backprop.testing.suite as suite
+
+    monkeypatch.setattr(suite, "check_case", lambda *a, **k: None)
+    monkeypatch.setattr(suite, "gradcheck_case", lambda *a, **k: True)
+    result = pytester.runpytest_inprocess(*FAST, "--backprop-impl", "tanh=backprop.tanh", "-k", "suite_power")
+    result.assert_outcomes(failed=1, deselected=5)
+    result.stdout.fnmatch_lines(["*suite power: 0 of 2 known bugs caught*"])
+
+
+def test_xfails_file_and_readable_failure(pytester):
+    pytester.syspathinsert(EXAMPLE / "src")
+    args = (*FAST, "--backprop-impl", "cross_entropy=mykernels.cross_entropy", "-k", "fixed_cases")
+    result = pytester.runpytest_inprocess(*args)
+    result.assert_outcomes(failed=1, deselected=5)
+    result.stdout.fnmatch_lines(["*[[]gradient[]] mykernels.cross_entropy.backward disagrees with autograd*",
+                                 "verdict*tensor*our err*torch err*", "FAIL*dlogits*float32*48x27*",
+                                 "FAILED backprop[[]cross_entropy::fixed_cases[]]*"])
+    xfails = pytester.makefile(".txt", xfails="# known\nbackprop[cross_entropy::fixed_cases]  # mean over N\n"
+                                               "backprop[cross_entropy::nothing]  # a typo\n")
+    result = pytester.runpytest_inprocess(*args, "--backprop-xfails", str(xfails), "-rx")
+    result.assert_outcomes(xfailed=1, deselected=5)  # the warning is matched by its text below
+    result.stdout.fnmatch_lines(["*xfails name no generated test: backprop[[]cross_entropy::nothing[]]*",
+                                 "XFAIL backprop[[]cross_entropy::fixed_cases[]] - mean over N"])
+
+
+def test_end_to_end_the_worked_example_as_a_user_runs_it(tmp_path):
+    """pytest in the example's own folder, its [tool.backprop] table naming both ops: the correct
+    one passes, the buggy one fails with its table, and suite power is printed."""
+    shutil.copytree(EXAMPLE, tmp_path / "mykernels", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path / "mykernels" / "src")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", *FAST, "-rA"], cwd=tmp_path / "mykernels",
+                         env=env, capture_output=True, text=True, timeout=300)
+    out = run.stdout
+    assert run.returncode == 1, out + run.stderr
+    assert "FAILED backprop[cross_entropy::fixed_cases]" in out
+    assert "FAIL     dlogits" in out
+    assert all(f"PASSED backprop[tanh::{c}]" in out for c in
+               ("suite_power", "fixed_cases", "gradient_vs_float64", "gradcheck", "noncontiguous", "bad_inputs"))
+    assert "backprop: tanh=mykernels.tanh:Tanh (autograd), cross_entropy=mykernels.cross_entropy (contract)" in out
+    assert "suite power: 7 of 7 known bugs caught" in out
