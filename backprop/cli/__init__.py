@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr-decay-step", type=non_negative_int, default=100_000,
                     help="step from which the learning rate is lr/10")
     tr.add_argument("--optimizer", choices=list(step.OPTIMIZERS), default="sgd",
-                    help=f"update rule: sgd, or momentum (SGD with momentum {step.MOMENTUM})")
+                    help="update rule: " + "; ".join(f"{k}: {o.about}" for k, o in step.OPTIMIZERS.items()))
     tr.add_argument("--backward", choices=list(train.BACKWARDS), default="manual",
                     help="gradients from the hand-written kernels, or from autograd")
     tr.add_argument("--verify-every", type=non_negative_int, default=0, metavar="K",

@@ -29,14 +29,17 @@ MOMENTUM = 0.9
 
 @dataclass(frozen=True)
 class Optimizer:
+    about: str  # one line for --help
     buffers: tuple[str, ...]  # per-parameter state: one tensor like each parameter, zeros at the start
-    # update(params, grads, state, lr): the lists in PARAM_NAMES order, state by buffer name
+    # update(params, grads, state, lr): the lists in PARAM_NAMES order, state by buffer name; grads
+    # are the step's own scratch, which an update may overwrite (it saves an allocation each)
     update: Callable[[Tensors, Tensors, dict[str, Tensors], torch.Tensor], None]
 
 
 def _sgd(params: Tensors, grads: Tensors, state: dict[str, Tensors], lr: torch.Tensor) -> None:
     # p -= lr * grad
-    torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+    torch._foreach_mul_(grads, lr)
+    torch._foreach_sub_(params, grads)
 
 
 def _momentum(params: Tensors, grads: Tensors, state: dict[str, Tensors], lr: torch.Tensor) -> None:
@@ -47,7 +50,11 @@ def _momentum(params: Tensors, grads: Tensors, state: dict[str, Tensors], lr: to
     torch._foreach_sub_(params, torch._foreach_mul(velocity, lr))
 
 
-OPTIMIZERS = {"sgd": Optimizer((), _sgd), "momentum": Optimizer(("velocity",), _momentum)}
+OPTIMIZERS = {
+    "sgd": Optimizer("p -= lr * grad", (), _sgd),
+    "momentum": Optimizer(f"SGD with momentum {MOMENTUM}: v = {MOMENTUM} v + grad, p -= lr * v", ("velocity",),
+                          _momentum),
+}
 
 
 def state_names(optimizer: str) -> tuple[str, ...]:
@@ -63,7 +70,8 @@ def init_state(optimizer: str, params: dict[str, torch.Tensor]) -> dict[str, tor
 
 def update(optimizer: str, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
            state: dict[str, torch.Tensor], lr: torch.Tensor) -> None:
-    """The optimizer's update, in place; every tensor is paired with its parameter by name."""
+    """The optimizer's update, in place; every tensor is paired with its parameter by name. The
+    gradients are consumed: an update may scale them in place."""
     opt = OPTIMIZERS[optimizer]
     buffers = {b: [state[f"{b}.{k}"] for k in PARAM_NAMES] for b in opt.buffers}
     opt.update([params[k] for k in PARAM_NAMES], [grads[k] for k in PARAM_NAMES], buffers, lr)

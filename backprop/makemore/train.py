@@ -71,7 +71,8 @@ def train(dataset: Dataset, *, steps: int = 200_000, hidden: int = 200, batch_si
 
     eager = step.eager_step(params, state, Xtr, Ytr, optimizer=optimizer, backward=backward)
     verify = backward == "manual" and verify_every > 0
-    verified = step.eager_step(params, state, Xtr, Ytr, optimizer=optimizer, verify_gradients=True)
+    if verify:
+        verified = step.eager_step(params, state, Xtr, Ytr, optimizer=optimizer, verify_gradients=True)
     fast = None
     if _wants_compiled(compile, steps, backward):
         try:
