@@ -4,6 +4,7 @@ step's fallback."""
 import pytest
 import torch
 
+from backprop import compiled
 from backprop.makemore import aot, data, model, step, train
 
 
@@ -51,6 +52,7 @@ def test_a_failed_build_trains_eager_with_a_handler_and_raises_without(dataset, 
         raise RuntimeError("no compiler today")
 
     monkeypatch.setattr(aot, "compiled_step", broken)
+    monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: True)
     monkeypatch.setattr(train, "COMPILE_FROM_STEPS", 1)
     seen = []
     run = train.train(dataset, steps=5, hidden=16, compile="auto", on_compile_error=seen.append)
@@ -68,7 +70,13 @@ def test_a_failed_build_trains_eager_with_a_handler_and_raises_without(dataset, 
 
 def test_auto_compiles_long_runs_only(dataset, monkeypatch):
     asked = []
-    monkeypatch.setattr(aot, "compiled_step", lambda *a, **k: asked.append(k) or (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: True)
+
+    def refuse(*args, **kwargs):
+        asked.append(kwargs)
+        raise RuntimeError("not today")
+
+    monkeypatch.setattr(aot, "compiled_step", refuse)
     monkeypatch.setattr(train, "COMPILE_FROM_STEPS", 4)
     train.train(dataset, steps=3, hidden=8, compile="auto")
     assert asked == []

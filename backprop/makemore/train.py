@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backprop import compiled
 from backprop.makemore import aot, model, step
 from backprop.makemore.data import Dataset
 from backprop.makemore.model import INIT_SEED, Model
@@ -125,6 +124,8 @@ def _calibrated(m: Model, Xtr: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -
 def _wants_compiled(compile: str, steps: int, backward: str) -> bool:
     if compile == "no" or backward != "manual":
         return False
+    from backprop import compiled  # imports torch._dynamo (seconds): only when it may compile
+
     return compile == "yes" or (steps >= COMPILE_FROM_STEPS and compiled.cpu_compiler_found())
 
 
