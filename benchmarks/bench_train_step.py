@@ -1,14 +1,15 @@
-"""One SGD step of the makemore MLP (hidden 200, batch 32), as makemore.train runs it:
-manual (the kernels' maths, eager), manual-compiled (makemore.compiled_trainer: the whole step
-built ahead of time on the CPU, torch.compile on CUDA; it also gathers the batch), autograd, and,
-for scale, the notebook's own fused manual step written with raw torch ops."""
+"""One SGD step of the makemore MLP (hidden 200, batch 32), as makemore.train runs it: manual
+(step.eager_step: the kernels' maths, eager), manual-compiled (aot.compiled_step: the whole step
+built ahead of time on the CPU, torch.compile on CUDA), autograd (step.eager_step with
+backward='autograd'), and, for scale, the notebook's own fused manual step written with raw torch
+ops. Every contender gathers its batch (rows ix of the training set) and updates in place."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from backprop import makemore
 from backprop.compiled import cpu_compiler_found
+from backprop.makemore import aot, data, model, notebook, step
 
 
 @pytest.fixture(params=["manual", "manual-compiled", "autograd", "notebook"])
@@ -16,9 +17,10 @@ def variant(request):
     return request.param
 
 
-def notebook_step(p, Xb, Yb, lr):
+def notebook_step(p, Xtr, Ytr, ix, lr):
     """The seed's exercise-4 step: forward in raw ops, the fused backward formulas of exercises 2-3."""
-    C, W1, b1, W2, b2, bngain, bnbias = (p[k] for k in makemore.PARAM_NAMES)
+    C, W1, b1, W2, b2, bngain, bnbias = (p[k] for k in model.PARAM_NAMES)
+    Xb, Yb = Xtr[ix], Ytr[ix]
     n = Xb.shape[0]
     emb = C[Xb]
     embcat = emb.view(n, -1)
@@ -43,7 +45,7 @@ def notebook_step(p, Xb, Yb, lr):
 
 @pytest.fixture(scope="module")
 def batch():
-    return makemore.first_batch(makemore.load_dataset(makemore.DEFAULT_DATA), 200)
+    return notebook.first_batch(data.load_dataset(data.DEFAULT_DATA), 200)
 
 
 def test_train_step(benchmark, device, variant, batch):
@@ -55,24 +57,19 @@ def test_train_step(benchmark, device, variant, batch):
     benchmark.group = f"train_step hidden=200 batch=32 float32 {device}"
     benchmark.extra_info.update(op="train_step", shape="hidden=200 batch=32", variant=variant,
                                 mode="step", device=device)
-    if variant == "manual-compiled":  # what train(compile=True) runs: the batch is rows ix of a set
-        fast_step = makemore.compiled_trainer(params, Xb, Yb, Xb.shape[0], check=False)  # as train
-        ix = torch.arange(Xb.shape[0], device=device)  # the same batch as the other variants
-        lr = torch.tensor(1e-6, device=device)
+    ix = torch.arange(Xb.shape[0], device=device)  # the batch is rows ix of a training set
+    lr = torch.tensor(1e-6, device=device)
+    if variant == "manual-compiled":  # exactly what train(compile="yes") runs
+        run = aot.compiled_step(params, {}, Xb, Yb, Xb.shape[0], check=False)  # as train
+    elif variant == "notebook":
+        run = torch.no_grad()(lambda ix, lr: notebook_step(params, Xb, Yb, ix, 1e-6))
+    else:  # exactly what train runs
+        run = step.eager_step(params, {}, Xb, Yb, backward=variant)
 
-        def run(params, Xb, Yb, _):
-            fast_step(ix, lr)
-    else:
-        run = {
-            "manual": makemore.manual_step,  # exactly what makemore.train runs
-            "autograd": makemore.autograd_step,
-            "notebook": torch.no_grad()(notebook_step),
-        }[variant]
-
-    def step():
-        run(params, Xb, Yb, 1e-6)
+    def one_step():
+        run(ix, lr)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up (and compilation) outside the timing
-    benchmark(step)
+    one_step()  # warm-up (and compilation) outside the timing
+    benchmark(one_step)

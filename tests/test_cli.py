@@ -9,6 +9,8 @@ import torch
 
 
 def run(*args, timeout=120):
+    """python -m backprop with this interpreter; PYTHONPATH is inherited, so a source checkout on
+    it is the package that runs."""
     return subprocess.run([sys.executable, "-m", "backprop", *args], capture_output=True, text=True,
                           timeout=timeout)
 
@@ -40,7 +42,9 @@ def test_train_writes_outputs_and_sample_reads_the_checkpoint(tmp_path):
     assert set(summary) >= {"train_loss", "val_loss", "test_loss", "steps", "seconds", "samples"}
     assert summary["steps"] == 300 and len(summary["samples"]) == 20
     assert summary["val_loss"] < 3.0
+    assert summary["checks"] == 3 and summary["optimizer"] == "sgd"
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Traceback" not in r.stderr and "100%" in r.stderr  # the progress, on stderr only
     assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == summary["val_loss"]
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(state["params"]) == {"C", "W1", "b1", "W2", "b2", "bngain", "bnbias"}
@@ -94,14 +98,15 @@ def test_device_cuda_without_a_gpu():
 def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
     """In process (the failure is injected): --compile auto says why on stderr and trains eager,
     reporting compiled: false; --compile yes lets the error through."""
-    from backprop import cli, compiled, makemore
+    from backprop import cli, compiled
+    from backprop.makemore import aot, train
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler today\nsecond line")
 
-    monkeypatch.setattr(makemore, "compiled_trainer", broken)
+    monkeypatch.setattr(aot, "compiled_step", broken)
     monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: True)
-    monkeypatch.setattr(cli, "COMPILE_FROM_STEPS", 1)
+    monkeypatch.setattr(train, "COMPILE_FROM_STEPS", 1)
     argv = ["train", "--steps", "3", "--hidden", "8", "--json", "--compile", mode]
     if code is None:
         with pytest.raises(RuntimeError, match="no compiler today"):
@@ -127,3 +132,65 @@ def test_too_few_words_is_a_clear_message(tmp_path):
     r = run("train", "--data", str(tmp_path / "two.txt"), "--steps", "3")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "2 words split 80/10/10 into 1 / 0 / 1 words, leaving the val split empty" in r.stderr
+
+
+def test_momentum_with_verification_prints_the_checks():
+    r = run("train", "--optimizer", "momentum", "--steps", "200", "--hidden", "16", "--verify-every", "50",
+            "--compile", "no")
+    assert r.returncode == 0, r.stderr
+    assert "trained 200 steps in" in r.stdout and "(manual backward, momentum)" in r.stdout
+    assert "gradient checks against autograd: 4 passed (every 50 steps)" in r.stdout
+
+
+def test_a_bad_optimizer_is_refused():
+    r = run("train", "--optimizer", "adam")
+    assert r.returncode == 2 and "--optimizer: invalid choice: 'adam'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "train", "sample", "bench"])
+def test_every_option_has_help_and_its_default(command):
+    """One line of help for each option, and its default shown."""
+    from backprop import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, (command, action.dest)
+        if not action.required:
+            assert "default" in sub.formatter_class(command)._get_help_string(action), (command, action.dest)
+    text = sub.format_help()
+    assert "(default: " in text
+
+
+def test_train_help_lists_the_defaults():
+    r = run("train", "--help")
+    assert r.returncode == 0
+    help_text = " ".join(r.stdout.split())
+    for expected in ("training steps (default: 200000)", "learning rate (default: 0.1)",
+                     "(default: sgd)", "(default: auto)", "(0: never) (default: 0)"):
+        assert expected in help_text, expected
+
+
+def test_without_matplotlib_train_out_says_so_and_writes_the_rest(tmp_path, monkeypatch, capsys):
+    from backprop import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert cli.main(["train", "--steps", "3", "--hidden", "8", "--out", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 3
+    assert "loss.png needs matplotlib, which is not installed (pip install 'backprop[plot]')" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "summary.json"]
+
+
+def test_progress_off_a_terminal_is_a_line_every_tenth(capsys):
+    from backprop.cli.progress import Progress
+
+    progress = Progress(1000)
+    for done in range(100, 1001, 100):
+        progress(done, 1000, 2.5)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("100%") and "loss=2.5000" in lines[-1]
+    assert all("step" in line for line in lines)

@@ -1,0 +1,132 @@
+"""The ``backprop`` command: the makemore backprop-ninja notebook as a program.
+
+    backprop check    the gradient table: every atom by hand against autograd, then the fused kernels
+    backprop train    train the MLP with manual gradients, calibrate BatchNorm, evaluate, sample
+    backprop sample   sample names from a trained checkpoint
+    backprop bench    time every kernel against autograd, write the report and the chart
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from backprop.makemore import step, train
+from backprop.makemore.data import SPLIT_SEED
+from backprop.makemore.model import INIT_SEED
+
+DTYPES = ("float32", "float64")
+
+
+def _int_at_least(low: int, what: str):
+    """An argparse type: an integer >= low, refused with 'expected <what>'."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "a non-negative integer")
+# batch norm's variance is Bessel-corrected (1/(n-1)), as in the notebook: one row has none
+batch_size_int = _int_at_least(2, "an integer >= 2 (batch norm's 1/(n-1) variance needs two rows)")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _data_options(p: argparse.ArgumentParser, hidden: int) -> None:
+    p.add_argument("--data", type=Path, default=None,
+                   help="word list, one word per line (default: the shipped names.txt, 29,910 names)")
+    p.add_argument("--split-seed", type=int, default=SPLIT_SEED, help="random.seed for the 80/10/10 split")
+    p.add_argument("--hidden", type=positive_int, default=hidden, help="hidden units")
+    p.add_argument("--batch-size", type=batch_size_int, default=32, help="rows per batch (at least 2)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backprop", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_Help)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_Help)
+
+    check = command("check", "the notebook's gradient table against autograd")
+    _data_options(check, hidden=64)
+    check.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the parameters")
+    check.add_argument("--seed", type=int, default=INIT_SEED, help="generator seed for the init and the batch")
+
+    tr = command("train", "train with manual gradients, then evaluate and sample")
+    _data_options(tr, hidden=200)
+    tr.add_argument("--steps", type=positive_int, default=200_000, help="training steps")
+    tr.add_argument("--lr", type=positive_float, default=0.1, help="learning rate")
+    tr.add_argument("--lr-decay-step", type=non_negative_int, default=100_000,
+                    help="step from which the learning rate is lr/10")
+    tr.add_argument("--optimizer", choices=list(step.OPTIMIZERS), default="sgd",
+                    help="update rule: " + "; ".join(f"{k}: {o.about}" for k, o in step.OPTIMIZERS.items()))
+    tr.add_argument("--backward", choices=list(train.BACKWARDS), default="manual",
+                    help="gradients from the hand-written kernels, or from autograd")
+    tr.add_argument("--verify-every", type=non_negative_int, default=0, metavar="K",
+                    help="check manual gradients against autograd every K steps (0: never)")
+    tr.add_argument("--compile", choices=list(train.COMPILE), default="auto",
+                    help="run the manual step compiled (built ahead of time on the CPU and cached in "
+                         "~/.cache/backprop, torch.compile on CUDA); auto: yes for --steps >= "
+                         f"{train.COMPILE_FROM_STEPS:,} when a C++ compiler is found, since the first "
+                         "build costs ~30 s")
+    tr.add_argument("--seed", type=int, default=INIT_SEED, help="generator seed for the init and the batches")
+    tr.add_argument("--out", type=Path, default=None,
+                    help="write loss.png, summary.json and model.pt to this directory (default: none)")
+
+    sample = command("sample", "sample names from a checkpoint written by train --out")
+    sample.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by train --out")
+    sample.add_argument("-n", type=positive_int, default=20, help="how many names")
+    sample.add_argument("--seed", type=int, default=INIT_SEED + 10, help="generator seed for the draws")
+
+    bench = command("bench", "run benchmarks/ (timing, then CPU memory), write the report")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"),
+                       help="directory for times.json, memory.json, report.md, speedups.png")
+    bench.add_argument("--quick", action="store_true", help="notebook-scale shapes and the train step only")
+    bench.add_argument("--no-memory", action="store_true", help="skip the CPU memory pass")
+    bench.add_argument("-k", dest="keyword", default=None,
+                       help="pytest -k expression to select cases (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from backprop.cli import bench, commands
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = {"check": commands.check, "train": commands.train, "sample": commands.sample,
+           "bench": bench.bench}[args.command]
+    return run(parser, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
