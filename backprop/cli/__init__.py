@@ -4,6 +4,7 @@
     backprop train    train the MLP with manual gradients, calibrate BatchNorm, evaluate, sample
     backprop sample   sample names from a trained checkpoint
     backprop bench    time every kernel against autograd, write the report and the chart
+    backprop grade    grade a learner's backprop-ninja solution (a .py file or an .ipynb notebook)
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-memory", action="store_true", help="skip the CPU memory pass")
     bench.add_argument("-k", dest="keyword", default=None,
                        help="pytest -k expression to select cases (default: all)")
+    grade = command("grade", "grade a backprop-ninja solution: every d<name> against autograd and float64")
+    grade.add_argument("solution", help="the learner's .py file or .ipynb notebook")
     return parser
 
 
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "grade":  # the grader owns its own command line (exit 0 / 1 / 2)
+        from backprop.exercise import cli_main
+
+        return cli_main([args.solution])
     run = {"check": commands.check, "train": commands.train, "sample": commands.sample,
            "bench": bench.bench}[args.command]
     return run(parser, args)
