@@ -27,11 +27,14 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.func import functionalize
 
 
-def _split_cache(args: tuple, out: torch.Tensor, cache: tuple) -> tuple[list, tuple]:
-    """The cache as extra tensors to return from forward, plus a plain spec of every field:
-    ("arg", i) an input, ("out",) the output, ("saved", j) extra tensor j, ("plain", v) a value."""
+def _split_cache(args: tuple, out: torch.Tensor, cache: Any) -> tuple[list, tuple]:
+    """The cache as extra tensors to return from forward, plus a plain spec ``(kind, fields)``:
+    kind rebuilds the cache (its NamedTuple or tuple type, or "single" for a cache that is one
+    bare value, which a user's kernel may return); each field is ("arg", i) an input, ("out",)
+    the output, ("saved", j) extra tensor j or ("plain", v) a value."""
+    kind = type(cache) if isinstance(cache, tuple) else "single"
     extras, spec = [], []
-    for v in cache:
+    for v in (cache if isinstance(cache, tuple) else (cache,)):
         if not isinstance(v, torch.Tensor):
             spec.append(("plain", v))
         elif v is out:
@@ -41,7 +44,7 @@ def _split_cache(args: tuple, out: torch.Tensor, cache: tuple) -> tuple[list, tu
         else:
             spec.append(("saved", len(extras)))
             extras.append(v)
-    return extras, tuple(spec)
+    return extras, (kind, tuple(spec))
 
 
 class KernelFunction(torch.autograd.Function):
@@ -80,8 +83,11 @@ class KernelFunction(torch.autograd.Function):
         out = next(saved)
         extras = list(saved)
         pick = {"arg": args.__getitem__, "saved": extras.__getitem__, "plain": lambda v: v}
-        fields = [out if kind == "out" else pick[kind](*v) for kind, *v in ctx.spec]
-        return args, ctx.op.Cache(*fields)
+        rebuild, spec = ctx.spec
+        fields = [out if kind == "out" else pick[kind](*v) for kind, *v in spec]
+        if rebuild == "single":
+            return args, fields[0]
+        return args, rebuild(*fields) if hasattr(rebuild, "_fields") else rebuild(fields)
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, *_: Any) -> tuple:
@@ -169,7 +175,7 @@ def _args_again(ctx: Any, args: list, cache: tuple) -> tuple:
     fields = {}
     for name in op.Args._fields:
         if name in op.Cache._fields:
-            kind = ctx.spec[op.Cache._fields.index(name)][0]
+            kind = ctx.spec[1][op.Cache._fields.index(name)][0]
             value = getattr(cache, name)
             if kind in ("saved", "out") and isinstance(value, torch.Tensor) and value.is_floating_point():
                 raise TypeError(f"{op.__name__}: Args.{name} would come from a cache tensor without "
