@@ -5,7 +5,8 @@
     loss.backward()  # runs torch.ops.backprop.cross_entropy_backward: our hand-written backward
 
 Each op in ``TABLE`` becomes two custom ops whose schemas are read off the module's ``forward``
-signature (options stay keyword-only arguments):
+signature (options stay keyword-only arguments, but for a tensor option such as cross_entropy's weight:
+custom_op refuses keyword-only tensors, so it follows the positional arguments, still passed by name):
 
     backprop::<op>(<forward's arguments>) -> Tensor
     backprop::<op>_backward(Tensor dout, <forward's arguments>) -> Tensor[]
@@ -55,12 +56,24 @@ def _literal(v: object) -> str:
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
+def tensor_options(forward: Callable) -> tuple[str, ...]:
+    """forward's keyword-only tensor parameters (cross_entropy's weight). custom_op refuses
+    keyword-only tensors, so the schema lists them after forward's positional parameters (callers
+    still pass them by name); they get no gradient, as in the kernel's backward."""
+    return tuple(p.name for p in inspect.signature(forward).parameters.values()
+                 if p.kind is p.KEYWORD_ONLY and _SCHEMA_TYPES.get(p.annotation, "").startswith("Tensor"))
+
+
 def schema_of(forward: Callable, prefix: str = "") -> str:
     """The custom-op schema of ``forward``'s signature: ``(Tensor x, *, int dim=-1) -> Tensor``.
     ``prefix`` is prepended to the arguments (the backward op's ``Tensor dout, ``)."""
+    params = list(inspect.signature(forward).parameters.values())
+    moved = tensor_options(forward)
+    params = ([p for p in params if p.kind is not p.KEYWORD_ONLY] + [p for p in params if p.name in moved]
+              + [p for p in params if p.kind is p.KEYWORD_ONLY and p.name not in moved])
     parts, keyword_only = [], False
-    for p in inspect.signature(forward).parameters.values():
-        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+    for p in params:
+        if p.kind is p.KEYWORD_ONLY and p.name not in moved and not keyword_only:
             parts.append("*")
             keyword_only = True
         if p.annotation not in _SCHEMA_TYPES:
@@ -80,23 +93,24 @@ def _range_checked(ok: torch.Tensor, message: str, eager_prepare: Callable[[], A
     torch._assert_async(ok, message)
 
 
-def _cross_entropy_prepare(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+def _cross_entropy_prepare(logits, targets, *, weight=None, reduction="mean", ignore_index=-100,
+                           label_smoothing=0.0):
     """cross_entropy.prepare without host reads: ignored rows are masked on the device and the
     'mean' denominator stays a 0-d tensor (forward_math and backward_math divide by it as by an int)."""
-    _check.floating("logits", logits)
-    _check.index("targets", targets, (torch.int64,))
-    _check.ndim("logits", logits, 2, "(N, C)")
-    N, C = logits.shape
-    _check.shape("targets", targets, (N,), f"(N,) with N={N} rows of logits")
-    # the rest of prepare's checks, on zero rows: nothing left to read on the host
-    cross_entropy.prepare(logits[:0], targets[:0], reduction=reduction, label_smoothing=label_smoothing)
-    valid = targets != ignore_index  # (N,)
+    if not targets.is_floating_point():
+        _check.index("targets", targets, (torch.int64,))
+    args = cross_entropy.check(logits, targets, weight=weight, reduction=reduction,
+                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if targets.is_floating_point():
+        return args  # class probabilities: nothing to read
+    C = logits.shape[1] if logits.ndim >= 2 else logits.shape[0]
+    valid = targets != ignore_index  # targets' shape
     ok = (~valid | ((targets >= 0) & (targets < C))).all()
     _range_checked(ok, f"targets must lie in [0, {C}) (or ignore_index={ignore_index})",
-                   lambda: cross_entropy.prepare(logits, targets, reduction=reduction,
+                   lambda: cross_entropy.prepare(logits, targets, weight=weight, reduction=reduction,
                                                  ignore_index=ignore_index, label_smoothing=label_smoothing))
-    safe = torch.where(valid, targets, 0)  # (N,) a gatherable index on ignored rows
-    return cross_entropy.Args(logits, safe, valid, valid.sum(), reduction, float(label_smoothing))
+    safe = torch.where(valid, targets, 0)  # a gatherable index on ignored rows
+    return args._replace(targets=safe, valid=valid, count=valid.sum())
 
 
 def _embedding_prepare(indices, weight, *, padding_idx=None, deterministic=True):
@@ -138,17 +152,25 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     the backprop contract (prepare / forward_math / backward). Returns both custom ops."""
     module = entry.module
     prepare = entry.prepare or module.prepare
+    n_args = sum(p.kind is not p.KEYWORD_ONLY for p in inspect.signature(module.forward).parameters.values())
+    moved = tensor_options(module.forward)
+
+    def call(args, options):
+        """The schema's arguments as forward's: the tensor options moved back to keywords."""
+        return args[:n_args], {**dict(zip(moved, args[n_args:])), **options}
 
     def forward_impl(*args, **options):
+        args, options = call(args, options)
         out, _ = module.forward_math(prepare(*args, **options))
         return out
 
     def backward_impl(dout, *args, **options):
+        args, options = call(args, options)
         _, cache = module.forward_math(prepare(*args, **options))  # the cache, recomputed
         return [g for g in module.backward(dout, cache) if g is not None]
 
     def backward_fake(dout, *args, **options):
-        return [torch.empty_like(a) for a in args if _is_float(a)]
+        return [torch.empty_like(a) for a in args[:n_args] if _is_float(a)]
 
     fwd = torch.library.custom_op(f"{namespace}::{name}", forward_impl, mutates_args=(),
                                   schema=schema_of(module.forward) + " -> Tensor")
@@ -167,7 +189,7 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         saved = iter(ctx.saved_tensors)
         args = [next(saved) if t else a for a, t in zip(ctx.plain, ctx.slots)]
         grads = iter(bwd(dout, *args, **ctx.options))
-        return tuple(next(grads) if _is_float(a) else None for a in args)
+        return tuple(next(grads) if k < n_args and _is_float(a) else None for k, a in enumerate(args))
 
     def no_second_order(ctx, *_):
         raise NotImplementedError(
@@ -193,4 +215,4 @@ def opcheck(op: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
     return torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_UTILS)
 
 
-__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of"]
+__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of", "tensor_options"]
