@@ -261,7 +261,8 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch
     z, y = _classes(logits, logits), _classes(targets, logits)  # (N, C, *), (N, *) or (N, C, *)
     valid = None if valid is None else _classes(valid, logits)  # (N, *)
     C = z.shape[1]
-    g = dout / total if reduction == "mean" else dout  # () or (N, *)
+    # a weight sum is kept in float32 for 16-bit logits: divide there, round once
+    g = (dout / total).to(dout.dtype) if reduction == "mean" else dout  # () or (N, *)
     if g.ndim == 0 and reduction == "none":
         g = g.reshape(1)  # unbatched: one row
     if y.is_floating_point():
