@@ -28,6 +28,7 @@ def mutant(op, *, forward=None, backward=None):
 # ---------------------------------------------------------------- cross_entropy
 
 
+@torch.no_grad()  # the contract check of a dout that requires grad must not be what catches a mutant
 def _ce_backward(dout, cache, *, denominator=None, smoothing_part=None, use_dout=True, soft_smoothing=True,
                  softmax_dim=1, smooth_unweighted=False, dtargets_scale=None):
     """cross_entropy's backward written plainly (q and the weights as full tensors), with knobs."""
@@ -47,7 +48,7 @@ def _ce_backward(dout, cache, *, denominator=None, smoothing_part=None, use_dout
         wq = (q - uniform) * w + uniform
     d = dout if use_dout else torch.ones_like(dout)
     total = cache.total if denominator is None else denominator(cache)
-    g = d / total if cache.reduction == "mean" else d
+    g = (d / total).to(d.dtype) if cache.reduction == "mean" else d
     g = g.reshape(z.shape[:1] + z.shape[2:]) if g.ndim else g
     if valid is not None:
         g = torch.where(valid, g, 0.0)
