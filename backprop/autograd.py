@@ -174,7 +174,11 @@ def _args_again(ctx: Any, args: list, cache: tuple) -> tuple:
     by_name = dict(zip(params, args))
     fields = {}
     for name in op.Args._fields:
-        if name in op.Cache._fields:
+        if isinstance(ctx.options.get(name), torch.Tensor):
+            # a tensor option (cross_entropy's weight) is the caller's own: the cache holds the
+            # same tensor, but saved as an output, without history
+            fields[name] = ctx.options[name]
+        elif name in op.Cache._fields:
             kind = ctx.spec[1][op.Cache._fields.index(name)][0]
             value = getattr(cache, name)
             if kind in ("saved", "out") and isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -191,5 +195,10 @@ def _args_again(ctx: Any, args: list, cache: tuple) -> tuple:
 
 
 def apply(op: ModuleType, *args: Any, **options: Any) -> torch.Tensor:
-    """op.forward(*args, **options) as an autograd node whose backward is op.backward."""
+    """op.forward(*args, **options) as an autograd node whose backward is op.backward.
+    A tensor option (cross_entropy's weight) is a constant: no gradient flows to it."""
+    for name, value in options.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ValueError(f"{name} requires grad, but a tensor option gets no gradient from "
+                             f"{op.__name__}.backward; pass {name}.detach()")
     return KernelFunction.apply(op, options, *args)[0]

@@ -5,7 +5,9 @@
     loss.backward()  # runs torch.ops.backprop.cross_entropy_backward: our hand-written backward
 
 Each op in ``TABLE`` (every op of ``backprop.OPS``) becomes three custom ops whose schemas are
-read off the module's ``forward`` signature (options stay keyword-only arguments):
+read off the module's ``forward`` signature (options stay keyword-only arguments, but for a tensor
+option such as cross_entropy's weight: custom_op refuses keyword-only tensors, so it follows the
+positional arguments, still passed by name):
 
     backprop::<op>(<forward's arguments>) -> Tensor                 the public op
     backprop::<op>_forward(<forward's arguments>) -> (Tensor out, Tensor cache0, ...)
@@ -39,8 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-import backprop
-from backprop import _check, cross_entropy, embedding
+from backprop import _check, batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
 
 NAMESPACE = "backprop"
 
@@ -61,12 +62,24 @@ def _literal(v: object) -> str:
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
+def tensor_options(forward: Callable) -> tuple[str, ...]:
+    """forward's keyword-only tensor parameters (cross_entropy's weight). custom_op refuses
+    keyword-only tensors, so the schema lists them after forward's positional parameters (callers
+    still pass them by name); they get no gradient, as in the kernel's backward."""
+    return tuple(p.name for p in inspect.signature(forward).parameters.values()
+                 if p.kind is p.KEYWORD_ONLY and _SCHEMA_TYPES.get(p.annotation, "").startswith("Tensor"))
+
+
 def schema_of(forward: Callable, prefix: str = "") -> str:
     """The custom-op schema of ``forward``'s signature: ``(Tensor x, *, int dim=-1) -> Tensor``.
     ``prefix`` is prepended to the arguments (the backward op's ``Tensor dout, ``)."""
+    params = list(inspect.signature(forward).parameters.values())
+    moved = tensor_options(forward)
+    params = ([p for p in params if p.kind is not p.KEYWORD_ONLY] + [p for p in params if p.name in moved]
+              + [p for p in params if p.kind is p.KEYWORD_ONLY and p.name not in moved])
     parts, keyword_only = [], False
-    for p in inspect.signature(forward).parameters.values():
-        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+    for p in params:
+        if p.kind is p.KEYWORD_ONLY and p.name not in moved and not keyword_only:
             parts.append("*")
             keyword_only = True
         if p.annotation not in _SCHEMA_TYPES:
@@ -86,23 +99,24 @@ def _range_checked(ok: torch.Tensor, message: str, eager_prepare: Callable[[], A
     torch._assert_async(ok, message)
 
 
-def _cross_entropy_prepare(logits, targets, *, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+def _cross_entropy_prepare(logits, targets, *, weight=None, reduction="mean", ignore_index=-100,
+                           label_smoothing=0.0):
     """cross_entropy.prepare without host reads: ignored rows are masked on the device and the
     'mean' denominator stays a 0-d tensor (forward_math and backward_math divide by it as by an int)."""
-    _check.floating("logits", logits)
-    _check.index("targets", targets, (torch.int64,))
-    _check.ndim("logits", logits, 2, "(N, C)")
-    N, C = logits.shape
-    _check.shape("targets", targets, (N,), f"(N,) with N={N} rows of logits")
-    # the rest of prepare's checks, on zero rows: nothing left to read on the host
-    cross_entropy.prepare(logits[:0], targets[:0], reduction=reduction, label_smoothing=label_smoothing)
-    valid = targets != ignore_index  # (N,)
+    if not targets.is_floating_point():
+        _check.index("targets", targets, (torch.int64,))
+    args = cross_entropy.check(logits, targets, weight=weight, reduction=reduction,
+                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if targets.is_floating_point():
+        return args  # class probabilities: nothing to read
+    C = logits.shape[1] if logits.ndim >= 2 else logits.shape[0]
+    valid = targets != ignore_index  # targets' shape
     ok = (~valid | ((targets >= 0) & (targets < C))).all()
     _range_checked(ok, f"targets must lie in [0, {C}) (or ignore_index={ignore_index})",
-                   lambda: cross_entropy.prepare(logits, targets, reduction=reduction,
+                   lambda: cross_entropy.prepare(logits, targets, weight=weight, reduction=reduction,
                                                  ignore_index=ignore_index, label_smoothing=label_smoothing))
-    safe = torch.where(valid, targets, 0)  # (N,) a gatherable index on ignored rows
-    return cross_entropy.Args(logits, safe, valid, valid.sum(), reduction, float(label_smoothing))
+    safe = torch.where(valid, targets, 0)  # a gatherable index on ignored rows
+    return args._replace(targets=safe, valid=valid, count=valid.sum())
 
 
 def _embedding_prepare(indices, weight, *, padding_idx=None, deterministic=True):
@@ -125,9 +139,14 @@ class Entry(NamedTuple):
     prepare: Callable[..., tuple] | None = None
 
 
-# the sync-free prepares; every other op uses its module's own prepare
-_SYNC_FREE_PREPARE = {"cross_entropy": _cross_entropy_prepare, "embedding": _embedding_prepare}
-TABLE = {name: Entry(module, _SYNC_FREE_PREPARE.get(name)) for name, module in backprop.OPS.items()}
+TABLE = {
+    "cross_entropy": Entry(cross_entropy, _cross_entropy_prepare),
+    "logsumexp": Entry(logsumexp),
+    "batch_norm": Entry(batch_norm),
+    "tanh": Entry(tanh),
+    "linear": Entry(linear),
+    "embedding": Entry(embedding, _embedding_prepare),
+}
 
 
 def _is_float(a: object) -> bool:
@@ -147,10 +166,19 @@ def _cache_tensors(args: tuple, out: torch.Tensor, cache: tuple) -> tuple[list[t
             plan.append(("out",))
         elif any(field is a for a in args):
             plan.append(("arg", next(i for i, a in enumerate(args) if field is a)))
+        elif any(field is e for e in extras):  # the same tensor in two fields: one slot
+            plan.append(("extra", next(k for k, e in enumerate(extras) if field is e)))
         else:
             plan.append(("extra", len(extras)))
             extras.append(field)
     return extras, plan
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """Where t's memory starts; None for meta and fake tensors, which have none to compare."""
+    if t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t):
+        return None
+    return t.untyped_storage().data_ptr()
 
 
 def _on_meta(a: object) -> object:
@@ -168,31 +196,49 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     module = entry.module
     prepare = entry.prepare or module.prepare
     backward_math = getattr(module, "backward_math", module.backward)  # a user's module may have no split
+    n_args = sum(p.kind is not p.KEYWORD_ONLY for p in inspect.signature(module.forward).parameters.values())
+    moved = tensor_options(module.forward)
+
+    def call(args, options):
+        """The schema's arguments as forward's: the tensor options moved back to keywords."""
+        return args[:n_args], {**dict(zip(moved, args[n_args:])), **options}
 
     def forward_impl(*args, **options):
+        args, options = call(args, options)
         out, cache = module.forward_math(prepare(*args, **options))
-        extras, _ = _cache_tensors(args, out, cache)
+        extras, _ = _cache_tensors((*args, *options.values()), out, cache)
         if len(extras) > CACHE_SLOTS:
             raise RuntimeError(f"{name}: {len(extras)} cache tensors, more than the {CACHE_SLOTS} slots")
-        extras = [e.clone() if e._base is not None else e for e in extras]  # outputs are never views
+        # a custom op's outputs may not share memory with its inputs or with each other: copy a
+        # cache tensor that does (a reshaped input, say), and only that one
+        seen = {_storage(t) for t in (*args, *options.values(), out) if isinstance(t, torch.Tensor)}
+        kept = []
+        for e in extras:
+            if e._base is not None or (_storage(e) is not None and _storage(e) in seen):
+                e = e.clone()
+            seen.add(_storage(e))
+            kept.append(e)
+        extras = kept
         return (out, *extras, *(out.new_empty(0) for _ in range(CACHE_SLOTS - len(extras))))
 
     def rebuild(out, extras, args, options):
-        meta = tuple(_on_meta(a) for a in args)
-        meta_out, meta_cache = module.forward_math(prepare(*meta, **options))
-        _, plan = _cache_tensors(meta, meta_out, meta_cache)
+        meta, meta_options = tuple(map(_on_meta, args)), {k: _on_meta(v) for k, v in options.items()}
+        meta_out, meta_cache = module.forward_math(prepare(*meta, **meta_options))
+        _, plan = _cache_tensors((*meta, *meta_options.values()), meta_out, meta_cache)
+        inputs = (*args, *options.values())
         fields = [p[1] if p[0] == "value" else out if p[0] == "out" else
-                  args[p[1]] if p[0] == "arg" else extras[p[1]] for p in plan]
+                  inputs[p[1]] if p[0] == "arg" else extras[p[1]] for p in plan]
         return type(meta_cache)(*fields)
 
     def backward_impl(dout, out, *rest, **options):
-        extras, args = rest[:CACHE_SLOTS], rest[CACHE_SLOTS:]
+        extras = rest[:CACHE_SLOTS]
+        args, options = call(rest[CACHE_SLOTS:], options)
         cache = rebuild(out, extras, args, options)
         # backward_math, not backward: autograd's saved tensors already refuse in-place edits
         return [g for g in backward_math(dout, cache) if g is not None]
 
     def backward_fake(dout, out, *rest, **options):
-        return [torch.empty_like(a) for a in rest[CACHE_SLOTS:] if _is_float(a)]
+        return [torch.empty_like(a) for a in rest[CACHE_SLOTS:CACHE_SLOTS + n_args] if _is_float(a)]
 
     schema = schema_of(module.forward)
     # fixed tuples, not Tensor[]: torch 2.13's autograd for custom ops with a Tensor[] in the schema
@@ -221,7 +267,8 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         args = [next(inputs) if t else a for a, t in zip(ctx.plain, ctx.slots)]
         dout = grads[0] if grads[0] is not None else torch.zeros_like(out)
         dgrads = iter(bwd(dout.contiguous(), out, *extras, *args, **ctx.options))
-        return tuple(next(dgrads) if _is_float(a) else None for a in args)
+        # the tensor options (after the first n_args) get no gradient, as in the kernel's backward
+        return tuple(next(dgrads) if k < n_args and _is_float(a) else None for k, a in enumerate(args))
 
     def no_second_order(ctx, *_):
         raise NotImplementedError(
@@ -236,13 +283,14 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     if namespace not in _LIBS:
         _LIBS[namespace] = torch.library.Library(namespace, "FRAGMENT")
     torch.library.define(qualname, schema + " -> Tensor", lib=_LIBS[namespace])
-    signature = inspect.signature(module.forward)
+    arguments = fwd._opoverload._schema.arguments
+    positional = sum(not p.kwarg_only for p in arguments)
+    keyword_only = [p.name for p in arguments if p.kwarg_only]
 
     def public(*args, **options):
-        # the dispatcher may hand keyword-only arguments over by position: bind them by name again
-        bound = signature.bind(*args, **options)
-        bound.apply_defaults()
-        return fwd(*bound.args, **bound.kwargs)[0]
+        # the dispatcher may hand keyword-only arguments over by position: name them again
+        named = dict(zip(keyword_only, args[positional:]))
+        return fwd(*args[:positional], **named, **options)[0]
 
     torch.library.impl(qualname, "CompositeImplicitAutograd", lib=_LIBS[namespace])(public)
     return getattr(getattr(torch.ops, namespace), name), bwd
@@ -265,4 +313,4 @@ def opcheck(op: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
     return torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_UTILS)
 
 
-__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of"]
+__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of", "tensor_options"]

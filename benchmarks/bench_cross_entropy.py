@@ -16,8 +16,8 @@ def native(
     logits: Tensor, targets: Tensor, *, dout: Tensor, **options: Any
 ) -> tuple[Callable, Callable] | None:
     """aten's own pair: _log_softmax + nll_loss_forward, nll_loss_backward + _log_softmax_backward_data."""
-    if options:
-        return None
+    if options or logits.ndim != 2:
+        return None  # the plain 2-D case only: aten's nll_loss2d / weighted pair is not timed
     aten, mean = torch.ops.aten, 1
 
     def forward():
@@ -40,10 +40,13 @@ def traffic(logits: Tensor, targets: Tensor, *, mode: str, **options: Any) -> in
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cross_entropy(bench, shape):
-    (N, C), size = SHAPES[shape]
+    (logits_shape, weighted), size = SHAPES[shape]
+    C = logits_shape[1]
 
     def args():
         g = torch.Generator().manual_seed(0)
-        return (torch.randn(N, C, generator=g), torch.randint(0, C, (N,), generator=g))
+        return (torch.randn(*logits_shape, generator=g),
+                torch.randint(0, C, logits_shape[:1] + logits_shape[2:], generator=g))
 
-    bench("cross_entropy", shape, args, size=size, native=native, traffic=traffic)
+    options = {"weight": torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.5} if weighted else {}
+    bench("cross_entropy", shape, args, options, size=size, native=native, traffic=traffic)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import assume, example, given
 
 from backprop import cross_entropy
@@ -76,7 +77,17 @@ def test_ignored_rows_do_not_count_in_the_mean():
 @pytest.mark.parametrize(
     "logits, targets, options, error, message",
     [
-        (torch.randn(3), torch.tensor([0]), {}, ValueError, r"logits must be 2-D \(N, C\), got 1-D"),
+        (torch.tensor(1.0), torch.tensor(0), {}, ValueError, r"logits must be 1-D \(C,\), 2-D \(N, C\) or \(N, C, d1, ..., dK\), got a 0-D"),
+        (torch.randn(3), torch.tensor([0]), {}, ValueError, r"targets must have shape \(\) \(0-D\) for unbatched logits \(C,\), got \(1,\)"),
+        (torch.randn(2, 3, 4), torch.tensor([[0, 1], [1, 2]]), {}, ValueError, r"targets must have shape \(2, 4\) \(N, d1, ..., dK\): logits' shape without the class dim 1, got \(2, 2\)"),
+        (torch.randn(2, 3, 4), torch.tensor([[0, 1, 2, 3], [0, 0, 0, 0]]), {}, ValueError, r"targets must lie in \[0, 3\) \(or ignore_index=-100\), got 3 at index \(0, 3\)"),
+        (torch.randn(3, 4), torch.rand(3, 4, dtype=torch.float64), {}, TypeError, r"targets must have the dtype of logits \(torch.float32\), got torch.float64"),
+        (torch.randn(3, 4), torch.rand(3, 5), {}, ValueError, r"targets must have shape \(3, 4\) of logits \(class probabilities\), got \(3, 5\)"),
+        (torch.randn(3, 4), torch.rand(3, 4), {"ignore_index": 1}, ValueError, r"ignore_index must be negative with class-probability targets .*got 1"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"weight": torch.rand(3)}, ValueError, r"weight must have shape \(4,\) \(C,\) with C=4 classes of logits, got \(3,\)"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"weight": torch.rand(4, dtype=torch.float64)}, TypeError, r"weight must have the dtype of logits \(torch.float32\), got torch.float64"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"weight": torch.tensor([1, 2, 3, 4])}, TypeError, r"weight must be a floating-point tensor, got dtype torch.int64"),
+        (torch.randn(3, 4), torch.tensor([0, 1, 2]), {"weight": [1.0, 2.0, 3.0, 4.0]}, TypeError, r"weight must be a torch.Tensor, got list"),
         (torch.randn(3, 4), torch.tensor([0, 1]), {}, ValueError, r"targets must have shape \(3,\)"),
         (torch.randn(3, 4), torch.rand(3), {}, TypeError, r"targets must be .*int64, got dtype torch.float32"),
         (torch.randn(3, 4), torch.tensor([0, 1, 4]), {}, ValueError, r"targets must lie in \[0, 4\) \(or ignore_index=-100\), got 4 at index \(2,\)"),
@@ -91,6 +102,71 @@ def test_ignored_rows_do_not_count_in_the_mean():
 def test_bad_input(logits, targets, options, error, message):
     with pytest.raises(error, match=message):
         cross_entropy.forward(logits, targets, **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("layout", ["(N, C)", "(C,)", "(N, C, d1, d2)", "probabilities (N, C, d1)"])
+def test_every_option_combination_is_torchs_formula(layout, weighted, label_smoothing, reduction):
+    """torch's weighted smoothing: (1 - eps) nll_w + eps/C sum_c -w_c log p_c, 'mean' dividing both
+    by the kept rows' weight sum; probability targets: 'mean' divides by the rows. float64."""
+    g = torch.Generator().manual_seed(5)
+    shape = {"(N, C)": (6, 5), "(C,)": (5,), "(N, C, d1, d2)": (3, 5, 4, 2), "probabilities (N, C, d1)": (3, 5, 4)}[layout]
+    logits = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    if layout.startswith("probabilities"):
+        targets = torch.rand(shape, generator=g, dtype=torch.float64)  # not normalised: torch does not ask it
+    else:
+        targets = torch.randint(0, 5, shape[:1] + shape[2:] if len(shape) > 1 else (), generator=g)
+        if targets.ndim:
+            targets.view(-1)[::3] = -100
+    options = {"reduction": reduction, "label_smoothing": label_smoothing}
+    if weighted:
+        options["weight"] = torch.rand(5, generator=g, dtype=torch.float64) * 2
+    check_against_autograd(cross_entropy, references.cross_entropy, logits, targets, **options)
+
+
+def test_weighted_mean_divides_by_the_kept_weight_sum():
+    logits, targets = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, -100, 2])
+    weight = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    summed, _ = cross_entropy.forward(logits, targets, weight=weight, reduction="sum")
+    mean, _ = cross_entropy.forward(logits, targets, weight=weight)
+    torch.testing.assert_close(mean, summed / (0.5 + 3.0 + 3.0))
+
+
+def test_probability_targets_get_a_gradient_and_one_hot_ones_equal_indices():
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    onehot = F.one_hot(y, 4).double()
+    weight = torch.rand(4, dtype=torch.float64)
+    for options in ({}, {"label_smoothing": 0.2}, {"weight": weight, "reduction": "sum", "label_smoothing": 0.2}):
+        soft, soft_cache = cross_entropy.forward(logits, onehot, **options)
+        hard, hard_cache = cross_entropy.forward(logits, y, **options)
+        dout = torch.ones_like(soft)
+        dlogits, dtargets = cross_entropy.backward(dout, soft_cache)
+        torch.testing.assert_close(dlogits, cross_entropy.backward(dout, hard_cache)[0])
+        assert dtargets is not None and dtargets.shape == onehot.shape
+        if "weight" not in options:  # torch's 'mean' divides by the kept weight sum for indices only
+            torch.testing.assert_close(soft, hard)
+
+
+@pytest.mark.parametrize("which", ["weight", "targets"])
+def test_weight_and_probability_targets_edited_in_place_are_refused(which):
+    logits, targets, weight = torch.randn(3, 4), torch.rand(3, 4), torch.rand(4)
+    _, cache = cross_entropy.forward(logits, targets, weight=weight)
+    {"weight": weight, "targets": targets}[which].mul_(2)
+    with pytest.raises(RuntimeError, match=rf"cache: {which} was modified in place after forward"):
+        cross_entropy.backward(torch.tensor(1.0), cache)
+
+
+def test_kdim_logits_are_not_copied_or_edited():
+    """The class dim is reduced where it is: the cache keeps the caller's (N, C, d1) logits."""
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 5, (2, 7))
+    before = logits.clone()
+    loss, cache = cross_entropy.forward(logits, targets, reduction="none")
+    assert cache.logits is logits and loss.shape == (2, 7) and cache.shift.shape == (2, 1, 7)
+    cross_entropy.backward(torch.ones(2, 7), cache)
+    assert torch.equal(logits, before)
 
 
 def test_bad_dout():

@@ -13,29 +13,46 @@ Tensor = torch.Tensor
 
 
 def cross_entropy(
-    logits: Tensor, targets: Tensor, *, reduction: str = "mean", ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    logits: Tensor, targets: Tensor, *, weight: Tensor | None = None, reduction: str = "mean",
+    ignore_index: int = -100, label_smoothing: float = 0.0,
 ) -> Tensor:
+    if weight is not None:
+        weight = weight.to(logits.dtype)  # the oracle's float64 run casts the positional tensors only
     return F.cross_entropy(
-        logits, targets, reduction=reduction, ignore_index=ignore_index,
+        logits, targets, weight=weight, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing,
     )
 
 
 def cross_entropy_magnitude(
-    logits: Tensor, targets: Tensor, *, dout: Tensor, reduction: str = "mean", ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    logits: Tensor, targets: Tensor, *, dout: Tensor, weight: Tensor | None = None,
+    reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
-    """The size of the terms in dlogits = w (softmax - q): w (softmax + q). When the prediction
-    matches the target distribution (label_smoothing=1 on near-uniform logits) every entry is a
-    cancellation, and rounding scales with these terms, not with the result."""
-    N, C = logits.shape
-    valid = targets != ignore_index
-    q = torch.zeros_like(logits)
-    q[valid] = F.one_hot(targets[valid], C).to(logits.dtype) * (1 - label_smoothing)
-    q = (q + label_smoothing / C) * valid[:, None]
-    w = dout.abs().expand(N) if reduction != "mean" else (dout.abs() / valid.sum().clamp(min=1)).expand(N)
-    return {"dlogits": (torch.softmax(logits, 1) + q) * w[:, None]}
+    """The size of the terms in dlogits = g (softmax S - qw), qw = w q, S = sum_c qw_c:
+    |g| (softmax |S| + |qw|). When the prediction matches the target distribution
+    (label_smoothing=1 on near-uniform logits) every entry is a cancellation, and rounding scales
+    with these terms, not with the result."""
+    eps = label_smoothing
+    z = logits if logits.ndim >= 2 else logits[None]
+    C = z.shape[1]
+    z = z.movedim(1, -1).reshape(-1, C)  # (rows, C)
+    w = weight.to(z.dtype) if weight is not None else z.new_ones(C)
+    if targets.is_floating_point():
+        q = targets if logits.ndim >= 2 else targets[None]
+        q = q.movedim(1, -1).reshape(-1, C) * (1 - eps) + eps / C  # (rows, C)
+        valid = torch.ones(q.shape[0], dtype=torch.bool)
+        total = q.shape[0]
+    else:
+        y = targets.reshape(-1)  # (rows,)
+        valid = y != ignore_index
+        safe = torch.where(valid, y, 0)
+        q = (F.one_hot(safe, C).to(z.dtype) * (1 - eps) + eps / C) * valid[:, None]
+        total = (w[safe] * valid).sum().abs() if weight is not None else valid.sum()
+    qw = (q * w).abs()
+    g = dout.abs().reshape(-1) if reduction == "none" else dout.abs() / total
+    terms = (torch.softmax(z, 1) * qw.sum(1, keepdim=True) + qw) * g.reshape(-1, 1) * valid[:, None]
+    shape = (*(logits.shape[:1] + logits.shape[2:]), C) if logits.ndim >= 2 else (1, C)
+    return {"dlogits": terms.reshape(shape).movedim(-1, 1).reshape(logits.shape)}
 
 
 def batch_norm_magnitude(

@@ -66,17 +66,28 @@ def to_device(case: Case, device: str | torch.device) -> Case:
 def cross_entropy_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     N, C = draw(sizes(1, 16), label="N"), draw(sizes(1, 12), label="C")
+    layout = draw(st.sampled_from(["(N, C)", "(N, C)", "(C,)", "(N, C, d1..dK)"]), label="layout")
+    shape = {"(N, C)": (N, C), "(C,)": (C,)}.get(layout) or (N, C, *draw(shapes(1, 2, 1, 4), label="d"))
+    rows = shape[:1] + shape[2:] if len(shape) > 1 else ()  # targets' shape: logits' without dim 1
     scale = draw(st.sampled_from([1e-2, 1.0, 10.0, 1e4]), label="scale")  # 1e4: logits of +-1e4
-    logits = values((N, C), dtype, draw(seeds), scale=scale, shift=draw(shifts, label="shift"))
-    targets = integers((N,), 0, C, draw(seeds))
-    ignore_index = draw(st.sampled_from([-100, *range(C)]), label="ignore_index")
-    n_ignored = draw(st.integers(0, N), label="n_ignored")
-    targets[:n_ignored] = ignore_index
+    logits = values(shape, dtype, draw(seeds), scale=scale, shift=draw(shifts, label="shift"))
+    if draw(st.booleans(), label="probabilities"):
+        # class probabilities, peaked or flat: softmax of a drawn spread, rounded to dtype
+        spread = draw(st.sampled_from([0.1, 1.0, 5.0]), label="spread")
+        targets = values(shape, torch.float64, draw(seeds), scale=spread).softmax(min(1, len(shape) - 1))
+        targets, ignore_index = targets.to(dtype), -100  # torch refuses ignore_index >= 0 here
+    else:
+        targets = integers(rows, 0, C, draw(seeds))
+        ignore_index = draw(st.sampled_from([-100, *range(C)]), label="ignore_index")
+        n_ignored = draw(st.integers(0, targets.numel()), label="n_ignored")
+        targets.view(-1)[:n_ignored] = ignore_index
     options = {
         "reduction": draw(st.sampled_from(["mean", "sum", "none"]), label="reduction"),
         "ignore_index": ignore_index,
         "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="label_smoothing"),
     }
+    if draw(st.booleans(), label="has_weight"):
+        options["weight"] = values((C,), dtype, draw(seeds)).abs()  # class weights: non-negative
     return (logits, targets), options
 
 
