@@ -45,6 +45,7 @@ _SCHEMA_TYPES = {
     "int": "int",
     "int | None": "int?",
     "float": "float",
+    "float | None": "float?",
     "bool": "bool",
     "str": "str",
     "int | tuple[int, ...]": "int[1]",  # a single int is accepted, as in torch's own dim arguments
@@ -55,11 +56,28 @@ def _literal(v: object) -> str:
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
+def _is_tensor_param(p: inspect.Parameter) -> bool:
+    return p.annotation in ("torch.Tensor", "torch.Tensor | None")
+
+
+def schema_params(forward: Callable) -> list[inspect.Parameter]:
+    """forward's parameters in schema order: custom_op refuses keyword-only tensors, so those
+    (batch_norm's running_mean and running_var) come after the positional ones and before the
+    ``*``. Callers still pass them by keyword; they get no gradient (backward's tuple covers
+    forward's positional arguments)."""
+    params = list(inspect.signature(forward).parameters.values())
+    return ([p for p in params if p.kind is not p.KEYWORD_ONLY]
+            + [p for p in params if p.kind is p.KEYWORD_ONLY and _is_tensor_param(p)]
+            + [p for p in params if p.kind is p.KEYWORD_ONLY and not _is_tensor_param(p)])
+
+
 def schema_of(forward: Callable, prefix: str = "") -> str:
     """The custom-op schema of ``forward``'s signature: ``(Tensor x, *, int dim=-1) -> Tensor``.
     ``prefix`` is prepended to the arguments (the backward op's ``Tensor dout, ``)."""
     parts, keyword_only = [], False
-    for p in inspect.signature(forward).parameters.values():
+    for p in schema_params(forward):
+        if p.kind is p.KEYWORD_ONLY and _is_tensor_param(p):
+            p = p.replace(kind=p.POSITIONAL_OR_KEYWORD)
         if p.kind is p.KEYWORD_ONLY and not keyword_only:
             parts.append("*")
             keyword_only = True
@@ -138,17 +156,24 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     the backprop contract (prepare / forward_math / backward). Returns both custom ops."""
     module = entry.module
     prepare = entry.prepare or module.prepare
+    params = schema_params(module.forward)
+    n_pos = sum(p.kind is not p.KEYWORD_ONLY for p in params)  # forward's positional arguments
+    moved = [p.name for p in params[n_pos:] if _is_tensor_param(p)]  # keyword-only tensors, made positional
+
+    def call(fn, args, options):
+        """fn (prepare) with the moved tensors passed back by keyword."""
+        return fn(*args[:n_pos], **dict(zip(moved, args[n_pos:])), **options)
 
     def forward_impl(*args, **options):
-        out, _ = module.forward_math(prepare(*args, **options))
+        out, _ = module.forward_math(call(prepare, args, options))
         return out
 
     def backward_impl(dout, *args, **options):
-        _, cache = module.forward_math(prepare(*args, **options))  # the cache, recomputed
+        _, cache = module.forward_math(call(prepare, args, options))  # the cache, recomputed
         return [g for g in module.backward(dout, cache) if g is not None]
 
     def backward_fake(dout, *args, **options):
-        return [torch.empty_like(a) for a in args if _is_float(a)]
+        return [torch.empty_like(a) for a in args[:n_pos] if _is_float(a)]
 
     fwd = torch.library.custom_op(f"{namespace}::{name}", forward_impl, mutates_args=(),
                                   schema=schema_of(module.forward) + " -> Tensor")
@@ -167,7 +192,7 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         saved = iter(ctx.saved_tensors)
         args = [next(saved) if t else a for a, t in zip(ctx.plain, ctx.slots)]
         grads = iter(bwd(dout, *args, **ctx.options))
-        return tuple(next(grads) if _is_float(a) else None for a in args)
+        return tuple(next(grads) if _is_float(a) and k < n_pos else None for k, a in enumerate(args))
 
     def no_second_order(ctx, *_):
         raise NotImplementedError(
@@ -193,4 +218,4 @@ def opcheck(op: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
     return torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_UTILS)
 
 
-__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of"]
+__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of", "schema_params"]
