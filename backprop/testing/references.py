@@ -131,10 +131,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def embedding(
-    indices: Tensor, weight: Tensor, *, padding_idx: int | None = None, deterministic: bool = True
+    indices: Tensor, weight: Tensor, *, padding_idx: int | None = None, max_norm: float | None = None,
+    norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False, deterministic: bool = True,
 ) -> Tensor:
     """deterministic changes only the order of summation on CUDA, not the value."""
-    return F.embedding(indices, weight, padding_idx=padding_idx)
+    return F.embedding(indices, weight, padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                       scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
 
 
 # for code that needs no hypothesis (the op table needs it): each op's twin by name
