@@ -127,9 +127,9 @@ def prepare(
 ) -> Args:
     """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
-    if x.ndim < 2:
+    if x.ndim < 2 and not (x.ndim == 1 and x.numel() == 0):
         raise ValueError(f"x must be at least 2-D (N, C, *), got {x.ndim}-D with shape {tuple(x.shape)}")
-    C = x.shape[1]
+    C = _as_nc(x).shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _check.floating(name, t)
@@ -176,6 +176,12 @@ def prepare(
                 num_batches_tracked)
 
 
+def _as_nc(t: torch.Tensor) -> torch.Tensor:
+    """An empty 1-D x (which F.batch_norm accepts, and OpInfo samples) read as (0, 0): no rows,
+    no channels. Every other x is (N, C, *) already."""
+    return t.reshape(0, 0) if t.ndim == 1 else t
+
+
 def _dims(ndim: int) -> tuple[int, ...]:
     """The reduced dims: all but the channels (dim 1)."""
     return (0, *range(2, ndim))
@@ -188,7 +194,7 @@ def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     """forward without the checks."""
-    x, weight, bias, eps, correction = a.x, a.weight, a.bias, a.eps, a.correction
+    x, weight, bias, eps, correction = _as_nc(a.x), a.weight, a.bias, a.eps, a.correction
     n, dims, nd = _count(x), _dims(x.ndim), x.ndim
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = _check.cast(x, acc)
@@ -218,8 +224,8 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         out = xhat + b
     else:
         out = xhat.clone()  # never alias the cache
-    return _check.cast(out, x.dtype), Cache(
-        xhat, rstd, weight, bias is not None, correction, x.dtype, _check.versions(weight),
+    return _check.cast(out, x.dtype).reshape(a.x.shape), Cache(
+        xhat.reshape(a.x.shape), rstd, weight, bias is not None, correction, x.dtype, _check.versions(weight),
         a.training, *updated)
 
 
@@ -259,10 +265,10 @@ def check_backward(dout: torch.Tensor, cache: Cache) -> None:
 def backward_math(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
+    xhat, rstd, weight, correction, dtype = _as_nc(cache.xhat), cache.rstd, cache.weight, cache.correction, cache.dtype
     n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
     acc = xhat.dtype
-    dy = _check.cast(dout, acc)  # (N, C, *)
+    dy = _check.cast(_as_nc(dout), acc)  # (N, C, *)
     dbias = dy.sum(dims)  # (C,)
     dweight = (dy * xhat).sum(dims)  # (C,)
     scale = _per_channel(rstd * _check.cast(weight, acc) if weight is not None else rstd, nd)  # (1, C, 1..)
@@ -274,7 +280,7 @@ def backward_math(
     else:
         dx = dy * scale  # (N, C, *)
     return (
-        _check.cast(dx, dtype),
+        _check.cast(dx, dtype).reshape(dout.shape),
         _check.cast(dweight, dtype) if weight is not None else None,
         _check.cast(dbias, dtype) if cache.has_bias else None,
     )
@@ -292,9 +298,11 @@ def jvp(
     """
     t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
     # by name: a field added to Cache leaves this rule as it is
-    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
+    shape = cache.xhat.shape
+    xhat, rstd, weight, correction, dtype = _as_nc(cache.xhat), cache.rstd, cache.weight, cache.correction, cache.dtype
     n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
     acc = xhat.dtype
+    t_x = None if t_x is None else _as_nc(t_x)
     t_out = None
     if t_x is not None:
         scale = _per_channel(rstd * _check.cast(weight, acc) if weight is not None else rstd, nd)
@@ -314,4 +322,4 @@ def jvp(
     if t_b is not None:
         term = _per_channel(_check.cast(t_b, acc), nd).expand(xhat.shape)  # (N, C, *)
         t_out = term.clone() if t_out is None else t_out + term
-    return None if t_out is None else _check.cast(t_out, dtype)
+    return None if t_out is None else _check.cast(t_out, dtype).reshape(shape)
