@@ -183,6 +183,7 @@ OP_DB: tuple[OpInfo, ...] = (
     OpInfo(
         "batch_norm", references.batch_norm, strategies.batch_norm_cases, _batch_norm_fixed,
         {"notebook 32x64": ((32, 64), "small"), "large 4096x1024": ((4096, 1024), "large"),
+         "large NCHW 32x64x56x56": ((32, 64, 56, 56), "large"),
          "gpu 65536x1024": ((65536, 1024), "gpu")},
         magnitude=references.batch_norm_magnitude,
         speed_targets=(("large.*correction=1", "fwd+bwd", "best", "autograd", 2.0, ">= 2x composed ops"),
