@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from backprop import embedding
 from backprop.testing import check_against_autograd, references
+from backprop.testing.oracle import random_dout
 from backprop.testing.strategies import embedding_cases, to_device
 from backprop.testing.suite import check_case, gradcheck_case
 
@@ -118,7 +119,8 @@ def test_sparse_gradient_equals_torchs_once_coalesced(case, data):
     same order, padding positions dropped); coalesced, the dense gradient's values."""
     (indices, weight), options = case
     options = {**options, "sparse": True, "scale_grad_by_freq": False}
-    dout = torch.randn(*indices.shape, weight.shape[1], dtype=torch.float64).to(weight.dtype)
+    seed = data.draw(st.integers(0, 2**16), label="dout seed")
+    dout = random_dout(torch.Size([*indices.shape, weight.shape[1]]), weight.dtype, "cpu", seed)
     out, cache = embedding.forward(indices, weight, **options)
     dout_before = dout.clone()
     _, dweight = embedding.backward(dout, cache)
@@ -130,8 +132,11 @@ def test_sparse_gradient_equals_torchs_once_coalesced(case, data):
     assert dweight.dtype == weight.dtype and torch.equal(dout, dout_before)
     assert torch.equal(dweight._indices(), leaf.grad._indices())
     assert torch.equal(dweight._values(), leaf.grad._values())
-    _, dense = embedding.backward(dout, cache._replace(sparse=False))
-    torch.testing.assert_close(dweight.coalesce().to_dense(), dense)
+    assert torch.equal(dweight.coalesce().to_dense(), leaf.grad.coalesce().to_dense())
+    if weight.dtype == torch.float64:  # the dense gradient sums repeats in another order: in 16-bit,
+        # a cancelling sum of 20 repeats differs by more than any fixed tolerance (conditioning)
+        _, dense = embedding.backward(dout, cache._replace(sparse=False))
+        torch.testing.assert_close(dweight.coalesce().to_dense(), dense)
     dweight._values().zero_()  # the values are a copy: editing them leaves dout as it was
     assert torch.equal(dout, dout_before)
 

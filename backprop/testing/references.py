@@ -82,7 +82,10 @@ def batch_norm_composed(
 ) -> Tensor:
     """The makemore notebook's atoms: mean, diff, diff**2, var (1/(n - correction)), rsqrt, per
     channel over every dim but 1. Eval mode: the running statistics. The output only: running
-    statistics are not updated."""
+    statistics are not updated. An empty 1-D x is read as (0, 0), as backprop.batch_norm reads it."""
+    if x.ndim == 1:
+        return batch_norm_composed(x.reshape(0, 0), weight, bias, running_mean=running_mean, running_var=running_var,
+                                   training=training, eps=eps, correction=correction).reshape(x.shape)
     dims = (0, *range(2, x.ndim))
     bc = lambda v: v.reshape(1, -1, *[1] * (x.ndim - 2))  # noqa: E731 (C,) against (N, C, *)
     if training:
