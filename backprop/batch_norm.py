@@ -1,7 +1,15 @@
-"""batch_norm: training-mode batch normalisation over the rows of (N, C).
+"""batch_norm: batch normalisation over every dim of x (N, C, *) but the channels, the twin of
+``F.batch_norm``.
 
-correction=0 is ``F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)``;
-correction=1 is the makemore notebook's Bessel-corrected variance, 1/(N-1).
+Shapes: x is (N, C) or (N, C, L...) with L... any trailing dims; "per channel" means over the
+n = N * prod(L...) values of one channel. correction=0 is ``F.batch_norm(x, None, None, weight,
+bias, training=True, eps=eps)``; correction=1 is the makemore notebook's Bessel-corrected
+variance, 1/(n-1). training=False normalises with the caller's running statistics.
+
+Running statistics are never updated in place (torch's kernel does that): in training mode with
+``running_mean`` and ``running_var``, forward returns the updated ones on the cache
+(``cache.updated_mean``, ``cache.updated_var``, ``cache.updated_batches``), also as
+``updated_stats(cache)``; a model carries them to the next step.
 """
 
 from __future__ import annotations
@@ -16,24 +24,48 @@ from backprop import _check
 class Args(NamedTuple):
     """forward's arguments, checked: what forward_math reads."""
 
-    x: torch.Tensor  # (N, C)
+    x: torch.Tensor  # (N, C, *)
     weight: torch.Tensor | None  # (C,)
     bias: torch.Tensor | None  # (C,)
     eps: float
     correction: int
+    running_mean: torch.Tensor | None = None  # (C,)
+    running_var: torch.Tensor | None = None  # (C,)
+    training: bool = True
+    momentum: float | None = 0.1  # None: the cumulative average, 1 / (num_batches_tracked + 1)
+    num_batches_tracked: int = 0  # batches seen before this one
 
 
 class Cache(NamedTuple):
-    xhat: torch.Tensor  # (N, C) normalised input: one (N, C) buffer, saves recomputing it in backward
-    rstd: torch.Tensor  # (C,) 1 / sqrt(var + eps)
+    xhat: torch.Tensor  # (N, C, *) normalised input: one buffer, saves recomputing it in backward
+    rstd: torch.Tensor  # (C,) 1 / sqrt(var + eps), var the batch's (training) or running_var (eval)
     weight: torch.Tensor | None  # (C,)
     has_bias: bool
     correction: int
     dtype: torch.dtype  # of x and out; xhat and rstd (ours, never the caller's) in the accumulation dtype
     versions: tuple[int | None, ...] = ()  # of weight (None if absent) at forward; () for a cache built by hand
+    training: bool = True  # False: the statistics are constants, backward is the affine one
+    # training with running statistics: the updated ones (ours, new tensors), else None
+    updated_mean: torch.Tensor | None = None  # (C,) (1 - m) running_mean + m mean
+    updated_var: torch.Tensor | None = None  # (C,) (1 - m) running_var + m var * n / (n - 1)
+    updated_batches: int | None = None  # num_batches_tracked + 1
+
+
+class RunningStats(NamedTuple):
+    running_mean: torch.Tensor  # (C,)
+    running_var: torch.Tensor  # (C,)
+    num_batches_tracked: int
 
 
 VERSIONED = ("weight",)  # the caller's tensor, kept without a copy: backward refuses it edited
+
+
+def updated_stats(cache: Cache) -> RunningStats | None:
+    """The running statistics after forward's batch: what torch's kernel writes into running_mean
+    and running_var in place (and nn.BatchNorm into num_batches_tracked). None without them."""
+    if cache.updated_mean is None:
+        return None
+    return RunningStats(cache.updated_mean, cache.updated_var, cache.updated_batches)
 
 
 @_check.no_autograd
@@ -42,11 +74,24 @@ def forward(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     *,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     correction: int = 0,
+    num_batches_tracked: int = 0,
 ) -> tuple[torch.Tensor, Cache]:
-    """mean = x.mean(0);  var = ((x - mean)**2).sum(0) / (N - correction)
+    """Per channel, over the n values of dims 0, 2, 3, ...:
+    training: mean = x.mean();  var = ((x - mean)**2).sum() / (n - correction)
+    eval:     mean, var = running_mean, running_var
     out = weight * (x - mean) / sqrt(var + eps) + bias
+
+    Training with running statistics also returns, on the cache, with m = momentum (or
+    1 / (num_batches_tracked + 1) for momentum=None, nn.BatchNorm's cumulative average):
+    updated_mean = (1 - m) running_mean + m mean,  updated_var = (1 - m) running_var + m var_unbiased
+    (the unbiased variance, 1/(n-1), whatever correction is, as torch keeps it). No value per
+    channel (N = 0) leaves them as they were and gives an empty output, as torch does.
 
     An infinite weight gives +-inf (nan where x equals the mean), as the formula does; F.batch_norm
     on the CPU gives nan there, because it folds the affine into x * s + (bias - mean * s).
@@ -54,7 +99,17 @@ def forward(
     empty weight or bias fails with an IndexError from select()). These and the other differences
     from F.batch_norm are listed in docs/divergences.md.
     """
-    return forward_math(prepare(x, weight, bias, eps=eps, correction=correction))
+    return forward_math(prepare(x, weight, bias, running_mean=running_mean, running_var=running_var,
+                                training=training, momentum=momentum, eps=eps, correction=correction,
+                                num_batches_tracked=num_batches_tracked))
+
+
+def _count(x: torch.Tensor) -> int:
+    """n, the values per channel: N * prod(L...)."""
+    n = x.shape[0]
+    for s in x.shape[2:]:
+        n *= s
+    return n
 
 
 def prepare(
@@ -62,64 +117,140 @@ def prepare(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     *,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
     eps: float = 1e-5,
     correction: int = 0,
+    num_batches_tracked: int = 0,
 ) -> Args:
     """Validate forward's arguments; returns forward_math's."""
     _check.floating("x", x)
-    _check.ndim("x", x, 2, "(N, C)")
-    N, C = x.shape
+    if x.ndim < 2 and not (x.ndim == 1 and x.numel() == 0):
+        raise ValueError(f"x must be at least 2-D (N, C, *), got {x.ndim}-D with shape {tuple(x.shape)}")
+    C = _as_nc(x).shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _check.floating(name, t)
             _check.shape(name, t, (C,), f"(C,) with C={C} channels of x")
             _check.same_dtype(name, t, "x", x)
-    _check.same_device(x=x, weight=weight, bias=bias)
+    training = _check.bool_option("training", training)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None, got "
+                         f"running_mean {'None' if running_mean is None else 'a tensor'} and "
+                         f"running_var {'None' if running_var is None else 'a tensor'}")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var must be given when training=False: "
+                         "evaluation normalises with them")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _check.floating(name, t)
+            _check.shape(name, t, (C,), f"(C,) with C={C} channels of x")
+            # as weight and bias (torch's CPU kernel takes float32 statistics for 16-bit x only
+            # when weight and bias are float32 too, which we refuse)
+            _check.same_dtype(name, t, "x", x)
+    _check.same_device(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     # a ValueError for a bool or a float too, not the TypeError of the other options: callers match it
     if isinstance(correction, bool) or not isinstance(correction, int) or correction < 0:
         raise ValueError(f"correction must be a non-negative int, got {correction!r}")
-    if N <= correction:
-        raise ValueError(
-            f"x must have more rows than correction={correction} to estimate a variance, got N={N}"
-        )
+    n = _count(x)
+    if training and 0 < n <= correction:
+        if x.ndim == 2:
+            raise ValueError(
+                f"x must have more rows than correction={correction} to estimate a variance, got N={n}")
+        raise ValueError(f"x must have more values per channel (N * L) than correction={correction} "
+                         f"to estimate a variance, got {n}")
+    if training and running_mean is not None and n == 1:
+        raise ValueError("running_var is updated with the unbiased variance, 1/(n - 1): it needs more "
+                         "than one value per channel, got x of shape " + str(tuple(x.shape)))
+    if momentum is not None:
+        momentum = _check.float_option("momentum", momentum)
+    num_batches_tracked = _check.int_option("num_batches_tracked", num_batches_tracked)
+    if num_batches_tracked < 0:
+        raise ValueError(f"num_batches_tracked must be a non-negative int, got {num_batches_tracked}")
     eps = _check.float_option("eps", eps)
     if not eps > 0:  # eps = 0 divides by zero on a constant channel (torch accepts it and gives nan)
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    return Args(x, weight, bias, eps, correction)
+    return Args(x, weight, bias, eps, correction, running_mean, running_var, training, momentum,
+                num_batches_tracked)
+
+
+def _as_nc(t: torch.Tensor) -> torch.Tensor:
+    """An empty 1-D x (which F.batch_norm accepts, and OpInfo samples) read as (0, 0): no rows,
+    no channels. Every other x is (N, C, *) already."""
+    return t.reshape(0, 0) if t.ndim == 1 else t
+
+
+def _dims(ndim: int) -> tuple[int, ...]:
+    """The reduced dims: all but the channels (dim 1)."""
+    return (0, *range(2, ndim))
+
+
+def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(C,) as (1, C, 1, ...): broadcast against x (N, C, *)."""
+    return v if ndim == 2 else v.reshape(1, -1, *[1] * (ndim - 2))
 
 
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     """forward without the checks."""
-    x, weight, bias, eps, correction = a
-    N = x.shape[0]
+    x, weight, bias, eps, correction = _as_nc(a.x), a.weight, a.bias, a.eps, a.correction
+    n, dims, nd = _count(x), _dims(x.ndim), x.ndim
     acc = _check.opmath(x.dtype)  # 16-bit inputs accumulate in float32, as torch's kernel does
     xa = _check.cast(x, acc)
-    xc = xa - xa.mean(0)  # (N, C)
-    # second pass: the mean of xc is the rounding error of the first mean (large at a large
-    # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
-    xc -= xc.mean(0)
-    rstd = (xc * xc).sum(0).div_(N - correction).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
-    xhat = xc.mul_(rstd)  # (N, C), in place: xc is ours
-    if weight is not None and bias is not None:
-        out = torch.addcmul(_check.cast(bias, acc), xhat, _check.cast(weight, acc))  # bias + xhat * weight
-    elif weight is not None:
-        out = xhat * _check.cast(weight, acc)
-    elif bias is not None:
-        out = xhat + _check.cast(bias, acc)
+    updated = (None, None, None)
+    if a.training:
+        mean = xa.mean(dims)  # (C,)
+        xc = xa - _per_channel(mean, nd)  # (N, C, *)
+        # second pass: the mean of xc is the rounding error of the first mean (large at a large
+        # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
+        mean2 = xc.mean(dims)  # (C,)
+        xc -= _per_channel(mean2, nd)
+        var_sum = (xc * xc).sum(dims)  # (C,)
+        rstd = (var_sum / (n - correction)).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
+        if a.running_mean is not None:
+            updated = _updated_stats(a, mean + mean2, var_sum, n)
+    else:
+        rstd = (_check.cast(a.running_var, acc) + eps).rsqrt_()  # (C,) a new tensor: ours
+        xc = xa - _per_channel(_check.cast(a.running_mean, acc), nd)  # (N, C, *)
+    xhat = xc.mul_(_per_channel(rstd, nd))  # (N, C, *), in place: xc is ours
+    w = _per_channel(_check.cast(weight, acc), nd) if weight is not None else None
+    b = _per_channel(_check.cast(bias, acc), nd) if bias is not None else None
+    if w is not None and b is not None:
+        out = torch.addcmul(b, xhat, w)  # bias + xhat * weight
+    elif w is not None:
+        out = xhat * w
+    elif b is not None:
+        out = xhat + b
     else:
         out = xhat.clone()  # never alias the cache
-    return _check.cast(out, x.dtype), Cache(
-        xhat, rstd, weight, bias is not None, correction, x.dtype, _check.versions(weight))
+    return _check.cast(out, x.dtype).reshape(a.x.shape), Cache(
+        xhat.reshape(a.x.shape), rstd, weight, bias is not None, correction, x.dtype, _check.versions(weight),
+        a.training, *updated)
+
+
+def _updated_stats(a: Args, mean: torch.Tensor, var_sum: torch.Tensor, n: int) -> tuple:
+    """(updated_mean, updated_var, updated_batches): new tensors in the statistics' dtype."""
+    rm, rv = a.running_mean, a.running_var
+    batches = a.num_batches_tracked + 1
+    if n == 0:  # no value per channel: torch leaves the statistics as they were
+        return rm.clone(), rv.clone(), batches
+    m = a.momentum if a.momentum is not None else 1.0 / batches
+    acc = mean.dtype
+    new_mean = torch.lerp(_check.cast(rm, acc), mean, m)  # (1 - m) rm + m mean
+    new_var = torch.lerp(_check.cast(rv, acc), var_sum / (n - 1), m)  # unbiased, as torch keeps it
+    return new_mean.to(rm.dtype), new_var.to(rv.dtype), batches
 
 
 @_check.no_autograd
 def backward(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """With d = N - correction and sums over the N rows:
+    """With d = n - correction and sums per channel over its n values:
     dbias = sum(dout),   dweight = sum(dout * xhat)
-    dx    = weight * rstd * (dout - dbias / N - xhat * dweight / d)
-    (the mean's path gives dbias / N, the variance's path xhat * dweight / d)
+    training: dx = weight * rstd * (dout - dbias / n - xhat * dweight / d)
+              (the mean's path gives dbias / n, the variance's path xhat * dweight / d)
+    eval:     dx = weight * rstd * dout (the running statistics are constants)
     """
     check_backward(dout, cache)
     return backward_math(dout, cache)
@@ -134,51 +265,63 @@ def check_backward(dout: torch.Tensor, cache: Cache) -> None:
 def backward_math(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    xhat, rstd, weight, has_bias, correction, dtype, _ = cache
-    N = xhat.shape[0]
+    xhat, rstd, weight = _as_nc(cache.xhat), cache.rstd, cache.weight
+    correction, dtype = cache.correction, cache.dtype
+    n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
     acc = xhat.dtype
-    dy = _check.cast(dout, acc)  # (N, C)
-    dbias = dy.sum(0)  # (C,)
-    dweight = (dy * xhat).sum(0)  # (C,)
-    scale = rstd * _check.cast(weight, acc) if weight is not None else rstd  # (C,)
-    # dy - dbias / N - xhat * dweight / d, the last two in one addcmul
-    dx = torch.sub(dy, torch.addcmul(dbias / N, xhat, dweight / (N - correction)))  # (N, C)
-    dx *= scale
+    dy = _check.cast(_as_nc(dout), acc)  # (N, C, *)
+    dbias = dy.sum(dims)  # (C,)
+    dweight = (dy * xhat).sum(dims)  # (C,)
+    scale = _per_channel(rstd * _check.cast(weight, acc) if weight is not None else rstd, nd)  # (1, C, 1..)
+    if cache.training:
+        # dy - dbias / n - xhat * dweight / d, the last two in one addcmul
+        dx = torch.sub(dy, torch.addcmul(_per_channel(dbias / n, nd), xhat,
+                                         _per_channel(dweight / (n - correction), nd)))  # (N, C, *)
+        dx *= scale
+    else:
+        dx = dy * scale  # (N, C, *)
     return (
-        _check.cast(dx, dtype),
+        _check.cast(dx, dtype).reshape(dout.shape),
         _check.cast(dweight, dtype) if weight is not None else None,
-        _check.cast(dbias, dtype) if has_bias else None,
+        _check.cast(dbias, dtype) if cache.has_bias else None,
     )
 
 
 def jvp(
     tangents: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], cache: Cache
 ) -> torch.Tensor | None:
-    """Forward mode, with d = N - correction, means and sums over the N rows:
-    t_xhat = rstd * (t_xc - xhat * sum(xhat * t_xc) / d),  t_xc = t_x - mean(t_x)
+    """Forward mode, with d = n - correction, means and sums per channel over its n values:
+    training: t_xhat = rstd * (t_xc - xhat * sum(xhat * t_xc) / d),  t_xc = t_x - mean(t_x)
+              (from d xc = t_xc and d rstd = -rstd^3 sum(xc t_xc) / d, with xc = xhat / rstd)
+    eval:     t_xhat = rstd * t_x
     t_out  = weight * t_xhat + t_weight * xhat + t_bias
-    (from d xc = t_xc and d rstd = -rstd^3 sum(xc t_xc) / d, with xc = xhat / rstd).
     None when every tangent is None.
     """
     t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
     # by name: a field added to Cache leaves this rule as it is
-    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
-    N = xhat.shape[0]
+    shape = cache.xhat.shape
+    xhat, rstd, weight = _as_nc(cache.xhat), cache.rstd, cache.weight
+    correction, dtype = cache.correction, cache.dtype
+    n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
     acc = xhat.dtype
+    t_x = None if t_x is None else _as_nc(t_x)
     t_out = None
     if t_x is not None:
-        t_xc = _check.cast(t_x, acc)  # (N, C)
-        t_xc = t_xc - t_xc.mean(0)
-        # sum(xhat * t_x) alone is the same in exact arithmetic (sum(xhat) = 0); centring t_x
-        # first keeps the rounding of xhat's mean out of it
-        proj = (xhat * t_xc).sum(0).div_(N - correction)  # (C,)
-        scale = rstd * _check.cast(weight, acc) if weight is not None else rstd  # (C,)
-        t_out = (t_xc - xhat * proj) * scale  # (N, C)
+        scale = _per_channel(rstd * _check.cast(weight, acc) if weight is not None else rstd, nd)
+        t_xc = _check.cast(t_x, acc)  # (N, C, *)
+        if cache.training:
+            t_xc = t_xc - _per_channel(t_xc.mean(dims), nd)
+            # sum(xhat * t_x) alone is the same in exact arithmetic (sum(xhat) = 0); centring t_x
+            # first keeps the rounding of xhat's mean out of it
+            proj = (xhat * t_xc).sum(dims).div_(n - correction)  # (C,)
+            t_out = (t_xc - xhat * _per_channel(proj, nd)) * scale  # (N, C, *)
+        else:
+            t_out = t_xc * scale  # (N, C, *)
     # the terms are added out of place: under vmap one tangent may be batched and another not
     if t_w is not None:
-        term = xhat * _check.cast(t_w, acc)  # (N, C)
+        term = xhat * _per_channel(_check.cast(t_w, acc), nd)  # (N, C, *)
         t_out = term if t_out is None else t_out + term
     if t_b is not None:
-        term = _check.cast(t_b, acc).expand(xhat.shape)  # (N, C)
+        term = _per_channel(_check.cast(t_b, acc), nd).expand(xhat.shape)  # (N, C, *)
         t_out = term.clone() if t_out is None else t_out + term
-    return None if t_out is None else _check.cast(t_out, dtype)
+    return None if t_out is None else _check.cast(t_out, dtype).reshape(shape)

@@ -52,6 +52,7 @@ _SCHEMA_TYPES = {
     "int": "int",
     "int | None": "int?",
     "float": "float",
+    "float | None": "float?",
     "bool": "bool",
     "str": "str",
     "int | tuple[int, ...]": "int[1]",  # a single int is accepted, as in torch's own dim arguments
@@ -119,14 +120,20 @@ def _cross_entropy_prepare(logits, targets, *, weight=None, reduction="mean", ig
     return args._replace(targets=safe, valid=valid, count=valid.sum())
 
 
-def _embedding_prepare(indices, weight, *, padding_idx=None, deterministic=True):
+def _embedding_prepare(indices, weight, *, padding_idx=None, max_norm=None, norm_type=2.0,
+                       scale_grad_by_freq=False, sparse=False, deterministic=True):
     """embedding.prepare without host reads: its checks on an empty view of indices (every check but
-    the range one reads dtypes, shapes and options only), the range check on the device."""
-    args = embedding.prepare(indices.reshape(-1)[:0], weight, padding_idx=padding_idx,
-                             deterministic=deterministic)
+    the range one reads dtypes, shapes and options only), the range check on the device.
+    sparse=True is refused: a custom op's backward declares dense gradients (its fake kernel)."""
+    options = dict(padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                   scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, deterministic=deterministic)
+    args = embedding.prepare(indices.reshape(-1)[:0], weight, **options)
+    if sparse:
+        raise ValueError("sparse=True is not offered by torch.ops.backprop.embedding (a custom op's "
+                         "gradients are dense); use backprop.autograd.apply(backprop.embedding, ...)")
     V = weight.shape[0]
     ok = ((indices >= 0) & (indices < V)).all()
-    eager = lambda: embedding.prepare(indices, weight, padding_idx=padding_idx, deterministic=deterministic)  # noqa: E731
+    eager = lambda: embedding.prepare(indices, weight, **options)  # noqa: E731
     _range_checked(ok, f"indices must lie in [0, {V})", eager)
     return args._replace(indices=indices)
 

@@ -43,7 +43,8 @@ def _dims(dim: int | tuple[int, ...] | list[int], ndim: int) -> tuple[int, ...]:
 def forward(
     x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = False
 ) -> tuple[torch.Tensor, Cache]:
-    """out = m + log(sum(exp(x - m))) along dim, with m the max along dim (shifted coordinates)."""
+    """out = m + log(sum(exp(x - m))) along dim, with m the max along dim (shifted coordinates).
+    An empty dim gives -inf (the log of an empty sum), with m = 0, as torch does."""
     return forward_math(prepare(x, dim=dim, keepdim=keepdim))
 
 
@@ -51,10 +52,6 @@ def prepare(x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool =
     """Validate forward's arguments; returns forward_math's (dim as a tuple of non-negative dims)."""
     _check.floating("x", x)
     dims = _dims(dim, x.ndim)
-    if x.ndim > 0:
-        for d in dims:
-            if x.shape[d] == 0:
-                raise ValueError(f"x must have a non-empty dim {d} to reduce over, got shape {tuple(x.shape)}")
     if x.ndim == 0:
         dims = ()  # reducing a 0-d tensor is the identity, as in torch
     return Args(x, dims, _check.bool_option("keepdim", keepdim))
@@ -62,7 +59,11 @@ def prepare(x: torch.Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool =
 
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     x, dims, keepdim = a
-    shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
+    if dims and any(x.shape[d] == 0 for d in dims):
+        # an empty sum: out = log(0) = -inf, as torch gives (amax refuses an empty dim)
+        shift = x.new_zeros([1 if d in dims else s for d, s in enumerate(x.shape)])
+    else:
+        shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
     # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead, as torch does
     shift = shift.nan_to_num_(0.0, 0.0, 0.0)  # in place: shift is ours (amax or clone)
     sumexp = (x - shift).exp_().sum(dim=dims, keepdim=True) if dims else (x - shift).exp_()
@@ -76,6 +77,7 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
 def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor]:
     """dx = dout * softmax(x) = dout * exp(x - m) / sum(exp(x - m)), broadcast over the dims.
     Computed from the shift m, never from exp(x - out): out is rounded, m is exact.
+    An empty dim gives an empty dx.
     """
     check_backward(dout, cache)
     return backward_math(dout, cache)

@@ -40,11 +40,12 @@ def traffic(x: Tensor, weight: Tensor, bias: Tensor, *, mode: str, **options: An
 @pytest.mark.parametrize("correction", [0, 1])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_batch_norm(bench, correction, shape):
-    (N, C), size = SHAPES[shape]
+    dims, size = SHAPES[shape]  # (N, C) or (N, C, H, W)
+    C = dims[1]
 
     def args():
         g = torch.Generator().manual_seed(0)
-        return (torch.randn(N, C, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g))
+        return (torch.randn(*dims, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g))
 
     bench("batch_norm", f"{shape} correction={correction}", args, {"correction": correction},
           size=size, native=native, traffic=traffic)

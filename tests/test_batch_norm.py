@@ -1,9 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given
+from hypothesis import strategies as st
 
 from backprop import batch_norm
 from backprop.testing import check_against_autograd, references
+from backprop.testing.compare import Report, compare
 from backprop.testing.oracle import random_dout
 from backprop.testing.strategies import batch_norm_cases, to_device
 from backprop.testing.suite import check_case, gradcheck_case
@@ -67,12 +70,23 @@ def test_one_and_two_rows_in_float64(N, correction):
 @pytest.mark.parametrize(
     "x, weight, bias, options, error, message",
     [
-        (torch.randn(4), None, None, {}, ValueError, r"x must be 2-D \(N, C\), got 1-D"),
+        (torch.randn(4), None, None, {}, ValueError, r"x must be at least 2-D \(N, C, \*\), got 1-D"),
+        (torch.randn(1, 3, 1), None, None, {"correction": 1}, ValueError, r"x must have more values per channel \(N \* L\) than correction=1 .*got 1"),
+        (torch.randn(4, 3), None, None, {"training": False}, ValueError, r"running_mean and running_var must be given when training=False"),
+        (torch.randn(4, 3), None, None, {"running_mean": torch.zeros(3)}, ValueError, r"running_mean and running_var must both be tensors or both be None"),
+        (torch.randn(4, 3), None, None, {"running_mean": torch.zeros(2), "running_var": torch.ones(3)}, ValueError, r"running_mean must have shape \(3,\)"),
+        (torch.randn(4, 3), None, None, {"running_mean": torch.zeros(3), "running_var": torch.ones(3, dtype=torch.float64)}, TypeError, r"running_var must have the dtype of x \(torch.float32\), got torch.float64"),
+        (torch.randn(4, 3), None, None, {"running_mean": torch.zeros(3, dtype=torch.int64), "running_var": torch.ones(3)}, TypeError, r"running_mean must be a floating-point tensor"),
+        (torch.randn(1, 3), None, None, {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}, ValueError, r"running_var is updated with the unbiased variance"),
+        (torch.randn(4, 3), None, None, {"momentum": "0.1"}, TypeError, r"momentum must be a float, got str"),
+        (torch.randn(4, 3), None, None, {"momentum": float("nan")}, ValueError, r"momentum must be finite, got nan"),
+        (torch.randn(4, 3), None, None, {"training": 1}, TypeError, r"training must be a bool, got int"),
+        (torch.randn(4, 3), None, None, {"num_batches_tracked": -1}, ValueError, r"num_batches_tracked must be a non-negative int, got -1"),
+        (torch.randn(4, 3), None, None, {"num_batches_tracked": 1.0}, TypeError, r"num_batches_tracked must be an int, got float"),
         (torch.randn(4, 3), torch.randn(4), None, {}, ValueError, r"weight must have shape \(3,\) .*got \(4,\)"),
         (torch.randn(4, 3), None, torch.randn(2), {}, ValueError, r"bias must have shape \(3,\) .*got \(2,\)"),
         (torch.randn(1, 3), None, None, {"correction": 1}, ValueError, r"x must have more rows than correction=1 .*got N=1"),
         (torch.randn(1, 3), None, None, {"correction": 2}, ValueError, r"x must have more rows than correction=2 .*got N=1"),
-        (torch.randn(0, 3), None, None, {}, ValueError, r"x must have more rows than correction=0 .*got N=0"),
         (torch.randn(4, 3), None, None, {"correction": -1}, ValueError, r"correction must be a non-negative int, got -1"),
         (torch.randn(4, 3), None, None, {"correction": True}, ValueError, r"correction must be a non-negative int, got True"),
         (torch.randn(4, 3), None, None, {"eps": -1.0}, ValueError, r"eps must be a positive float, got -1.0"),
@@ -111,3 +125,106 @@ def test_zero_channels(device):
     out, cache = batch_norm.forward(x, w, b)
     dx, dw, db = batch_norm.backward(torch.randn(2, 0, device=device), cache)
     assert [t.shape for t in (out, dx, dw, db)] == [(2, 0), (2, 0), (0,), (0,)]
+
+
+# ---------------------------------------------------------------- layouts, running statistics, eval
+
+
+def _drawn_with_stats(draw, training):
+    """A drawn case with running statistics, in the mode asked for."""
+    (x, w, b), options = draw(batch_norm_cases(), label="case")
+    C = x.shape[1]
+    g = torch.Generator().manual_seed(C)
+    options = {**options, "training": training,
+               "running_mean": options.get("running_mean", torch.randn(C, generator=g).to(x.dtype)),
+               "running_var": options.get("running_var", torch.rand(C, generator=g).add(0.5).to(x.dtype))}
+    options.setdefault("momentum", 0.1)
+    options.setdefault("num_batches_tracked", 0)
+    return (x, w, b), options
+
+
+@given(data=st.data())
+def test_running_statistics_are_torchs_update_and_nothing_is_mutated(data):
+    """Training with running statistics: torch writes (1 - m) r + m stat into them in place; we
+    return those values on the cache and leave the caller's tensors as they were. momentum=None is
+    nn.BatchNorm's cumulative average, m = 1 / (num_batches_tracked + 1)."""
+    (x, w, b), options = _drawn_with_stats(data.draw, training=True)
+    rm, rv = options["running_mean"], options["running_var"]
+    before = (rm.clone(), rv.clone())
+    out, cache = batch_norm.forward(x, w, b, **options)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1]), "running statistics mutated"
+    m = options["momentum"]
+    m = 1 / (options["num_batches_tracked"] + 1) if m is None else m
+    theirs, exact = [rm.clone(), rv.clone()], [rm.double(), rv.double()]
+    F.batch_norm(x, *theirs, w, b, training=True, momentum=m, eps=options["eps"])
+    F.batch_norm(x.double(), *exact, None, None, training=True, momentum=m, eps=options["eps"])
+    stats = batch_norm.updated_stats(cache)
+    assert stats.running_mean is cache.updated_mean and stats.running_var is cache.updated_var
+    assert stats.num_batches_tracked == options["num_batches_tracked"] + 1
+    # the harness's rule: our error against float64 at most 2x torch's own, plus a rounding floor
+    # at the size of the terms (|running| + the batch's mean and variance)
+    xa = x.double().abs()
+    sizes = (rm.double().abs() + xa.mean((0, *range(2, x.ndim))), rv.double().abs() + (xa * xa).amax((0, *range(2, x.ndim))))
+    for name, got, t, e, size in zip(("running_mean", "running_var"), stats, theirs, exact, sizes):
+        record = compare(name, got, t, e, size)
+        assert record.passed, Report([record])
+
+
+def test_momentum_none_is_nn_batchnorms_cumulative_average():
+    """Three steps carried through updated_stats equal nn.BatchNorm2d(momentum=None)'s buffers."""
+    module = torch.nn.BatchNorm2d(4, momentum=None).double()
+    stats = batch_norm.RunningStats(module.running_mean.clone(), module.running_var.clone(), 0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(5, 4, 3, 2, generator=g, dtype=torch.float64) * 2 + 1
+        want = module(x)
+        out, cache = batch_norm.forward(x, module.weight.detach(), module.bias.detach(), momentum=None,
+                                        running_mean=stats.running_mean, running_var=stats.running_var,
+                                        num_batches_tracked=stats.num_batches_tracked)
+        stats = batch_norm.updated_stats(cache)
+        torch.testing.assert_close(out, want.detach())
+    torch.testing.assert_close(stats.running_mean, module.running_mean)
+    torch.testing.assert_close(stats.running_var, module.running_var)
+    assert stats.num_batches_tracked == int(module.num_batches_tracked) == 3
+
+
+def test_eval_mode_uses_the_running_statistics_and_its_backward_is_affine():
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    check_against_autograd(batch_norm, references.batch_norm, x, w, b, running_mean=rm, running_var=rv,
+                           training=False)
+    out, cache = batch_norm.forward(x, w, b, running_mean=rm, running_var=rv, training=False)
+    assert batch_norm.updated_stats(cache) is None
+    dout = torch.randn_like(out)
+    dx, _, _ = batch_norm.backward(dout, cache)
+    torch.testing.assert_close(dx, dout * (w / (rv + 1e-5).sqrt())[:, None])
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0), (0, 3, 2, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_no_value_per_channel_gives_an_empty_output_as_torch(shape, training):
+    """N = 0 (or an empty spatial dim): torch returns an empty output, zero weight and bias
+    gradients, and leaves the running statistics as they were; so do we (the statistics come back
+    as copies)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    check_against_autograd(batch_norm, references.batch_norm, x, w, b, running_mean=rm, running_var=rv,
+                           training=training)
+    if training:
+        check_against_autograd(batch_norm, references.batch_norm, x, w, b)
+        _, cache = batch_norm.forward(x, w, b, running_mean=rm, running_var=rv)
+        assert torch.equal(cache.updated_mean, rm) and cache.updated_mean is not rm
+        assert torch.equal(cache.updated_var, rv) and cache.updated_var is not rv
+
+
+def test_correction_1_reduces_over_every_dim_but_the_channels():
+    """The notebook's Bessel variance with a 4-D layout: 1/(n - 1) with n = N * H * W."""
+    x, w = torch.randn(4, 3, 5, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    out, _ = batch_norm.forward(x, w, None, correction=1)
+    xs = x.transpose(0, 1).reshape(3, -1)  # (C, n)
+    expected = (xs - xs.mean(1, keepdim=True)) / torch.sqrt(xs.var(1, unbiased=True, keepdim=True) + 1e-5)
+    expected = (expected * w[:, None]).reshape(3, 4, 5, 2).transpose(0, 1)
+    torch.testing.assert_close(out, expected)
+    check_against_autograd(batch_norm, references.batch_norm, x, w, None, correction=1)

@@ -33,6 +33,9 @@ def _cases(name, seed=0, dtype=F64):
             ((r(8, 3), r(3), r(3)), {"correction": 1}),
             ((r(6, 4) + 2, r(4), r(4)), {}),
             ((r(5, 2),), {"eps": 1e-3}),
+            ((r(4, 3, 5), r(3), r(3)), {"running_mean": r(3), "running_var": r(3).abs() + 0.5, "training": False}),
+            ((r(5, 2, 3, 2), r(2), r(2)), {"running_mean": r(2), "running_var": r(2).abs() + 0.5,
+                                            "momentum": None, "num_batches_tracked": 2, "correction": 1}),
         ],
         "tanh": [((r(4, 5) * 2,), {})],
         "linear": [((r(2, 3, 4), r(5, 4), r(5)), {}), ((r(6, 4), r(3, 4)), {})],
@@ -106,7 +109,7 @@ def test_jvp_float32_error_is_torchs_at_most_twice(name, k):
         tangents = _tangents(args, seed)
         exact = _torch_jvp(name, args, options, tangents)
         down = lambda ts: tuple(t.float() if _is_float(t) else t for t in ts)  # noqa: E731
-        options = dict(zip(options, down(options.values())))  # a tensor option too (cross_entropy's weight)
+        options = dict(zip(options, down(options.values())))  # tensor options too (weight, running statistics)
         ours = _kernel_jvp(name, down(args), options, down(tangents)).double()
         theirs = _torch_jvp(name, down(args), options, down(tangents)).double()
         magnitude = max(max(t.abs().max().item() for t in tangents if t is not None), exact.abs().max().item())
@@ -299,7 +302,8 @@ def test_custom_op_schemas_mirror_forward():
         '(Tensor logits, Tensor targets, Tensor? weight=None, *, str reduction="mean", int ignore_index=-100, '
         'float label_smoothing=0.0)')
     assert str(torch.ops.backprop.batch_norm.default._schema).startswith(
-        "backprop::batch_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, *, float eps=")
+        "backprop::batch_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, Tensor? running_mean=None, "
+        "Tensor? running_var=None, *, bool training=True, float? momentum=0.1")  # custom_op: no kwarg-only tensor
     assert str(torch.ops.backprop.linear_backward.default._schema).endswith("-> Tensor[]")
 
 

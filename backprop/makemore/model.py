@@ -69,7 +69,8 @@ UNCHECKED = SimpleNamespace(
     # no row is ignored: the targets are in range, so no mask, and every row counts
     cross_entropy=SimpleNamespace(
         forward=lambda logits, targets: cross_entropy.forward_math(cross_entropy.Args(
-            logits, targets, valid=None, count=targets.shape[0], reduction="mean", label_smoothing=0.0)),
+            logits, targets, weight=None, valid=None, count=targets.shape[0], reduction="mean",
+            label_smoothing=0.0)),
         backward=cross_entropy.backward_math),
 )
 

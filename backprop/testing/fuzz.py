@@ -120,7 +120,8 @@ def check_bad_input(name: str, op: Any, case: Case) -> None:
     if name == "batch_norm" and args[0].shape[0] > 0:
         x64 = args[0].double()
         overflow_bn = bool((((x64 - x64.mean(0)) ** 2).sum(0) > torch.finfo(args[0].dtype).max).any())
-    zero_channel_bn = name == "batch_norm" and args[0].shape[1] == 0
+    # an empty 1-D x is read as (0, 0): zero channels too
+    zero_channel_bn = name == "batch_norm" and (args[0].ndim < 2 or args[0].shape[1] == 0)
     inf_weight_bn = (name == "batch_norm" and len(args) > 1 and args[1] is not None
                      and not args[1].isfinite().all())
     composed_bn = zero_channel_bn or inf_weight_bn

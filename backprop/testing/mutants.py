@@ -157,6 +157,7 @@ ce_unshifted = SimpleNamespace(forward=no_autograd(ce_unshifted_forward), backwa
 
 
 @mutant(logsumexp)
+@torch.no_grad()  # caught by its maths, not by recording history
 def lse_keepdim_broadcast_backward(dout, cache):
     """Wrong keepdim broadcast: puts the reduced dim back last instead of where it was."""
     x, shift, sumexp, dims, keepdim, _ = cache
@@ -166,6 +167,7 @@ def lse_keepdim_broadcast_backward(dout, cache):
 
 
 @mutant(logsumexp)
+@torch.no_grad()  # caught by its maths, not by recording history
 def lse_unnormalised_backward(dout, cache):
     """Gradient exp(x) without normalising by the sum."""
     x, shift, sumexp, dims, keepdim, _ = cache
@@ -177,22 +179,28 @@ def lse_unnormalised_backward(dout, cache):
 # ---------------------------------------------------------------- batch_norm
 
 
-def _bn_backward(dout, cache, *, d=None, mean_term=True, var_term=True, swap=False, dim=0):
-    xhat, rstd, weight, has_bias, correction, dtype, _ = cache
-    N = xhat.shape[0]
-    d = N - correction if d is None else d
+@torch.no_grad()  # a mutant is caught by its maths, not by recording history
+def _bn_backward(dout, cache, *, d=None, mean_term=True, var_term=True, swap=False, dims=None):
+    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
+    dims = (0, *range(2, xhat.ndim)) if dims is None else dims
+    bc = lambda v: v.reshape(1, -1, *[1] * (xhat.ndim - 2))  # noqa: E731 (C,) against (N, C, *)
+    n = xhat.numel() // max(xhat.shape[1], 1)
+    d = n - correction if d is None else d
     dy = dout.to(xhat.dtype)
-    dbias, dweight = dy.sum(dim), (dy * xhat).sum(dim)
-    scale = rstd * weight.to(xhat.dtype) if weight is not None else rstd
-    dx = scale * (dy - (dbias / N if mean_term else 0) - (xhat * (dweight / d) if var_term else 0))
+    dbias, dweight = dy.sum(dims), (dy * xhat).sum(dims)
+    scale = bc(rstd * weight.to(xhat.dtype) if weight is not None else rstd)
+    if not cache.training:
+        dx = scale * dy
+    else:
+        dx = scale * (dy - (bc(dbias / n) if mean_term else 0) - (xhat * bc(dweight / d) if var_term else 0))
     dw, db = (dbias, dweight) if swap else (dweight, dbias)
-    return dx.to(dtype), dw.to(dtype) if weight is not None else None, db.to(dtype) if has_bias else None
+    return dx.to(dtype), dw.to(dtype) if weight is not None else None, db.to(dtype) if cache.has_bias else None
 
 
 @mutant(batch_norm)
 def bn_bessel_mixup_backward(dout, cache):
-    """Bessel mix-up: divides the variance path by N where the forward used N - correction."""
-    return _bn_backward(dout, cache, d=cache.xhat.shape[0])
+    """Bessel mix-up: divides the variance path by n where the forward used n - correction."""
+    return _bn_backward(dout, cache, d=cache.xhat.numel() // max(cache.xhat.shape[1], 1))
 
 
 @mutant(batch_norm)
@@ -214,16 +222,41 @@ def bn_swapped_affine_grads_backward(dout, cache):
 
 
 @mutant(batch_norm)
+@torch.no_grad()
 def bn_wrong_reduction_dim_backward(dout, cache):
     """Reduces over the channels (dim 1) instead of the rows."""
     xhat, dtype = cache.xhat, cache.dtype
     dy = dout.to(xhat.dtype)
     dbias, dweight = dy.sum(1, keepdim=True), (dy * xhat).sum(1, keepdim=True)
     scale = cache.rstd * cache.weight.to(xhat.dtype) if cache.weight is not None else cache.rstd
+    scale = scale.reshape(1, -1, *[1] * (xhat.ndim - 2))
     N = xhat.shape[0]
     dx = scale * (dy - dbias / N - xhat * dweight / (N - cache.correction))
-    return (dx.to(dtype), dweight.reshape(-1)[: xhat.shape[1]].to(dtype) if cache.weight is not None else None,
-            dbias.reshape(-1)[: xhat.shape[1]].to(dtype) if cache.has_bias else None)
+    C = xhat.shape[1]
+    return (dx.to(dtype), dweight.reshape(-1)[:C].to(dtype) if cache.weight is not None else None,
+            dbias.reshape(-1)[:C].to(dtype) if cache.has_bias else None)
+
+
+@mutant(batch_norm)
+@torch.no_grad()
+def bn_spatial_dims_not_reduced_backward(dout, cache):
+    """(N, C, *) layouts: dx's mean and variance paths sum over the rows only, not over L too."""
+    xhat, dtype, N = cache.xhat, cache.dtype, cache.xhat.shape[0]
+    if not cache.training:
+        return batch_norm.backward(dout, cache)
+    _, dw, db = batch_norm.backward(dout, cache)
+    dy = dout.to(xhat.dtype)
+    dbias, dweight = dy.sum(0, keepdim=True), (dy * xhat).sum(0, keepdim=True)  # (1, C, *)
+    scale = cache.rstd * cache.weight.to(xhat.dtype) if cache.weight is not None else cache.rstd
+    scale = scale.reshape(1, -1, *[1] * (xhat.ndim - 2))
+    dx = scale * (dy - dbias / N - xhat * dweight / (N - cache.correction))
+    return dx.to(dtype), dw, db
+
+
+@mutant(batch_norm)
+def bn_eval_mode_batch_statistics_backward(dout, cache):
+    """Eval mode differentiated as if the batch statistics were used (the training backward)."""
+    return _bn_backward(dout, cache._replace(training=True))
 
 
 # ---------------------------------------------------------------- tanh
@@ -279,11 +312,14 @@ def linear_bias_first_row_backward(dout, cache):
 
 
 @mutant(embedding)
+@torch.no_grad()
 def embedding_overwrite_backward(dout, cache):
     """Overwrites instead of accumulating repeated indices: dweight[idx] = dout."""
-    indices, V, E, padding_idx, dtype, _, _ = cache
+    indices, V, E, padding_idx = cache.indices, cache.num_embeddings, cache.embedding_dim, cache.padding_idx
     dweight = dout.new_zeros(V, E)
     dweight[indices.reshape(-1)] = dout.reshape(-1, E)
+    if cache.scale_grad_by_freq:
+        dweight /= torch.bincount(indices.reshape(-1), minlength=V).clamp(min=1)[:, None].to(dout.dtype)
     if padding_idx is not None:
         dweight[padding_idx] = 0
     return None, dweight
@@ -292,8 +328,27 @@ def embedding_overwrite_backward(dout, cache):
 @mutant(embedding)
 def embedding_padding_not_zeroed_backward(dout, cache):
     """The padding row is not zeroed."""
-    indices, V, E, padding_idx, dtype, _, _ = cache
-    return None, dout.new_zeros(V, E).index_add_(0, indices.reshape(-1), dout.reshape(-1, E))
+    _, dweight = embedding.backward(dout, cache._replace(padding_idx=None))
+    return None, dweight
+
+
+def _freq_backward(dout, cache, count):
+    _, dweight = embedding.backward(dout, cache._replace(scale_grad_by_freq=False))
+    if cache.scale_grad_by_freq:
+        dweight = dweight / count(cache.indices.reshape(-1), cache.num_embeddings)[:, None].to(dout.dtype)
+    return None, dweight
+
+
+@mutant(embedding)
+def embedding_freq_total_count_backward(dout, cache):
+    """scale_grad_by_freq divides by the number of positions, not by each row's own count."""
+    return _freq_backward(dout, cache, lambda idx, V: torch.full((V,), max(idx.numel(), 1)))
+
+
+@mutant(embedding)
+def embedding_freq_unclamped_count_backward(dout, cache):
+    """scale_grad_by_freq divides by a count of 0 for rows no index names: 0 / 0 = nan there."""
+    return _freq_backward(dout, cache, lambda idx, V: torch.bincount(idx, minlength=V))
 
 
 MUTANTS = [
@@ -304,9 +359,11 @@ MUTANTS = [
     lse_keepdim_broadcast_backward, lse_unnormalised_backward,
     bn_bessel_mixup_backward, bn_drops_mean_term_backward, bn_drops_variance_term_backward,
     bn_swapped_affine_grads_backward, bn_wrong_reduction_dim_backward,
+    bn_spatial_dims_not_reduced_backward, bn_eval_mode_batch_statistics_backward,
     tanh_one_plus_backward, tanh_uses_input,
     linear_missing_transpose_backward, linear_bias_first_row_backward,
     embedding_overwrite_backward, embedding_padding_not_zeroed_backward,
+    embedding_freq_total_count_backward, embedding_freq_unclamped_count_backward,
 ]
 
 

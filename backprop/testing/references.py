@@ -4,6 +4,8 @@ its ``*_magnitude`` function."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,25 +59,33 @@ def cross_entropy_magnitude(
 
 def batch_norm_magnitude(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, dout: Tensor,
-    eps: float = 1e-5, correction: int = 0,
+    eps: float = 1e-5, correction: int = 0, running_mean: Tensor | None = None,
+    running_var: Tensor | None = None, training: bool = True, **_: object,
 ) -> dict[str, Tensor]:
     """The size of the terms in out = xhat w + b, dweight = sum(dout xhat) and
-    dx = w rstd (dout - sum(dout) / N - xhat sum(dout xhat) / d), d = N - correction.
+    dx = w rstd (dout - sum(dout) / n - xhat sum(dout xhat) / d), d = n - correction, per channel.
     When dout is an affine function of x (hypothesis drew x from dout's own stream) the three
     terms of dx cancel to O(eps / var), and the default stand-in (the reference run on |x| and
-    |dout|) cancels with them, because it normalises |x| again; rounding scales with the terms."""
-    N = x.shape[0]
-    xc = x - x.mean(0)
-    rstd = ((xc * xc).sum(0) / (N - correction) + eps).rsqrt()
-    xhat = (xc * rstd).abs()
+    |dout|) cancels with them, because it normalises |x| again; rounding scales with the terms.
+    Eval mode: xhat = (x - running_mean) rstd cancels where x is near running_mean."""
+    dims = (0, *range(2, x.ndim))
+    bc = lambda v: v.reshape(1, -1, *[1] * (x.ndim - 2))  # noqa: E731 (C,) against (N, C, *)
+    n = x.shape[0] * math.prod(x.shape[2:])  # values per channel
     a = dout.abs()
+    if training:
+        xc = x - bc(x.mean(dims))
+        rstd = ((xc * xc).sum(dims) / (n - correction) + eps).rsqrt()
+        xhat = (xc * bc(rstd)).abs()
+    else:
+        rstd = (running_var.double() + eps).rsqrt()
+        xhat = (x.abs() + bc(running_mean.double().abs())) * bc(rstd)
     w = weight.abs() if weight is not None else torch.ones_like(rstd)
-    sizes = {
-        "out": xhat * w + (bias.abs() if bias is not None else 0.0),
-        "dx": w * rstd * (a + a.sum(0) / N + xhat * (a * xhat).sum(0) / (N - correction)),
-    }
+    sizes = {"out": xhat * bc(w) + (bc(bias.abs()) if bias is not None else 0.0)}
+    if training:
+        sizes["dx"] = bc(w * rstd) * (a + bc(a.sum(dims) / n)
+                                      + xhat * bc((a * xhat).sum(dims) / (n - correction)))
     if weight is not None:
-        sizes["dweight"] = (a * xhat).sum(0)
+        sizes["dweight"] = (a * xhat).sum(dims)
     return sizes
 
 
@@ -84,33 +94,53 @@ def logsumexp(x: Tensor, *, dim: int | tuple[int, ...] = -1, keepdim: bool = Fal
 
 
 def batch_norm_composed(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5,
-    correction: int = 0,
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *,
+    running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = True,
+    momentum: float | None = 0.1, eps: float = 1e-5, correction: int = 0, num_batches_tracked: int = 0,
 ) -> Tensor:
-    """The makemore notebook's atoms: mean, diff, diff**2, var (1/(N - correction)), rsqrt."""
-    mean = x.mean(0, keepdim=True)
-    diff = x - mean
-    var = (diff**2).sum(0, keepdim=True) / (x.shape[0] - correction)
+    """The makemore notebook's atoms: mean, diff, diff**2, var (1/(n - correction)), rsqrt, per
+    channel over every dim but 1. Eval mode: the running statistics. The output only: running
+    statistics are not updated. An empty 1-D x is read as (0, 0), as backprop.batch_norm reads it."""
+    if x.ndim == 1:
+        return batch_norm_composed(x.reshape(0, 0), weight, bias, running_mean=running_mean,
+                                   running_var=running_var,
+                                   training=training, eps=eps, correction=correction).reshape(x.shape)
+    dims = (0, *range(2, x.ndim))
+    bc = lambda v: v.reshape(1, -1, *[1] * (x.ndim - 2))  # noqa: E731 (C,) against (N, C, *)
+    if training:
+        n = x.shape[0] * math.prod(x.shape[2:])  # values per channel
+        mean = x.mean(dims, keepdim=True)
+        diff = x - mean
+        var = (diff**2).sum(dims, keepdim=True) / (n - correction)
+    else:
+        diff, var = x - bc(running_mean.to(x.dtype)), bc(running_var.to(x.dtype))
     out = diff * (var + eps) ** -0.5
     if weight is not None:
-        out = out * weight
+        out = out * bc(weight)
     if bias is not None:
-        out = out + bias
+        out = out + bc(bias)
     return out
 
 
 def batch_norm(
-    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float = 1e-5,
-    correction: int = 0,
+    x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *,
+    running_mean: Tensor | None = None, running_var: Tensor | None = None, training: bool = True,
+    momentum: float | None = 0.1, eps: float = 1e-5, correction: int = 0, num_batches_tracked: int = 0,
 ) -> Tensor:
-    """F.batch_norm in training mode for correction=0; the composed notebook ops otherwise
-    (torch has no op for the Bessel-corrected case) and for N=1, which F.batch_norm refuses."""
-    if correction == 0 and x.shape[0] > 1:
+    """F.batch_norm for correction=0 (on copies of the running statistics: torch updates them in
+    place, and the output does not depend on the update); the composed notebook ops otherwise
+    (torch has no op for the Bessel-corrected case) and for one value per channel, which
+    F.batch_norm refuses in training."""
+    n = x.shape[0] * math.prod(x.shape[2:]) if x.ndim > 1 else 0  # values per channel
+    if not training or (correction == 0 and n != 1):
         if weight is None and bias is not None:
             # CUDA's native_batch_norm_backward returns an empty (or zero) bias gradient when
             # weight is None (docs/verification.md); a weight of ones is the same function
             weight = torch.ones_like(bias)
-        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+        # in x's dtype: the oracle runs the reference in float64 too, and casts only the positional args
+        stats = [None if t is None else t.detach().to(x.dtype, copy=True) for t in (running_mean, running_var)]
+        return F.batch_norm(x, *stats, weight, bias, training=training,
+                            momentum=0.1 if momentum is None else momentum, eps=eps)
     return batch_norm_composed(x, weight, bias, eps=eps, correction=correction)
 
 
@@ -123,10 +153,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def embedding(
-    indices: Tensor, weight: Tensor, *, padding_idx: int | None = None, deterministic: bool = True
+    indices: Tensor, weight: Tensor, *, padding_idx: int | None = None, max_norm: float | None = None,
+    norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False, deterministic: bool = True,
 ) -> Tensor:
     """deterministic changes only the order of summation on CUDA, not the value."""
-    return F.embedding(indices, weight, padding_idx=padding_idx)
+    return F.embedding(indices, weight, padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                       scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
 
 
 # for code that needs no hypothesis (the op table needs it): each op's twin by name

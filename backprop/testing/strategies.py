@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 
 Case = tuple[tuple[Any, ...], dict[str, Any]]  # (positional args, options)
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 seeds = st.integers(0, 2**32 - 1)
 
 
 def dtypes(low_precision: bool = True) -> st.SearchStrategy[torch.dtype]:
-    """float64 and float32 always; bfloat16 where meaningful."""
+    """float64 and float32 always; bfloat16 and float16 where meaningful (every op: torch runs
+    them all on the CPU, and compare.py's rule bounds our error by torch's own)."""
     return st.sampled_from(FLOAT_DTYPES if low_precision else FLOAT_DTYPES[:2])
 
 
@@ -94,7 +95,7 @@ def cross_entropy_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Ca
 @st.composite
 def logsumexp_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
-    shape = draw(shapes(0, 4), label="shape")
+    shape = draw(shapes(0, 4, 0, 6), label="shape")  # empty dims too: -inf, as torch
     x = values(shape, dtype, draw(seeds), scale=draw(scales, label="scale"),
                shift=draw(shifts, label="shift"))
     n_inf = draw(st.integers(0, x.numel()), label="n_neg_inf")  # -inf entries, whole rows too
@@ -114,18 +115,27 @@ def logsumexp_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
 def batch_norm_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
     correction = draw(st.sampled_from([0, 1]), label="correction")
-    # N >= 3: with two rows xhat is +-c whatever x is, and dx is O(eps) left over from cancelling
-    # O(|dout|) terms, so no float algorithm has a small relative error there (a conditioning
-    # limit); tests/test_batch_norm.py covers N = 1 and 2 in float64 instead
+    # N >= 3: with two values per channel xhat is +-c whatever x is, and dx is O(eps) left over
+    # from cancelling O(|dout|) terms, so no float algorithm has a small relative error there (a
+    # conditioning limit); tests/test_batch_norm.py covers N = 1 and 2 in float64 instead
     N, C = draw(sizes(3, 33), label="N"), draw(sizes(1, 12), label="C")
-    x = values((N, C), dtype, draw(seeds), scale=draw(scales, label="scale"),
+    trailing = draw(shapes(0, 2, 1, 4), label="trailing")  # (N, C), (N, C, L), (N, C, H, W)
+    x = values((N, C, *trailing), dtype, draw(seeds), scale=draw(scales, label="scale"),
                shift=draw(st.sampled_from([0.0, 3.0, -50.0]), label="shift"))
     weight = values((C,), dtype, draw(seeds), shift=1.0)
     bias = values((C,), dtype, draw(seeds))
     weight = weight if draw(st.booleans(), label="has_weight") else None
     bias = bias if draw(st.booleans(), label="has_bias") else None
     eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]), label="eps")
-    return (x, weight, bias), {"eps": eps, "correction": correction}
+    options = {"eps": eps, "correction": correction}
+    mode = draw(st.sampled_from(["train", "train+stats", "eval"]), label="mode")
+    if mode != "train":
+        options["running_mean"] = values((C,), dtype, draw(seeds))
+        options["running_var"] = values((C,), torch.float64, draw(seeds)).abs_().add_(0.1).to(dtype)
+        options["training"] = mode == "train+stats"
+        options["momentum"] = draw(st.sampled_from([0.1, 0.9, None]), label="momentum")
+        options["num_batches_tracked"] = draw(st.integers(0, 5), label="num_batches_tracked")
+    return (x, weight, bias), options
 
 
 @st.composite
@@ -158,4 +168,8 @@ def embedding_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     weight = values((V, E), dtype, draw(seeds))
     padding_idx = draw(st.one_of(st.none(), st.integers(-V, V - 1)), label="padding_idx")
     deterministic = draw(st.booleans(), label="deterministic")
-    return (indices, weight), {"padding_idx": padding_idx, "deterministic": deterministic}
+    scale_grad_by_freq = draw(st.booleans(), label="scale_grad_by_freq")
+    # sparse=True gives a sparse dweight, which the oracle's dense comparison does not take:
+    # tests/test_embedding.py draws it in a test of its own
+    return (indices, weight), {"padding_idx": padding_idx, "deterministic": deterministic,
+                               "scale_grad_by_freq": scale_grad_by_freq}
