@@ -37,14 +37,18 @@ def traffic(x: Tensor, weight: Tensor, bias: Tensor, *, mode: str, **options: An
     return (5 if mode == "fwd+bwd" else 3) * x.numel() * x.element_size()
 
 
+def make_args(dims: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    (N, C), g = dims, torch.Generator().manual_seed(0)
+    return torch.randn(N, C, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g)
+
+
 @pytest.mark.parametrize("correction", [0, 1])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_batch_norm(bench, correction, shape):
-    (N, C), size = SHAPES[shape]
+    dims, size = SHAPES[shape]
+    bench("batch_norm", f"{shape} correction={correction}", lambda: make_args(dims),
+          {"correction": correction}, size=size, native=native, traffic=traffic)
 
-    def args():
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(N, C, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g))
 
-    bench("batch_norm", f"{shape} correction={correction}", args, {"correction": correction},
-          size=size, native=native, traffic=traffic)
+def test_batch_norm_sweep(sweep):
+    sweep("batch_norm", make_args, {"correction": 0}, native=native)

@@ -38,12 +38,16 @@ def traffic(logits: Tensor, targets: Tensor, *, mode: str, **options: Any) -> in
     return 2 * logits.numel() * logits.element_size()
 
 
+def make_args(dims: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    (N, C), g = dims, torch.Generator().manual_seed(0)
+    return torch.randn(N, C, generator=g), torch.randint(0, C, (N,), generator=g)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cross_entropy(bench, shape):
-    (N, C), size = SHAPES[shape]
+    dims, size = SHAPES[shape]
+    bench("cross_entropy", shape, lambda: make_args(dims), size=size, native=native, traffic=traffic)
 
-    def args():
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(N, C, generator=g), torch.randint(0, C, (N,), generator=g))
 
-    bench("cross_entropy", shape, args, size=size, native=native, traffic=traffic)
+def test_cross_entropy_sweep(sweep):
+    sweep("cross_entropy", make_args, native=native)
