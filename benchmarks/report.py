@@ -217,7 +217,7 @@ def chart(gs: Groups, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("speedup (baseline / ours, median of paired rounds), log scale, 95% CI; "
                   "> 1: ours faster; flagged ratios omitted")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -235,6 +235,7 @@ def sweep_chart(gs: Groups, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     cols = min(3, len(sweeps))
     nrows = math.ceil(len(sweeps) / cols)
@@ -252,6 +253,8 @@ def sweep_chart(gs: Groups, path: Path) -> bool:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{op} ({device}, fwd+bwd)", fontsize=9)
         ax.set_xlabel("input bytes", fontsize=8)
         ax.set_ylabel("speedup of manual (95% CI)", fontsize=8)
