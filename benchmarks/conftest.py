@@ -186,10 +186,15 @@ def inputs_cache():
     cache.clear()
 
 
-@pytest.fixture
-def threads():
-    """threads(size): set torch's thread count for a case of that size; restored afterwards."""
+@pytest.fixture(autouse=True)
+def threads(request):
+    """threads(size): set torch's thread count for a case of that size; restored afterwards.
+    Every benchmark starts at the notebook scale's count (the train step, which is notebook-scale
+    and does not ask, included) and records it."""
     before = torch.get_num_threads()
+    torch.set_num_threads(stats.thread_count("small"))
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["threads"] = stats.thread_count("small")
     yield lambda size: torch.set_num_threads(stats.thread_count(size)) or stats.thread_count(size)
     torch.set_num_threads(before)
 
