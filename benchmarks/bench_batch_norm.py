@@ -37,15 +37,19 @@ def traffic(x: Tensor, weight: Tensor, bias: Tensor, *, mode: str, **options: An
     return (5 if mode == "fwd+bwd" else 3) * x.numel() * x.element_size()
 
 
+def make_args(dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """x of dims (N, C) or (N, C, H, W), weight and bias (C,)."""
+    C, g = dims[1], torch.Generator().manual_seed(0)
+    return torch.randn(*dims, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g)
+
+
 @pytest.mark.parametrize("correction", [0, 1])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_batch_norm(bench, correction, shape):
-    dims, size = SHAPES[shape]  # (N, C) or (N, C, H, W)
-    C = dims[1]
+    dims, size = SHAPES[shape]
+    bench("batch_norm", f"{shape} correction={correction}", lambda: make_args(dims),
+          {"correction": correction}, size=size, native=native, traffic=traffic)
 
-    def args():
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(*dims, generator=g), torch.randn(C, generator=g), torch.randn(C, generator=g))
 
-    bench("batch_norm", f"{shape} correction={correction}", args, {"correction": correction},
-          size=size, native=native, traffic=traffic)
+def test_batch_norm_sweep(sweep):
+    sweep("batch_norm", make_args, {"correction": 0}, native=native)

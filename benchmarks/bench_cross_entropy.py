@@ -38,15 +38,26 @@ def traffic(logits: Tensor, targets: Tensor, *, mode: str, **options: Any) -> in
     return 2 * logits.numel() * logits.element_size()
 
 
+def make_args(dims: tuple) -> tuple[Tensor, Tensor]:
+    """dims as in the op table: (logits shape, weighted). Logits (N, C) or (N, C, d1), targets."""
+    (shape, _), g = dims, torch.Generator().manual_seed(0)
+    return torch.randn(*shape, generator=g), torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+
+
+def options(dims: tuple) -> dict:
+    """Class weights for a weighted shape of the op table."""
+    shape, weighted = dims
+    if not weighted:
+        return {}
+    return {"weight": torch.rand(shape[1], generator=torch.Generator().manual_seed(1)) + 0.5}
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cross_entropy(bench, shape):
-    (logits_shape, weighted), size = SHAPES[shape]
-    C = logits_shape[1]
+    dims, size = SHAPES[shape]
+    bench("cross_entropy", shape, lambda: make_args(dims), options(dims), size=size, native=native,
+          traffic=traffic)
 
-    def args():
-        g = torch.Generator().manual_seed(0)
-        return (torch.randn(*logits_shape, generator=g),
-                torch.randint(0, C, logits_shape[:1] + logits_shape[2:], generator=g))
 
-    options = {"weight": torch.rand(C, generator=torch.Generator().manual_seed(1)) + 0.5} if weighted else {}
-    bench("cross_entropy", shape, args, options, size=size, native=native, traffic=traffic)
+def test_cross_entropy_sweep(sweep):
+    sweep("cross_entropy", make_args, native=native)

@@ -32,12 +32,16 @@ def traffic(indices: Tensor, weight: Tensor, *, mode: str, **options: Any) -> in
     return ((3 * P + V) if mode == "fwd+bwd" else (P + V)) * E * weight.element_size()
 
 
+def make_args(dims: tuple[int, int, tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+    (V, E, idx_shape), g = dims, torch.Generator().manual_seed(0)
+    return torch.randint(0, V, idx_shape, generator=g), torch.randn(V, E, generator=g)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_embedding(bench, shape):
-    (V, E, idx_shape), size = SHAPES[shape]
+    dims, size = SHAPES[shape]
+    bench("embedding", shape, lambda: make_args(dims), size=size, native=native, traffic=traffic)
 
-    def args():
-        g = torch.Generator().manual_seed(0)
-        return (torch.randint(0, V, idx_shape, generator=g), torch.randn(V, E, generator=g))
 
-    bench("embedding", shape, args, size=size, native=native, traffic=traffic)
+def test_embedding_sweep(sweep):
+    sweep("embedding", make_args, native=native)

@@ -17,11 +17,15 @@ def traffic(x: Tensor, *, mode: str, **options: Any) -> int:
     return 2 * x.numel() * x.element_size()
 
 
+def make_args(dims: tuple[int, ...]) -> tuple[Tensor]:
+    return (torch.randn(*dims, generator=torch.Generator().manual_seed(0)),)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_logsumexp(bench, shape):
     dims, size = SHAPES[shape]
+    bench("logsumexp", shape, lambda: make_args(dims), {"dim": -1}, size=size, traffic=traffic)
 
-    def args():
-        return (torch.randn(*dims, generator=torch.Generator().manual_seed(0)),)
 
-    bench("logsumexp", shape, args, {"dim": -1}, size=size, traffic=traffic)
+def test_logsumexp_sweep(sweep):
+    sweep("logsumexp", make_args, {"dim": -1})

@@ -23,8 +23,15 @@ def traffic(x: Tensor, *, mode: str) -> int:
     return (5 if mode == "fwd+bwd" else 3) * x.numel() * x.element_size()
 
 
+def make_args(dims: tuple[int, ...]) -> tuple[Tensor]:
+    return (torch.randn(*dims, generator=torch.Generator().manual_seed(0)),)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_tanh(bench, shape):
     dims, size = SHAPES[shape]
-    bench("tanh", shape, lambda: (torch.randn(*dims, generator=torch.Generator().manual_seed(0)),),
-          size=size, native=native, traffic=traffic)
+    bench("tanh", shape, lambda: make_args(dims), size=size, native=native, traffic=traffic)
+
+
+def test_tanh_sweep(sweep):
+    sweep("tanh", make_args, native=native)

@@ -17,11 +17,22 @@ Modes (the ``mode`` fixture): ``fwd+bwd`` times forward then backward; ``bwd`` t
 backward alone, on a cache (or autograd graph, kept with retain_graph) built outside the timing.
 
 Sizes: "small" (the notebook's scale), "large" (well above the L3 cache) and "gpu" (larger
-still, CUDA only). Small cases use pytest-benchmark's calibration; large and gpu cases take
-BACKPROP_BENCH_ROUNDS (default 3) timed calls after one warm-up, so that the whole suite stays
-under 10 minutes on a 2-core CPU. Large and gpu shapes run only when timing (--benchmark-enable);
-the default test run executes every small case once with --benchmark-disable so that the suite
-cannot rot. Timing never gates CI.
+still, CUDA only). Large and gpu shapes run only when timing (--benchmark-enable); the default test
+run executes every small case once with --benchmark-disable so that the suite cannot rot. Timing
+never gates CI.
+
+Paired rounds (the ``paired`` variant; backprop/bench.py has the runner and the statistics): one
+test per group builds the inputs once, warms every contender up, then runs rounds in which each
+contender is timed once, in a shuffled order (a measurement averages enough calls to last 2 ms).
+Rounds: as many as fit BACKPROP_BENCH_BUDGET seconds (default 2) per group, at least
+BACKPROP_BENCH_ROUNDS (default 5), at most 50. Its per-round times go to extra_info["paired"]: the
+report's ratios, intervals and flags come from them. The per-variant tests keep pytest-benchmark's
+own per-variant tables at notebook scale (calibrated rounds); at the large shapes, where one call
+takes up to seconds, they are timed only by the paired test. Threads: backprop.bench.thread_count.
+
+Size sweep (``sweep`` fixture, fwd+bwd, manual against autograd and native): SWEEP_POINTS shapes
+from each op's small to its large benchmark shape, each dimension interpolated geometrically; only
+when timing, and with BACKPROP_BENCH_QUICK=1 only the lower half.
 
 Peak memory (extra_info["peak_bytes"]): the most bytes one call holds beyond what exists before
 it, the returned gradients included. On CUDA, in the timing run: torch.cuda.max_memory_allocated
@@ -41,13 +52,19 @@ import pytest
 import torch
 
 import backprop
+from backprop import bench as stats
 from backprop import compiled
 from backprop.testing import random_dout
 from backprop.testing.opinfo import OPS as TABLE
 
 VARIANTS = ["manual", "manual-compiled", "autograd", "autograd-compiled", "native", "copy"]
 MODES = ["fwd+bwd", "bwd"]
-ROUNDS_LARGE = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "3"))
+MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))
+MAX_ROUNDS = 50
+BUDGET = float(os.environ.get("BACKPROP_BENCH_BUDGET", "2"))  # seconds of paired rounds per group
+SWEEP_POINTS = 5
+SWEEP_CONTENDERS = ["manual", "autograd", "native"]  # no compiled paths: a recompile per size
+QUICK = os.environ.get("BACKPROP_BENCH_QUICK") == "1"
 _COMPILED_REFERENCES: dict[str, Callable] = {}
 # the backward-only mode runs one compiled backward many times on one graph (retain_graph), which
 # AOTAutograd's buffer donation forbids; donation is off for the session (autograd-compiled may
@@ -151,7 +168,7 @@ def peak_bytes(step: Callable, device: str) -> int:
     return peak
 
 
-@pytest.fixture(params=VARIANTS)
+@pytest.fixture(params=[*VARIANTS, "paired"])
 def variant(request):
     return request.param
 
@@ -169,19 +186,66 @@ def inputs_cache():
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def threads(request):
+    """threads(size): set torch's thread count for a case of that size; restored afterwards.
+    Every benchmark starts at the notebook scale's count (the train step, which is notebook-scale
+    and does not ask, included) and records it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(stats.thread_count("small"))
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["threads"] = stats.thread_count("small")
+    yield lambda size: torch.set_num_threads(stats.thread_count(size)) or stats.thread_count(size)
+    torch.set_num_threads(before)
+
+
+def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *, native=None,
+               traffic=None):
+    """Time the contenders in interleaved rounds (backprop.bench.PairedRunner); the per-round
+    times go to extra_info["paired"]. Contenders this case lacks (no native op, no compiler) are
+    left out. pytest-benchmark times whole rounds: its row is one round of every contender."""
+    steps = {}
+    for v in contenders:
+        try:
+            steps[v] = make_step(name, v, mode, args, dout, options, device, native, traffic)
+        except pytest.skip.Exception:
+            continue
+    load_before = stats.load()
+    runner = stats.PairedRunner(steps)
+    runner.warm_up()
+    if benchmark.disabled:  # the untimed run: one round, to prove the runner works
+        return benchmark.pedantic(runner.round)
+    rounds = stats.rounds_for(runner.calibrate(), BUDGET, MIN_ROUNDS, MAX_ROUNDS)
+    done = len(next(iter(runner.times.values())))  # the calibration round, when it was kept
+    result = benchmark.pedantic(runner.round, rounds=max(1, rounds - done), iterations=1)
+    peaks = ({v: peak_bytes(step, device) for v, step in steps.items()} if device.startswith("cuda")
+             else None)  # on the CPU the memory pass measures them (the profiler slows what follows)
+    benchmark.extra_info["paired"] = {"times": runner.times, "loops": runner.loops,
+                                      "threads": torch.get_num_threads(),
+                                      "load": [load_before, stats.load()], "peak_bytes": peaks}
+    return result
+
+
 @pytest.fixture
-def bench(benchmark, device, variant, mode, inputs_cache):
-    """bench(name, shape_label, make_args, options, large=, native=, traffic=): time one case.
+def bench(benchmark, device, variant, mode, inputs_cache, threads):
+    """bench(name, shape_label, make_args, options, size=, native=, traffic=, flops=): time one case.
 
     native(*args, dout=, **options) -> (fwd_bwd, bwd) closures over aten ops, or None;
     traffic(*args, mode=, **options) -> the minimal bytes the mode must move (read + write),
-    None when the op is compute-bound."""
+    None when the op is compute-bound; flops(*args, mode=, **options) -> its floating-point
+    operations, for compute-bound ops."""
 
-    def run(name, shape_label, make_args, options=None, *, size="small", native=None, traffic=None):
+    def run(name, shape_label, make_args, options=None, *, size="small", native=None, traffic=None,
+            flops=None):
+        memory_pass = os.environ.get("BACKPROP_BENCH") == "memory"
         if size != "small" and benchmark.disabled:
             pytest.skip("large shapes run only when timing (--benchmark-enable)")
         if size == "gpu" and device == "cpu":
             pytest.skip("a GPU-only shape")
+        if variant == "paired" and memory_pass:
+            pytest.skip("the memory pass measures each variant on its own")
+        if size != "small" and variant != "paired" and not memory_pass:
+            pytest.skip("timed by this group's paired test (seconds a call: no second timing)")
         options = options or {}
         key = (name, shape_label, device)
         if key not in inputs_cache:
@@ -190,17 +254,18 @@ def bench(benchmark, device, variant, mode, inputs_cache):
         dtype = _floating(args)[0].dtype
         benchmark.group = f"{name} {shape_label} {str(dtype).removeprefix('torch.')} {device} {mode}"
         nbytes = traffic(*args, mode=mode, **options) if traffic else None
-        benchmark.extra_info.update(op=name, shape=shape_label, variant=variant, mode=mode,
-                                    device=device, bytes=nbytes)
+        benchmark.extra_info.update(op=name, shape=shape_label, variant=variant, mode=mode, device=device,
+                                    bytes=nbytes, flops=flops(*args, mode=mode, **options) if flops else None,
+                                    threads=threads(size))
+        if variant == "paired":
+            return run_paired(benchmark, name, mode, args, dout, options, device, VARIANTS,
+                              native=native, traffic=traffic)
         step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
         step()  # warm-up (and compilation) outside the timing
-        if os.environ.get("BACKPROP_BENCH") == "memory":  # the memory pass: one profiled call
+        if memory_pass:  # one profiled call
             benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
             return benchmark.pedantic(step, rounds=1, iterations=1)
-        if size == "small":
-            result = benchmark(step)
-        else:  # seconds a call on the CPU: three timed calls, no calibration (suite < 10 min)
-            result = benchmark.pedantic(step, rounds=ROUNDS_LARGE, iterations=1)
+        result = benchmark(step)
         if device.startswith("cuda") and not benchmark.disabled:  # no profiler: cheap, and exact
             benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
         return result
@@ -208,11 +273,62 @@ def bench(benchmark, device, variant, mode, inputs_cache):
     return run
 
 
+def sweep_dims(small, large, points: int = SWEEP_POINTS) -> list:
+    """points shapes from small to large (nested tuples of ints), each int geometrically
+    interpolated: small * (large / small) ** (i / (points - 1)), rounded."""
+
+    def at(a, b, t):
+        if isinstance(a, tuple):
+            return tuple(at(x, y, t) for x, y in zip(a, b))
+        if isinstance(a, bool):  # a flag of the shape (cross_entropy's weighted): not a size
+            return a
+        return max(1, round(a * (b / a) ** t))
+
+    return [at(small, large, i / (points - 1)) for i in range(points)]
+
+
+def _flat(dims) -> list[int]:
+    return [d for x in dims for d in (_flat(x) if isinstance(x, tuple) else [x])]
+
+
+@pytest.fixture(params=range(SWEEP_POINTS), ids=lambda i: f"sweep{i}")
+def sweep(request, benchmark, device, inputs_cache, threads):
+    """sweep(name, make_args, options, native=): one point of the op's size sweep, paired rounds
+    of manual, autograd and native at fwd+bwd. make_args(dims) builds the inputs for a shape of the
+    op table's form. Only when timing (a point above the notebook's scale takes seconds). Every
+    point runs with the large shapes' thread count, so that the curve shows the size alone."""
+
+    def run(name, make_args, options=None, *, native=None):
+        if benchmark.disabled or os.environ.get("BACKPROP_BENCH") == "memory":
+            pytest.skip("the size sweep runs only when timing (--benchmark-enable)")
+        point = request.param
+        if QUICK and point > (SWEEP_POINTS - 1) // 2:
+            pytest.skip("BACKPROP_BENCH_QUICK: the lower half of the sweep only")
+        shapes = TABLE[name].benchmark_shapes.values()
+        small = next(dims for dims, size in shapes if size == "small")
+        large = next(dims for dims, size in shapes if size == "large")
+        dims = sweep_dims(small, large)[point]
+        options = options or {}
+        label = f"sweep{point} " + "x".join(map(str, _flat(dims)))
+        args, dout = make_inputs(name, lambda: make_args(dims), options, device)
+        benchmark.group = f"{name} {label} {device} fwd+bwd"
+        benchmark.extra_info.update(op=name, shape=label, variant="paired", mode="fwd+bwd", device=device,
+                                    sweep=True, threads=threads("large"),
+                                    size=sum(a.numel() * a.element_size() for a in args
+                                             if isinstance(a, torch.Tensor)))
+        return run_paired(benchmark, name, "fwd+bwd", args, dout, options, device, SWEEP_CONTENDERS,
+                          native=native)
+
+    return run
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
-    """What the report's machine line needs: torch, threads, cores and the GPU's name."""
+    """What the report's header needs: torch, the thread policy, cores, load before and after, the GPU."""
     machine_info["backprop"] = {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
+        "threads": {"small": stats.thread_count("small"), "large": stats.thread_count("large")},
+        "cpus": stats.cores(),
+        "load_start": stats.LOAD_AT_IMPORT,
+        "load_end": stats.load(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

@@ -1,0 +1,156 @@
+"""The benchmark report's judgement (backprop/bench.py, benchmarks/report.py) on synthetic runs:
+intervals, flags for unstable rounds and absurd ratios, the busy-machine warning, compare's
+verdict, the history. No benchmark runs here."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backprop import bench
+
+spec = importlib.util.spec_from_file_location("report", Path(__file__).parents[1] / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def entry(op, shape, mode, times, device="cpu", **extra):
+    """A paired test's pytest-benchmark entry: times = {contender: [seconds per round]}."""
+    return {"fullname": f"{op}-{shape}-{mode}-paired", "stats": {"median": 0.0},
+            "extra_info": {"op": op, "shape": shape, "mode": mode, "device": device, "variant": "paired",
+                           **extra, "paired": {"times": times, "threads": 1, "load": [0.1, 0.2]}}}
+
+
+def run(*entries, load=(0.1, 1.2), cores=2, when="2025-01-01T00:00:00"):
+    return {"datetime": when, "commit_info": {"id": "abc1234"},
+            "machine_info": {"cpu": {"brand_raw": "Test CPU"},
+                             "backprop": {"torch": "2.13.0", "cpus": cores, "load_start": load[0],
+                                          "load_end": load[1], "threads": {"small": 1, "large": 1}}},
+            "benchmarks": list(entries)}
+
+
+def steady(t, n=30, jitter=0.02, seed=0):
+    return list(t * (1 + jitter * np.random.default_rng(seed).standard_normal(n)))
+
+
+def test_bootstrap_ci_of_a_known_sample():
+    # the median of 1..99 is 50; its 95% interval from order statistics is about [40, 60]
+    lo, hi = bench.bootstrap_median_ci(range(1, 100))
+    assert 38 <= lo <= 45 and 55 <= hi <= 62
+    assert bench.bootstrap_median_ci([3.0] * 10) == (3.0, 3.0)  # no spread, no width
+    assert bench.bootstrap_median_ci(range(1, 100)) == (lo, hi)  # fixed seed: reproducible
+
+
+def test_paired_ratio_pairs_rounds():
+    # the machine slows both contenders alike in round 2: pairing cancels it
+    base, ours = [2.0, 20.0, 2.0, 2.0, 2.0], [1.0, 10.0, 1.0, 1.0, 1.0]
+    assert bench.paired_ratio(base, ours) == (2.0, 2.0, 2.0)
+
+
+def test_steady_rounds_give_a_narrow_headline():
+    g = bench.groups(run(entry("tanh", "large", "bwd", {"manual": steady(1e-3), "native": steady(2e-3, seed=1)}))
+                     ["benchmarks"])[("cpu", "bwd", "tanh", "large")]
+    r = g.ratio("best", "torch")
+    assert 1.9 < r.lo <= r.median <= r.hi < 2.1
+    assert not bench.ratio_flags(r) and not g.unstable("best", "torch")
+    text, _ = report.report([run(entry("tanh", "large", "bwd", {"manual": steady(1e-3),
+                                                                  "native": steady(2e-3, seed=1)}))], None)
+    assert report.fmt_ratio(r) in text and "flagged†" not in text
+
+
+def test_unstable_rounds_are_flagged():
+    wild = [1e-3, 1e-3, 5e-3, 1e-3, 9e-3, 1e-3, 4e-3, 1e-3, 6e-3, 1e-3]  # p80/p20 far above 1.5
+    g = bench.groups([entry("tanh", "small", "bwd", {"manual": steady(1e-3, n=10), "autograd": wild})])
+    assert g[("cpu", "bwd", "tanh", "small")].unstable("manual", "autograd") == ["autograd rounds p80/p20 = 5.20"]
+    text, _ = report.report([run(entry("tanh", "small", "bwd", {"manual": steady(1e-3, n=10), "autograd": wild}))],
+                            None)
+    assert "⚠ autograd rounds p80/p20" in text
+
+
+def test_absurd_ratio_is_not_a_headline():
+    times = {"manual": steady(10e-6), "autograd": steady(16e-3, seed=2)}  # 1600x: contention, not speed
+    text, _ = report.report([run(entry("cross_entropy", "notebook 32x27", "fwd+bwd", times))], None)
+    table = text.split("### Flagged")[0]
+    assert "1600" not in table and "flagged†" in table
+    flagged = text.split("### Flagged")[1].split("### Targets")[0]
+    assert "cross_entropy notebook 32x27" in flagged and "beyond 50x" in flagged
+    assert "flagged†" in text.split("### Targets")[1]  # nor a target's measurement
+
+
+def test_wide_interval_is_not_a_headline():
+    rng = np.random.default_rng(3)
+    times = {"manual": list(rng.uniform(1e-3, 9e-3, 9)), "autograd": list(rng.uniform(1e-3, 9e-3, 9))}
+    r = bench.paired_ratio(times["autograd"], times["manual"])
+    assert r.hi / r.lo > 2 and any("wider than 2x" in f for f in bench.ratio_flags(r))
+
+
+def test_busy_machine_warns():
+    assert bench.busy_warning(run(load=(0.2, 1.5))) is None  # the run's own thread at the end
+    warning = bench.busy_warning(run(load=(5.1, 6.0)))
+    assert "busy" in warning and "5.10" in warning
+    text, _ = report.report([run(entry("tanh", "large", "bwd", {"manual": steady(1e-3)}), load=(5.1, 6.0))], None)
+    assert "**Warning:** the machine was busy" in text
+
+
+def _compare(old_manual, new_manual, threshold=1.25):
+    old = run(entry("tanh", "large", "bwd", {"manual": old_manual, "autograd": steady(2e-3, seed=4)}))
+    new = run(entry("tanh", "large", "bwd", {"manual": new_manual, "autograd": steady(2e-3, seed=5)}))
+    return report.compare(old, new, threshold)
+
+
+def test_compare_fails_when_the_interval_lies_above_the_threshold():
+    lines, failed = _compare(steady(1e-3), steady(1.6e-3, seed=6))  # 1.6x slower, tight rounds
+    assert failed and any(line.startswith("SLOWER") for line in lines)
+
+
+def test_compare_passes_when_the_interval_includes_the_threshold():
+    rng = np.random.default_rng(7)
+    noisy = list(1.25e-3 * rng.uniform(0.6, 1.6, 30))  # median slowdown near 1.25x, wide interval
+    lines, failed = _compare(steady(1e-3), noisy)
+    change = bench.ratio_change([2.0 / 1e-3] * 2, [2.0 / 1.25e-3] * 2)
+    assert math.isclose(change.median, 1.25)
+    assert not failed and any("CI includes the threshold" in line for line in lines)
+
+
+def test_compare_passes_a_steady_run():
+    lines, failed = _compare(steady(1e-3), steady(1e-3, seed=8))
+    assert not failed and any(line.startswith("ok ") for line in lines)
+
+
+def test_compare_cli_reads_files(tmp_path):
+    old = run(entry("tanh", "large", "bwd", {"manual": steady(1e-3), "autograd": steady(2e-3, seed=4)}))
+    new = run(entry("tanh", "large", "bwd", {"manual": steady(2e-3), "autograd": steady(2e-3, seed=5)}))
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert report.main(["compare", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 1
+    assert report.main(["compare", str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+
+
+def test_history_appends_once_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    times = tmp_path / "times.json"
+    times.write_text(json.dumps(run(entry("tanh", "large", "bwd", {"manual": steady(1e-3),
+                                                                     "autograd": steady(2e-3, seed=1)}))))
+    csv_path = tmp_path / "history.csv"
+    assert bench.append_history(times, csv_path) == 2  # a row per contender
+    assert bench.append_history(times, csv_path) == 0  # the same run is not added twice
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].split(",") == bench.HISTORY_FIELDS and "abc1234" in rows[1]
+    assert bench.plot_history(csv_path, "tanh", tmp_path / "h.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no cpu rows"):
+        bench.plot_history(csv_path, "linear", tmp_path / "l.png")
+
+
+def test_paired_runner_interleaves():
+    calls = []
+    runner = bench.PairedRunner({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, min_time=0)
+    runner.warm_up()
+    runner.calibrate()
+    for _ in range(5):
+        runner.round()
+    assert len(runner.times["a"]) == len(runner.times["b"]) == 6  # calibration kept: one call each
+    assert calls.count("a") == calls.count("b") == 7
+    assert bench.rounds_for(0.5, 2.0, 5, 50) == 5 and bench.rounds_for(0.01, 2.0, 5, 50) == 50
