@@ -109,13 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=positive_int, default=20, help="how many names")
     sample.add_argument("--seed", type=int, default=INIT_SEED + 10, help="generator seed for the draws")
 
-    bench = command("bench", "run benchmarks/ (timing, then CPU memory), write the report")
-    bench.add_argument("--out", type=Path, default=Path("bench-results"),
-                       help="directory for times.json, memory.json, report.md, speedups.png")
-    bench.add_argument("--quick", action="store_true", help="notebook-scale shapes and the train step only")
-    bench.add_argument("--no-memory", action="store_true", help="skip the CPU memory pass")
-    bench.add_argument("-k", dest="keyword", default=None,
-                       help="pytest -k expression to select cases (default: all)")
+    from backprop.cli.bench import add_arguments
+
+    add_arguments(command("bench", "time every kernel against torch's fastest path in paired rounds, "
+                                   "write the report, the charts and the history"))
     grade = command("grade", "grade a backprop-ninja solution: every d<name> against autograd and float64")
     grade.add_argument("solution", help="the learner's .py file or .ipynb notebook")
     return parser
