@@ -20,7 +20,12 @@ def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for module in ("pytest", "pytest_benchmark", "matplotlib"):
         if importlib.util.find_spec(module) is None:
             parser.error(f"bench needs {module}: pip install -e '.[dev]'")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file (expected a directory for the results)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {str(args.out)!r}: cannot create the directory ({e.strerror or e})")
     keywords = (args.keyword, "notebook or train_step" if args.quick else None)
     select = " and ".join(f"({k})" for k in keywords if k)
     pytest = [sys.executable, "-m", "pytest", str(BENCHMARKS), "-q", "-p", "no:cacheprovider",
