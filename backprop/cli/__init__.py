@@ -10,6 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -46,9 +49,25 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
+
+
+def seed_int(text: str) -> int:
+    """What torch.Generator.manual_seed takes: -2**63 <= seed < 2**64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64), got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, not the usage block (--help has it)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -71,8 +90,8 @@ def _data_options(p: argparse.ArgumentParser, hidden: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="backprop", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_Help)
+    parser = _Parser(prog="backprop", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_Help, epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -81,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = command("check", "the notebook's gradient table against autograd")
     _data_options(check, hidden=64)
     check.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the parameters")
-    check.add_argument("--seed", type=int, default=INIT_SEED, help="generator seed for the init and the batch")
+    check.add_argument("--seed", type=seed_int, default=INIT_SEED,
+                       help="generator seed for the init and the batch")
 
     tr = command("train", "train with manual gradients, then evaluate and sample")
     _data_options(tr, hidden=200)
@@ -100,14 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "~/.cache/backprop, torch.compile on CUDA); auto: yes for --steps >= "
                          f"{train.COMPILE_FROM_STEPS:,} when a C++ compiler is found, since the first "
                          "build costs ~30 s")
-    tr.add_argument("--seed", type=int, default=INIT_SEED, help="generator seed for the init and the batches")
+    tr.add_argument("--seed", type=seed_int, default=INIT_SEED,
+                    help="generator seed for the init and the batches")
     tr.add_argument("--out", type=Path, default=None,
                     help="write loss.png, summary.json and model.pt to this directory (default: none)")
 
     sample = command("sample", "sample names from a checkpoint written by train --out")
     sample.add_argument("--checkpoint", type=Path, required=True, help="model.pt written by train --out")
     sample.add_argument("-n", type=positive_int, default=20, help="how many names")
-    sample.add_argument("--seed", type=int, default=INIT_SEED + 10, help="generator seed for the draws")
+    sample.add_argument("--seed", type=seed_int, default=INIT_SEED + 10, help="generator seed for the draws")
 
     from backprop.cli.bench import add_arguments
 
@@ -118,7 +139,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CODES = """exit codes: 0 success; 1 failed checks or a failed run (diverged, a write that
+failed, a build that failed); 2 bad input (options, files, sizes); 130 interrupted (Ctrl-C); 141
+the reader of stdout went away (a closed pipe), as for a process killed by SIGPIPE"""
+
+
+def _say(line: str) -> None:
+    try:
+        print(f"backprop: {line}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr itself is gone: nothing left to tell
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line, with every failure as one line on stderr and an exit code (EXIT_CODES);
+    BACKPROP_TRACEBACK=1 lets an unexpected error's traceback through."""
+    for name in ("stdin", "stdout", "stderr"):  # a closed descriptor (2>&-) leaves None here
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w"))
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except BrokenPipeError:  # `backprop sample | head -1`: the reader has all it wanted
+        _silence_stdout()
+        return 141
+    except MemoryError:
+        _say("out of memory (try a smaller --hidden or --batch-size)")
+        return 1
+    except OSError as e:
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO):  # stdout: /dev/full
+            _silence_stdout()
+            _say(f"cannot write the output: {e.strerror or e}")
+        else:
+            _say(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        return 1
+    except Exception as e:
+        if os.environ.get("BACKPROP_TRACEBACK"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        _say(f"unexpected error: {type(e).__name__}: {first} (BACKPROP_TRACEBACK=1 shows where)")
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     from backprop.cli import bench, commands
 
     parser = build_parser()
@@ -127,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         from backprop.exercise import cli_main
 
         return cli_main([args.solution])
+    parser.prog = f"backprop {args.command}"  # the commands' errors name the command
     run = {"check": commands.check, "train": commands.train, "sample": commands.sample,
            "bench": bench.bench}[args.command]
     return run(parser, args)

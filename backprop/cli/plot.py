@@ -3,7 +3,9 @@ against steps, drawn by matplotlib (an optional dependency: pip install 'backpro
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -18,12 +20,14 @@ def available() -> bool:
     return True
 
 
-def loss_curve(path: Path, losses: list[float], val_losses: list[tuple[int, float]], title: str) -> None:
+def loss_curve(path: Path | BinaryIO, losses: list[float], val_losses: list[tuple[int, float]],
+               title: str) -> None:
     """Every step's batch loss (faint), its mean over windows of 1% of the run, and the
     validation loss, on a log y-axis."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
     from matplotlib.ticker import FormatStrFormatter
 
+    losses = [x if math.isfinite(x) else math.nan for x in losses]  # a diverged run: gaps, not inf
     window = max(1, len(losses) // 100)
     means = torch.tensor(losses[:len(losses) // window * window]).view(-1, window).mean(1)
     centres = (torch.arange(len(means)) * window + (window + 1) / 2).tolist()
@@ -43,4 +47,4 @@ def loss_curve(path: Path, losses: list[float], val_losses: list[tuple[int, floa
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")

@@ -22,6 +22,11 @@ class Progress:
                         smoothing=0.1) if self.stream.isatty() else None
 
     def __call__(self, done: int, total: int, loss: float) -> None:
+        if done == 0:  # the loop starts: time the steps alone, not the data or the build before
+            self.start = time.perf_counter()
+            if self.bar is not None:
+                self.bar.reset(total)
+            return
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(done - self.bar.n)

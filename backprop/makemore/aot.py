@@ -14,9 +14,19 @@ The graph's inputs are flat: the parameters and the optimizer state in the order
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import os
+import platform
+import shutil
+import stat
+import subprocess
 import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,16 +60,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "backprop"
 
 
+@functools.cache
+def machine_key() -> str:
+    """What the built code depends on besides the graph: it is compiled with -march=native, so the
+    CPU (architecture, the ISA torch dispatches to, the cpuinfo flags) and the compiler."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    try:
+        cxx = subprocess.run(["g++", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        cxx = ""
+    return repr((platform.machine(), torch.backends.cpu.get_cpu_capability(),
+                 hashlib.sha256(flags.encode()).hexdigest(), (cxx.splitlines() or [""])[0]))
+
+
 def step_path(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], Xtr: torch.Tensor,
-              batch_size: int, *, optimizer: str = "sgd") -> Path:
+              batch_size: int, *, optimizer: str = "sgd", directory: Path | None = None) -> Path:
     """The package for these shapes and dtypes (the number of training examples aside), this
-    optimizer, this torch and this code (any edit rebuilds)."""
+    optimizer, this torch, this code (any edit rebuilds), this CPU and this compiler."""
     h = hashlib.sha256(torch.__version__.encode())
     for module in _SOURCES:
         h.update(Path(module.__file__).read_bytes())
     fixed = [(k, tuple(t.shape), t.dtype) for k, t in _fixed(params, state, optimizer).items()]
     h.update(repr((fixed, tuple(Xtr.shape[1:]), Xtr.dtype, batch_size, optimizer)).encode())
-    return cache_dir() / f"train_step-{h.hexdigest()[:24]}.pt2"
+    h.update(machine_key().encode())
+    return (directory or cache_dir()) / f"train_step-{h.hexdigest()[:24]}.pt2"
 
 
 def _fixed(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -68,19 +97,133 @@ def _fixed(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
     return {k: params[k] for k in PARAM_NAMES} | {k: state[k] for k in step.state_names(optimizer)}
 
 
+# ----------------------------------------------------------------------------- the disk cache
+# A package is native code that this process loads and runs, so the cache must be private: a
+# directory (and files) owned by this user and writable by nobody else. A sha256 digest of each
+# package, written next to it when it is built, is checked before it is loaded: it catches a
+# truncated or corrupt file (full disk, a killed build), not a forger who can write the directory
+# (docs/faults.md, "The compiled-step cache").
+
+
+def unsafe(path: Path) -> str:
+    """Why path (the cache directory or a file in it) must not be trusted, or '' if it may."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"cannot be inspected ({e.strerror or e})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if st.st_uid != os.geteuid():
+        return f"is owned by another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o})"
+    return ""
+
+
+def _private_tmp() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="backprop-step-"))  # 0700, ours
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+def usable_cache_dir(say: Callable[[str], None]) -> tuple[Path, bool]:
+    """(directory, persistent): the cache directory, created 0700, when it is private and
+    writable; else a private temporary directory for this run, after one line to say(why)."""
+    d = cache_dir()
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = unsafe(d) or ("is not a directory" if not d.is_dir() else "")
+        if not why:
+            fd, probe = tempfile.mkstemp(dir=d, prefix=".probe-")  # writable? (root ignores the bits)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        why = f"cannot be written ({e.strerror or e})"
+    if not why:
+        return d, True
+    tmp = _private_tmp()
+    say(f"the compiled-step cache {d} {why}: not using it; building into {tmp} for this run")
+    return tmp, False
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record(path: Path) -> Path:
+    return path.with_suffix(".sha256")
+
+
+def _load(path: Path) -> Callable:
+    """The package's runner, after checking its owner, its mode and its recorded digest."""
+    for p in (path, _record(path)):
+        if why := unsafe(p):
+            raise ValueError(f"{p} {why}")
+    expected = _record(path).read_text().strip()
+    if _digest(path) != expected:
+        raise ValueError("its sha256 digest differs from the one recorded when it was built "
+                         "(truncated or corrupt)")
+    return torch._inductor.aoti_load_package(str(path)).loader.run
+
+
 def _build(path: Path, optimizer: str, args: tuple[torch.Tensor, ...]) -> None:
-    """Export the step (the number of training examples stays symbolic) and build the package,
-    written under a temporary name and renamed, so a concurrent run never reads half a file."""
+    """Build the package under a temporary name and rename it, so a concurrent run never reads
+    half a file; the digest record is renamed first, so a package in place always has one."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+    try:
+        _compile_package(tmp, optimizer, args)
+        record = _record(tmp)
+        record.write_text(_digest(tmp) + "\n")
+        os.replace(record, _record(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        _record(tmp).unlink(missing_ok=True)
+
+
+def _compile_package(tmp: Path, optimizer: str, args: tuple[torch.Tensor, ...]) -> None:
+    """Export the step (the number of training examples stays symbolic), build it into tmp."""
     examples = torch.export.Dim("examples", min=2)
     fixed = len(args) - 4  # the parameters and the optimizer state
     dynamic = (None,) * fixed + ({0: examples}, {0: examples}, None, None)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's export/Inductor path emits a FutureWarning about its own internals on every
+        # build; nothing here can act on it, and it buried the one line the user needs
+        warnings.simplefilter("ignore", FutureWarning)
         # forward(*tensors) takes one argument to export: the tuple, hence (dynamic,)
         program = torch.export.export(_StepModule(optimizer), args, dynamic_shapes=(dynamic,))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
-    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
-    os.replace(tmp, path)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+
+
+def _cpu_step(path: Path, persistent: bool, optimizer: str, args: tuple[torch.Tensor, ...],
+              say: Callable[[str], None]) -> Callable:
+    """Load the package at path, or build it (once) and load it. An unusable package is moved
+    aside, named, and rebuilt once; every message names the path."""
+    if path.exists() or _record(path).exists():
+        try:
+            return _load(path)
+        except Exception as e:  # a bad digest, a corrupt zip, a foreign owner: many kinds
+            aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+                _record(path).unlink(missing_ok=True)
+                where = f"moved it to {aside}"
+            except OSError as move:
+                where = f"could not move it aside ({move.strerror or move})"
+                path = _private_tmp() / path.name
+            say(f"loading the cached compiled step {path} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); {where}; rebuilding it once")
+    where = f"cached in {path.parent}" if persistent else f"in {path.parent}, for this run only"
+    say(f"building the compiled train step (once; {where}): ~30 s")
+    _build(path, optimizer, args)
+    try:
+        return _load(path)
+    except Exception as e:
+        raise RuntimeError(f"the compiled step just built at {path} cannot be loaded: {e}") from None
 
 
 _dynamo_steps: dict[tuple[str, str], torch.nn.Module] = {}  # per (device type, optimizer)
@@ -88,25 +231,29 @@ _dynamo_steps: dict[tuple[str, str], torch.nn.Module] = {}  # per (device type, 
 
 def compiled_step(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], Xtr: torch.Tensor,
                   Ytr: torch.Tensor, batch_size: int, *, optimizer: str = "sgd",
-                  check: bool = True) -> step.Step:
+                  check: bool = True, say: Callable[[str], None] | None = None) -> step.Step:
     """step.step_graph for these tensors, compiled (AOTInductor on the CPU, built once and cached;
     torch.compile on CUDA): a step (ix, lr) -> loss updating params and state in place. ix holds
     the batch's row numbers (int64, (batch_size,), in [0, len(Xtr))), lr is a 0-d tensor of the
     parameters' dtype. The built step reads raw memory and checks nothing, so the arguments are
     checked here: the fixed ones once, ix and lr on every call. check=False skips both, for a
-    caller that has run step.check_inputs and draws ix itself (train)."""
+    caller that has run step.check_inputs and draws ix itself (train). say(line) hears about the
+    build and the cache (default: a warning)."""
+    if say is None:
+        def say(line: str) -> None:
+            warnings.warn(line, stacklevel=3)
     if check:
         step.check_inputs(params, state, Xtr, Ytr, batch_size, optimizer=optimizer)
     tensors = [*_fixed(params, state, optimizer).values(), Xtr, Ytr]
     device = params["W1"].device
     if device.type == "cpu":
-        path = step_path(params, state, Xtr, batch_size, optimizer=optimizer)
-        if not path.exists():
-            ix = torch.zeros(batch_size, dtype=torch.int64)
-            _build(path, optimizer, (*tensors, ix, torch.tensor(0.0, dtype=params["W1"].dtype)))
+        directory, persistent = usable_cache_dir(say)
+        path = step_path(params, state, Xtr, batch_size, optimizer=optimizer, directory=directory)
+        example = (*tensors, torch.zeros(batch_size, dtype=torch.int64),
+                   torch.tensor(0.0, dtype=params["W1"].dtype))
         # the loaded model's loader runs a flat list of tensors; calling the model itself would
         # first parse its input/output specs and flatten the arguments (~100 us a step)
-        run = torch._inductor.aoti_load_package(str(path)).loader.run
+        run = _cpu_step(path, persistent, optimizer, example, say)
 
         def fast(ix: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
             return run([*tensors, ix, lr])[0]

@@ -37,20 +37,32 @@ class Vocab:
 
 
 def read_words(path: str | Path | resources.abc.Traversable) -> list[str]:
-    """One word per line; blank lines are skipped. Raises ValueError on an unusable file."""
+    """One word per line; blank lines are skipped, a UTF-8 byte order mark is dropped. Raises
+    ValueError on an unusable file: missing, a directory, unreadable, not UTF-8, no words, a word
+    holding '.' (the start/end symbol) or a non-printable character (a control character would
+    reach the terminal raw when sampled)."""
     path = Path(path) if isinstance(path, str) else path
+    if isinstance(path, Path) and path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory (expected a file, one word per line)")
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM is not a vocabulary character
     except UnicodeDecodeError as e:
         raise ValueError(f"data file {str(path)!r} is not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise ValueError(f"data file {str(path)!r} cannot be read: {e.strerror or e}") from None
     words = [w.strip() for w in text.splitlines() if w.strip()]
     if not words:
         raise ValueError(f"data file {str(path)!r} holds no words (expected one word per line)")
     if any("." in w for w in words):
         bad = next(w for w in words if "." in w)
         raise ValueError(f"data file {str(path)!r}: '.' is the start/end symbol, found in word {bad!r}")
+    for w in words:
+        if not w.isprintable():
+            ch = next(c for c in w if not c.isprintable())
+            raise ValueError(f"data file {str(path)!r}: word {w!r} holds the non-printable character "
+                             f"U+{ord(ch):04X}; words must be printable text")
     return words
 
 

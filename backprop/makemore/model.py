@@ -144,7 +144,38 @@ class Model:
 
     @classmethod
     def from_state(cls, state: dict) -> Model:
-        return cls(state["params"], Vocab(tuple(state["chars"])), state["bnmean"], state["bnvar"])
+        """The model of a state() dict, after checking that its parts fit together (ValueError)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a dict of tensors, got {type(state).__name__}")
+        missing = [k for k in ("params", "bnmean", "bnvar", "chars") if k not in state]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        params, chars = state["params"], state["chars"]
+        if not isinstance(params, dict) or set(params) != set(PARAM_NAMES):
+            raise ValueError(f"params must hold exactly {', '.join(PARAM_NAMES)}")
+        if (not isinstance(chars, (list, tuple)) or len(set(chars)) != len(chars)
+                or not all(isinstance(c, str) and len(c) == 1 and c != "." and c.isprintable() for c in chars)):
+            raise ValueError("chars must be distinct printable characters other than '.'")
+        block_size = state.get("block_size", BLOCK_SIZE)
+        if block_size != BLOCK_SIZE:
+            raise ValueError(f"block_size {block_size!r}: this program samples with block_size {BLOCK_SIZE}")
+        tensors = {**params, "bnmean": state["bnmean"], "bnvar": state["bnvar"]}
+        if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError("every parameter and statistic must be a tensor")
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"the tensors must share one floating dtype, got {sorted(map(str, dtypes))}")
+        V, E = params["C"].shape if params["C"].ndim == 2 else (-1, -1)
+        H = params["b1"].shape[0] if params["b1"].ndim == 1 else -1
+        expected = {"C": (len(chars) + 1, E), "W1": (block_size * E, H), "b1": (H,), "W2": (H, V),
+                    "b2": (V,), "bngain": (1, H), "bnbias": (1, H), "bnmean": (1, H), "bnvar": (1, H)}
+        for k, shape in expected.items():
+            if tuple(tensors[k].shape) != shape or min(shape) < 1:
+                raise ValueError(f"{k} has shape {tuple(tensors[k].shape)}, expected {shape} for a "
+                                 f"vocabulary of {len(chars) + 1} and block_size {block_size}")
+            if not bool(tensors[k].isfinite().all()):
+                raise ValueError(f"{k} holds non-finite values (a diverged run?)")
+        return cls(params, Vocab(tuple(chars)), state["bnmean"], state["bnvar"])
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ Shapes: N batch rows, T = block_size context characters, V vocabulary, E = n_emb
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -139,30 +141,108 @@ EXERCISE1_ROWS = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts",
 FUSED_ROWS = ("logits", "hprebn", *PARAM_NAMES)
 
 
+# The verdict: the acceptance rule of the library's tests (backprop.testing.compare), restated
+# here so that the program does not import the test tooling. torch.allclose against autograd in the
+# same dtype cries wolf on gradients that cancel to nearly zero (b1: the batch norm after it
+# removes any shift), where both ours and autograd's are rounding noise; against float64 the
+# kernels' error is at most a small multiple of autograd's own.
+ERROR_RATIO = 2.0
+FLOOR_ULPS = 4
+FORWARD_RATIO_CAP = 100.0
+ACCEPTANCE = (f"error against float64 autograd <= {ERROR_RATIO:g} x autograd's own error in the same "
+              f"dtype + {FLOOR_ULPS} ulps of the largest term; float64: allclose(rtol=1e-7, atol=1e-7)")
+
+
+def accept(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor,
+           magnitude: torch.Tensor | None = None, ratio: float = ERROR_RATIO) -> tuple[bool, float, float]:
+    """(passed, our error, torch's error) against the float64 reference. magnitude (optional) is
+    the size of the terms summed to make each entry, the scale of the rounding when they cancel."""
+    ref = reference.detach().double().cpu()
+    err = float((ours.detach().double().cpu() - ref).abs().max())
+    torch_err = float((theirs.detach().double().cpu() - ref).abs().max())
+    if ours.dtype == torch.float64:
+        return bool(torch.allclose(ours.detach().cpu(), ref, rtol=1e-7, atol=1e-7)), err, torch_err
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if magnitude is not None:
+        scale = max(scale, float(magnitude.detach().double().abs().max()))
+    floor = FLOOR_ULPS * torch.finfo(ours.dtype).eps * scale + torch.finfo(ours.dtype).tiny
+    passed = math.isfinite(err) and err <= ratio * torch_err + floor
+    return passed, err, torch_err
+
+
+def _magnitudes(p: dict[str, torch.Tensor], a: dict[str, torch.Tensor], d: dict[str, torch.Tensor],
+                Xb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The size of the terms summed to make each gradient from the logits down: the backward
+    chain again over absolute values (Higham's |A||B| for each product), in float64. The batch
+    norm's backward cancels: with a few rows, its input's gradient (and all below it) is rounding
+    noise around ~0 whose size follows these terms, not the result; so may a column sum."""
+    n = Xb.shape[0]
+    m = {"logits": a["probs"] / n + d["logits"].abs()}  # (softmax - onehot) / n: both terms
+    m["h"] = m["logits"] @ p["W2"].abs().T
+    m["W2"] = a["h"].abs().T @ m["logits"]
+    m["b2"] = m["logits"].sum(0)
+    m["hpreact"] = m["h"] * (1 - a["h"] ** 2)
+    m["bnbias"] = m["hpreact"].sum(0, keepdim=True)
+    m["bngain"] = (a["bnraw"].abs() * m["hpreact"]).sum(0, keepdim=True)
+    # dy, mean(dy) and xhat * mean(dy * xhat): three terms of the size of dy (|xhat| ~ 1)
+    m["hprebn"] = 3 * m["hpreact"] * p["bngain"].abs() * a["bnvar_inv"]
+    m["embcat"] = m["hprebn"] @ p["W1"].abs().T
+    m["W1"] = a["embcat"].abs().T @ m["hprebn"]
+    m["b1"] = m["hprebn"].sum(0)
+    m["emb"] = m["embcat"].view(a["emb"].shape)
+    m["C"] = torch.zeros_like(p["C"]).index_add_(0, Xb.reshape(-1), m["emb"].reshape(-1, p["C"].shape[1]))
+    return m
+
+
+def _ratio(ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours - reference| / max |theirs - reference|, 1 when both are 0."""
+    err = float((ours.detach().double() - reference).abs().max())
+    torch_err = float((theirs.detach().double() - reference).abs().max())
+    return err / torch_err if torch_err > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class Row:
-    """The notebook's cmp: exact (bit-identical), approximate (torch.allclose), maxdiff."""
+    """The notebook's cmp (exact: bit-identical, approximate: torch.allclose, maxdiff: against
+    autograd in the same dtype), shown for information; then the verdict (accept) it rests on."""
 
     name: str
     exact: bool
     approximate: bool
     maxdiff: float
+    error: float  # max |ours - float64 autograd|
+    torch_error: float  # max |autograd in this dtype - float64 autograd|
+    passed: bool
 
 
-def cmp(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> Row:
+def cmp(name: str, ours: torch.Tensor, theirs: torch.Tensor, reference: torch.Tensor,
+        magnitude: torch.Tensor | None = None, ratio: float = ERROR_RATIO) -> Row:
+    passed, err, torch_err = accept(ours, theirs, reference, magnitude, ratio)
     return Row(name, bool(torch.equal(ours, theirs)), bool(torch.allclose(ours, theirs)),
-               float((ours - theirs).abs().max()))
+               float((ours - theirs).abs().max()), err, torch_err, passed)
 
 
-def gradient_table(p: dict[str, torch.Tensor], Xb: torch.Tensor,
-                   Yb: torch.Tensor) -> tuple[float, list[Row]]:
-    """Returns (loss, rows): exercise 1 (atomised, by hand) then the fused rows, against autograd."""
+def gradient_table(p: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor,
+                   kernels: SimpleNamespace = model.CHECKED) -> tuple[float, list[Row]]:
+    """Returns (loss, rows): exercise 1 (atomised, by hand) then the fused rows (on kernels),
+    against autograd, each judged against autograd of the same model in float64."""
     loss, grads = autograd_gradients(p, Xb, Yb)
+    p64 = {k: v.double() for k, v in p.items()}
+    _, reference = autograd_gradients(p64, Xb, Yb)
     with torch.no_grad():
+        atoms64 = atomised_forward(p64, Xb, Yb)[1]
+        magnitudes = _magnitudes(p64, atoms64, reference, Xb)
         _, atoms = atomised_forward(p, Xb, Yb)
         manual = atomised_backward(p, atoms, Xb, Yb)
-    _, caches = model.forward(p, Xb, Yb)
-    fused = model.backward(caches)
-    rows = [cmp(k, manual[k], grads[k]) for k in EXERCISE1_ROWS]
-    rows += [cmp(f"fused {k}", fused[k], grads[k]) for k in FUSED_ROWS]
+    _, caches = model.forward(p, Xb, Yb, kernels)
+    fused = model.backward(caches, kernels)
+    # The fused rows differentiate the fused forward, whose h may be further from float64 than
+    # autograd's: with a few rows, a hidden column spread near sqrt(eps) makes the batch norm
+    # amplify its input's rounding, which F.linear and autograd's @ then + round differently.
+    # The gradients inherit that forward error: allow it in the ratio, in proportion, up to
+    # FORWARD_RATIO_CAP (beyond it the forward is wrong, not ill-conditioned).
+    forward_ratio = _ratio(caches[4].x, atoms["h"], atoms64["h"]) if hasattr(caches[4], "x") else 1.0
+    rows = [cmp(k, manual[k], grads[k], reference[k], magnitudes.get(k)) for k in EXERCISE1_ROWS]
+    rows += [cmp(f"fused {k}", fused[k], grads[k], reference[k], magnitudes.get(k),
+                 ERROR_RATIO * min(max(1.0, forward_ratio), FORWARD_RATIO_CAP)) for k in FUSED_ROWS]
     return float(loss), rows
