@@ -92,11 +92,16 @@ def test_check_passes_correct_kernels(drawn):
 
 
 # the mutants a bug in the MLP's kernels can be: not those of an option the MLP does not use
-# (ignored rows, label smoothing, padding, logsumexp), nor ce_drops_dout (the loss's dout is 1),
-# nor ce_unshifted (wrong only where exp overflows)
+# (ignored rows, label smoothing, class weights, probability targets, K-dim logits, padding,
+# eval mode, spatial dims, scale_grad_by_freq, logsumexp), nor ce_drops_dout (the loss's dout is
+# 1), nor ce_unshifted (wrong only where exp overflows)
 MLP_MUTANTS = [m for m in MUTANTS if m.op in vars(model.CHECKED) and m.__name__ not in (
     "ce_mean_over_all_rows_backward", "ce_smoothing_weight_backward", "ce_drops_dout_backward",
-    "ce_unshifted", "embedding_padding_not_zeroed_backward")]
+    "ce_unshifted", "embedding_padding_not_zeroed_backward",
+    "ce_weighted_mean_over_count_backward", "ce_smoothing_unweighted_backward",
+    "ce_soft_targets_unsmoothed_backward", "ce_dtargets_unsmoothed_backward", "ce_kdim_softmax_last_dim_backward",
+    "bn_spatial_dims_not_reduced_backward", "bn_eval_mode_batch_statistics_backward",
+    "embedding_freq_total_count_backward", "embedding_freq_unclamped_count_backward")]
 
 
 @pytest.mark.parametrize("mutant", MLP_MUTANTS, ids=lambda m: m.__name__)

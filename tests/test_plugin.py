@@ -3,6 +3,7 @@ suite power printed and enforced; xfails; and the worked example run as a user r
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,4 +166,5 @@ def test_end_to_end_the_worked_example_as_a_user_runs_it(tmp_path):
     assert all(f"PASSED backprop[tanh::{c}]" in out for c in
                ("suite_power", "fixed_cases", "gradient_vs_float64", "gradcheck", "noncontiguous", "bad_inputs"))
     assert "backprop: tanh=mykernels.tanh:Tanh (autograd), cross_entropy=mykernels.cross_entropy (contract)" in out
-    assert "suite power: 7 of 7 known bugs caught" in out
+    caught = re.search(r"suite power: (\d+) of (\d+) known bugs caught", out)
+    assert caught and caught[1] == caught[2] and int(caught[1]) >= 7, out  # every known bug of both ops
