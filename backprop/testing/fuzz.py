@@ -10,11 +10,14 @@ Shared by tests/test_fuzz_bad_inputs.py and the pytest plugin. Needs hypothesis.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from hypothesis import strategies as st
 
+import backprop
+from backprop.testing.opinfo import OPS
 from backprop.testing.oracle import random_dout
 from backprop.testing.references import REFERENCES, batch_norm_composed
 from backprop.testing.strategies import Case
@@ -51,43 +54,23 @@ def tensors(draw: st.DrawFn, label: str) -> torch.Tensor:
     return torch.randint(-3, 6, shape, generator=gen).to(dtype)
 
 
-# options of the wrong type (a bool for an int, a str for a bool, None) are drawn too: accepted,
-# they would act as another value (ignore_index=True as class 1, keepdim="no" as True)
-WRONG_TYPES = [True, 1.0, None, "1"]
-OPTIONS = {
-    "cross_entropy": st.fixed_dictionaries({}, optional={
-        "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
-        "ignore_index": st.one_of(st.integers(-101, 5), st.sampled_from([*WRONG_TYPES, 1.5, 2**70])),
-        "label_smoothing": st.sampled_from([0.0, 0.2, 1.0, -0.1, 1.5, float("nan"), *WRONG_TYPES]),
-    }),
-    "logsumexp": st.fixed_dictionaries({}, optional={
-        "dim": st.one_of(st.integers(-4, 4), st.lists(st.integers(-3, 3), min_size=1, max_size=3).map(tuple)),
-        "keepdim": st.one_of(st.booleans(), st.sampled_from(["no", 1, None])),
-    }),
-    "batch_norm": st.fixed_dictionaries({}, optional={
-        "eps": st.sampled_from([1e-5, 0.0, -1.0, float("inf"), True, None, "1e-5"]),
-        "correction": st.sampled_from([0, 1, 2, -1, 1.0]),
-    }),
-    "tanh": st.just({}),
-    "linear": st.just({}),
-    "embedding": st.fixed_dictionaries({}, optional={
-        "padding_idx": st.one_of(st.integers(-6, 6), st.sampled_from([True, 1.0, "1"])),
-    }),
-}
-# (fewest, most) positional arguments; backward owes the most gradients
-ARITY = {"cross_entropy": (2, 2), "logsumexp": (1, 1), "batch_norm": (1, 3), "tanh": (1, 1),
-         "linear": (2, 3), "embedding": (2, 2)}
-OPTIONAL_TENSORS = ("batch_norm", "linear")  # their second and third tensors may be None
+def arity(name: str) -> tuple[int, int, tuple[int, ...]]:
+    """(fewest, most) positional arguments of the op's forward, and the positions of the optional
+    tensors (default None) that may be left out: backward owes one gradient per position."""
+    params = [p for p in inspect.signature(backprop.OPS[name].forward).parameters.values()
+              if p.kind is p.POSITIONAL_OR_KEYWORD]
+    required = sum(p.default is p.empty for p in params)
+    return required, len(params), tuple(i for i, p in enumerate(params) if p.default is None)
 
 
 @st.composite
 def bad_cases(draw: st.DrawFn, name: str) -> Case:
     """Arguments of any shape and dtype, NaN and infinities included, and options out of range."""
-    lo, hi = ARITY[name]
+    lo, hi, optional = arity(name)
     n = draw(st.integers(lo, hi), label="n args")
-    args = tuple(draw(st.one_of(st.none(), tensors(f"arg{i}")) if i >= 1 and name in OPTIONAL_TENSORS
-                      else tensors(f"arg{i}")) for i in range(n))
-    return args, draw(OPTIONS[name], label="options")
+    args = tuple(draw(st.one_of(st.none(), tensors(f"arg{i}")) if i in optional else tensors(f"arg{i}"))
+                 for i in range(n))
+    return args, draw(OPS[name].bad_options, label="options")
 
 
 def _torch_refuses(name: str, args: tuple, options: dict) -> bool:
@@ -133,4 +116,4 @@ def check_bad_input(name: str, op: Any, case: Case) -> None:
         torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
     dout = random_dout(out.shape, out.dtype, out.device, seed=0)
     grads = op.backward(dout, cache)
-    assert isinstance(grads, tuple) and len(grads) == ARITY[name][1]  # one per positional parameter
+    assert isinstance(grads, tuple) and len(grads) == arity(name)[1]  # one per positional parameter

@@ -9,34 +9,14 @@ trusts a green run ("suite power").
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 
 from backprop import batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
 from backprop._check import no_autograd
-
-
-def mutant(op, *, forward=None, backward=None):
-    """Decorator: the function's docstring names the bug; it replaces op's forward or backward.
-    It runs without autograd, as the kernels do: a mutant that records history would be caught by
-    the contract's no-history check on every case, whatever its bug, and prove nothing."""
-
-    def make(fn):
-        fn = no_autograd(fn)
-        return SimpleNamespace(
-            forward=forward or (fn if backward is None and fn.__name__.endswith("forward") else op.forward),
-            backward=backward or (fn if fn.__name__.endswith("backward") else op.backward),
-            Cache=op.Cache, __name__=fn.__name__, __doc__=fn.__doc__, op=op.__name__.split(".")[-1],
-        )
-
-    return make
-
+from backprop.testing.catalogue import first_catch, mutant  # noqa: F401 (first_catch: re-exported)
 
 # ---------------------------------------------------------------- cross_entropy
 
@@ -365,52 +345,3 @@ MUTANTS = [
     embedding_overwrite_backward, embedding_padding_not_zeroed_backward,
     embedding_freq_total_count_backward, embedding_freq_unclamped_count_backward,
 ]
-
-
-def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype] | None = None,
-                device: str = "cpu", fixed: bool = False) -> str | None:
-    """Run the suite's checks on the mutant; return the stage that caught it (forward, gradient,
-    gradcheck or contract), None if it survived ``max_examples`` derandomised cases. A crash does
-    not count as a catch: a mutant that only crashes (say, on shapes that do not line up) must
-    still be caught by a check on the cases where it runs, so a broken mutant cannot pass for a
-    caught one. ``dtypes`` narrows the drawn cases to those dtypes (the plugin's --backprop-dtypes);
-    ``fixed`` tries the op table's fixed cases first, as the plugin's run does."""
-    from backprop.testing.opinfo import OPS
-    from backprop.testing.oracle import CheckFailure
-    from backprop.testing.strategies import to_device
-    from backprop.testing.suite import check_case, gradcheck_case
-
-    info = OPS[m.op]
-    strategy = info.cases() if not dtypes else st.sampled_from(list(dtypes)).flatmap(info.cases)
-    if hasattr(m, "cases"):
-        strategy = m.cases(strategy)
-    caught = []
-    for args, options in info.fixed_cases(device) if fixed else ():
-        for dtype in dtypes or (None,):
-            cast = tuple(a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point()
-                         else a for a in args)
-            try:
-                check_case(m.op, m, (cast, options))
-            except CheckFailure as e:
-                return e.stage
-            except Exception:
-                pass
-
-    @settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=strategy)
-    def search(case):
-        try:
-            check_case(m.op, m, to_device(case, device))
-            gradcheck_case(m.op, m, case)  # finite differences: float64 on the CPU
-        except CheckFailure as e:
-            caught.append(e.stage)
-            raise
-        except Exception:  # e.g. a missing transpose on non-square weights: try the next case
-            pass
-
-    try:
-        search()
-    except Exception:
-        return caught[0] if caught else None
-    return None

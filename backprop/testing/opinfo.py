@@ -55,6 +55,8 @@ class OpInfo:
     # the case made fit for finite differences (float64, narrowed); None: nothing to difference
     gradcheck_inputs: Callable[[Case], Case | None] = float64_inputs
     speed_targets: tuple[Target, ...] = field(default=())  # beyond ">= 1x autograd at notebook scale"
+    # options out of range or of the wrong type, for the bad-input fuzz (backprop.testing.fuzz)
+    bad_options: st.SearchStrategy[dict] = field(default=st.just({}))
 
     @property
     def module(self) -> ModuleType:
@@ -170,6 +172,10 @@ _BANDWIDTH: tuple[Target, ...] = (
     ("gpu", "bwd", "best", "copy", 0.7, "GPU backward >= 70% of copy (HBM) bandwidth"),
 )
 
+# options of the wrong type (a bool for an int, a str for a bool, None) are drawn too: accepted,
+# they would act as another value (ignore_index=True as class 1, keepdim="no" as True)
+WRONG_TYPES = [True, 1.0, None, "1"]
+
 OP_DB: tuple[OpInfo, ...] = (
     OpInfo(
         "cross_entropy", references.cross_entropy, strategies.cross_entropy_cases, _cross_entropy_fixed,
@@ -184,12 +190,22 @@ OP_DB: tuple[OpInfo, ...] = (
             ("large 8192x32768$", "fwd+bwd", "best", "autograd", 3.0, "best path >= 3x F.cross_entropy"),
             ("large 8192x32768$", "fwd+bwd", "manual", "autograd", 1.3, "eager >= 1.3x F.cross_entropy"),
             *_BANDWIDTH),
+        bad_options=st.fixed_dictionaries({}, optional={
+            "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
+            "ignore_index": st.one_of(st.integers(-101, 5), st.sampled_from([*WRONG_TYPES, 1.5, 2**70])),
+            "label_smoothing": st.sampled_from([0.0, 0.2, 1.0, -0.1, 1.5, float("nan"), *WRONG_TYPES]),
+        }),
     ),
     OpInfo(
         "logsumexp", references.logsumexp, strategies.logsumexp_cases, _logsumexp_fixed,
         {"notebook 32x27": ((32, 27), "small"), "large 8192x32768": ((8192, 32768), "large")},
         gradcheck_inputs=_logsumexp_gradcheck,
         speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.5, ">= 1.5x torch.logsumexp"),),
+        bad_options=st.fixed_dictionaries({}, optional={
+            "dim": st.one_of(st.integers(-4, 4),
+                             st.lists(st.integers(-3, 3), min_size=1, max_size=3).map(tuple)),
+            "keepdim": st.one_of(st.booleans(), st.sampled_from(["no", 1, None])),
+        }),
     ),
     OpInfo(
         "batch_norm", references.batch_norm, strategies.batch_norm_cases, _batch_norm_fixed,
@@ -200,6 +216,10 @@ OP_DB: tuple[OpInfo, ...] = (
         speed_targets=(("large.*correction=1", "fwd+bwd", "best", "autograd", 2.0, ">= 2x composed ops"),
                        ("large.*correction=0", "fwd+bwd", "best", "autograd", 0.5, ">= 0.5x F.batch_norm"),
                        *_BANDWIDTH),
+        bad_options=st.fixed_dictionaries({}, optional={
+            "eps": st.sampled_from([1e-5, 0.0, -1.0, float("inf"), True, None, "1e-5"]),
+            "correction": st.sampled_from([0, 1, 2, -1, 1.0]),
+        }),
     ),
     OpInfo(
         "tanh", references.tanh, strategies.tanh_cases, _tanh_fixed,
@@ -219,6 +239,9 @@ OP_DB: tuple[OpInfo, ...] = (
          "large V=50257 E=768 8x1024": ((50257, 768, (8, 1024)), "large")},
         gradcheck_inputs=_embedding_gradcheck,
         speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.0, ">= 1x F.embedding"),),
+        bad_options=st.fixed_dictionaries({}, optional={
+            "padding_idx": st.one_of(st.integers(-6, 6), st.sampled_from([True, 1.0, "1"])),
+        }),
     ),
 )
 
