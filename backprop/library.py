@@ -221,7 +221,8 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         seen = {_storage(t) for t in (*args, *options.values(), out) if isinstance(t, torch.Tensor)}
         kept = []
         for e in extras:
-            if e._base is not None or (_storage(e) is not None and _storage(e) in seen):
+            # (a view of the kernel's own temporary, x-hat reshaped say, aliases nothing: kept)
+            if _storage(e) is not None and _storage(e) in seen:
                 e = e.clone()
             seen.add(_storage(e))
             kept.append(e)
