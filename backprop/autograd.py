@@ -18,6 +18,7 @@ formula either way; only the graph is extra.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -27,11 +28,14 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.func import functionalize
 
 
-def _split_cache(args: tuple, out: torch.Tensor, cache: Any) -> tuple[list, tuple]:
-    """The cache as extra tensors to return from forward, plus a plain spec ``(kind, fields)``:
+def split_cache(args: tuple, out: torch.Tensor, cache: Any) -> tuple[list, tuple]:
+    """The cache as extra tensors to return from a forward, plus a plain layout ``(kind, fields)``:
     kind rebuilds the cache (its NamedTuple or tuple type, or "single" for a cache that is one
     bare value, which a user's kernel may return); each field is ("arg", i) an input, ("out",)
-    the output, ("saved", j) extra tensor j or ("plain", v) a value."""
+    the output, ("saved", j) extra tensor j or ("plain", v) a value. Inputs and the output are not
+    returned again, and a tensor in two fields takes one slot: a forward's outputs (an
+    autograd.Function's, a custom op's) may not alias its inputs or each other. ``join_cache`` is
+    the inverse; the custom ops (backprop.library) use the same pair."""
     kind = type(cache) if isinstance(cache, tuple) else "single"
     extras, spec = [], []
     for v in (cache if isinstance(cache, tuple) else (cache,)):
@@ -41,10 +45,22 @@ def _split_cache(args: tuple, out: torch.Tensor, cache: Any) -> tuple[list, tupl
             spec.append(("out",))
         elif any(v is a for a in args):
             spec.append(("arg", next(i for i, a in enumerate(args) if v is a)))
+        elif any(v is e for e in extras):
+            spec.append(("saved", next(k for k, e in enumerate(extras) if v is e)))
         else:
             spec.append(("saved", len(extras)))
             extras.append(v)
     return extras, (kind, tuple(spec))
+
+
+def join_cache(layout: tuple, args: Sequence, out: torch.Tensor, extras: Sequence) -> Any:
+    """The cache again, from ``split_cache``'s layout and the tensors it named."""
+    kind, spec = layout
+    pick = {"arg": args.__getitem__, "saved": extras.__getitem__, "plain": lambda v: v}
+    fields = [out if field == "out" else pick[field](*v) for field, *v in spec]
+    if kind == "single":
+        return fields[0]
+    return kind(*fields) if hasattr(kind, "_fields") else kind(fields)
 
 
 class KernelFunction(torch.autograd.Function):
@@ -58,7 +74,7 @@ class KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(op: ModuleType, options: dict, *args: Any) -> tuple:
         out, cache = op.forward(*args, **options)
-        extras, spec = _split_cache(args, out, cache)
+        extras, spec = split_cache(args, out, cache)
         return (out, *extras, spec)
 
     @staticmethod
@@ -81,13 +97,7 @@ class KernelFunction(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         args = [next(saved) if t else a for a, t in zip(ctx.plain_args, ctx.arg_slots)]
         out = next(saved)
-        extras = list(saved)
-        pick = {"arg": args.__getitem__, "saved": extras.__getitem__, "plain": lambda v: v}
-        rebuild, spec = ctx.spec
-        fields = [out if kind == "out" else pick[kind](*v) for kind, *v in spec]
-        if rebuild == "single":
-            return args, fields[0]
-        return args, rebuild(*fields) if hasattr(rebuild, "_fields") else rebuild(fields)
+        return args, join_cache(ctx.spec, args, out, list(saved))
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, *_: Any) -> tuple:

@@ -41,7 +41,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from backprop import _check, batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
+import backprop
+from backprop import _check, cross_entropy, embedding
+from backprop.autograd import join_cache, split_cache
 
 NAMESPACE = "backprop"
 
@@ -146,39 +148,13 @@ class Entry(NamedTuple):
     prepare: Callable[..., tuple] | None = None
 
 
-TABLE = {
-    "cross_entropy": Entry(cross_entropy, _cross_entropy_prepare),
-    "logsumexp": Entry(logsumexp),
-    "batch_norm": Entry(batch_norm),
-    "tanh": Entry(tanh),
-    "linear": Entry(linear),
-    "embedding": Entry(embedding, _embedding_prepare),
-}
+# the sync-free prepares; every other op of backprop.OPS uses its module's own prepare
+_SYNC_FREE_PREPARE = {"cross_entropy": _cross_entropy_prepare, "embedding": _embedding_prepare}
+TABLE = {name: Entry(module, _SYNC_FREE_PREPARE.get(name)) for name, module in backprop.OPS.items()}
 
 
 def _is_float(a: object) -> bool:
     return isinstance(a, torch.Tensor) and a.is_floating_point()
-
-
-def _cache_tensors(args: tuple, out: torch.Tensor, cache: tuple) -> tuple[list[torch.Tensor], list]:
-    """Split the cache's fields into what the forward op must return and a plan to rebuild it:
-    a field is an input (``("arg", i)``), the output (``("out",)``), a new tensor (``("extra", k)``)
-    or a plain value (``("value", v)``). Inputs and the output are not returned again: a custom
-    op's outputs may not alias its inputs or each other."""
-    extras, plan = [], []
-    for field in cache:
-        if not isinstance(field, torch.Tensor):
-            plan.append(("value", field))
-        elif field is out:
-            plan.append(("out",))
-        elif any(field is a for a in args):
-            plan.append(("arg", next(i for i, a in enumerate(args) if field is a)))
-        elif any(field is e for e in extras):  # the same tensor in two fields: one slot
-            plan.append(("extra", next(k for k, e in enumerate(extras) if field is e)))
-        else:
-            plan.append(("extra", len(extras)))
-            extras.append(field)
-    return extras, plan
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -213,7 +189,7 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     def forward_impl(*args, **options):
         args, options = call(args, options)
         out, cache = module.forward_math(prepare(*args, **options))
-        extras, _ = _cache_tensors((*args, *options.values()), out, cache)
+        extras, _ = split_cache((*args, *options.values()), out, cache)
         if len(extras) > CACHE_SLOTS:
             raise RuntimeError(f"{name}: {len(extras)} cache tensors, more than the {CACHE_SLOTS} slots")
         # a custom op's outputs may not share memory with its inputs or with each other: copy a
@@ -232,11 +208,8 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
     def rebuild(out, extras, args, options):
         meta, meta_options = tuple(map(_on_meta, args)), {k: _on_meta(v) for k, v in options.items()}
         meta_out, meta_cache = module.forward_math(prepare(*meta, **meta_options))
-        _, plan = _cache_tensors((*meta, *meta_options.values()), meta_out, meta_cache)
-        inputs = (*args, *options.values())
-        fields = [p[1] if p[0] == "value" else out if p[0] == "out" else
-                  inputs[p[1]] if p[0] == "arg" else extras[p[1]] for p in plan]
-        return type(meta_cache)(*fields)
+        _, layout = split_cache((*meta, *meta_options.values()), meta_out, meta_cache)
+        return join_cache(layout, (*args, *options.values()), out, extras)
 
     def backward_impl(dout, out, *rest, **options):
         extras = rest[:CACHE_SLOTS]

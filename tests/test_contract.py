@@ -9,6 +9,7 @@ import backprop
 from backprop.autograd import apply
 from backprop.testing.opinfo import OPS as TABLE
 from backprop.testing.oracle import _bitwise_equal, random_dout
+from backprop.testing.strategies import noncontiguous
 
 OPS = list(backprop.OPS)
 
@@ -18,16 +19,6 @@ def run(op, args, options, dout=None, seed=0):
     if dout is None:
         dout = random_dout(out.shape, out.dtype, out.device, seed)
     return out, cache, op.backward(dout, cache), dout
-
-
-def noncontiguous(t):
-    """The same values, laid out with stride 2 in every dimension."""
-    if not isinstance(t, torch.Tensor) or t.ndim == 0:
-        return t
-    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
-    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
-    view.copy_(t)
-    return view
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -70,6 +70,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def out_dir(parser: argparse.ArgumentParser, out: Path, holds: str) -> None:
+    """--out as a directory, created if need be; a file there or a directory that cannot be made
+    is a parser error (exit 2, one line). ``holds`` names what goes in it, for the message."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} is a file (expected a directory for {holds})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {str(out)!r}: cannot create the directory ({e.strerror or e})")
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's default after its help, unless the help already states it."""
 

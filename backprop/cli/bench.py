@@ -56,12 +56,9 @@ def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for module in ("pytest", "pytest_benchmark", "matplotlib", "numpy"):
         if importlib.util.find_spec(module) is None:
             parser.error(f"bench needs {module}: pip install -e '.[dev]'")
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} is a file (expected a directory for the results)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {str(out)!r}: cannot create the directory ({e.strerror or e})")
+    from backprop.cli import out_dir
+
+    out_dir(parser, out, "the results")
     quick, sweep = getattr(args, "quick", False), not getattr(args, "no_sweep", False)
     keywords = (getattr(args, "keyword", None),
                 ("notebook or train_step" + (" or sweep" if sweep else "")) if quick else None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from backprop.cli import plot
+from backprop.cli import out_dir, plot
 from backprop.cli.progress import Progress
 from backprop.makemore import data, model, notebook
 from backprop.makemore import train as training
@@ -98,12 +98,7 @@ OUTPUTS = ("model.pt", "summary.json", "loss.png")  # in the order written: the 
 
 def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
     """Find a bad --out before training, not after: create it and try writing in it."""
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {str(out)!r} is a file (expected a directory for {', '.join(OUTPUTS)})")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out {str(out)!r}: cannot create the directory ({e.strerror or e})")
+    out_dir(parser, out, ", ".join(OUTPUTS))
     for name in OUTPUTS:
         if (out / name).is_dir():
             parser.error(f"--out {str(out)!r}: {name} there is a directory, where the file would go")

@@ -173,3 +173,13 @@ def embedding_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     # tests/test_embedding.py draws it in a test of its own
     return (indices, weight), {"padding_idx": padding_idx, "deterministic": deterministic,
                                "scale_grad_by_freq": scale_grad_by_freq}
+
+
+def noncontiguous(t: Any) -> Any:
+    """The same values, laid out with stride 2 in every dimension (non-tensors and 0-d as they are)."""
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return t
+    big = torch.zeros([2 * s for s in t.shape], dtype=t.dtype, device=t.device)
+    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
