@@ -1,4 +1,4 @@
-"""The suite proves its power: every plausible bug in backprop/testing/mutants.py must be caught by
+"""The suite proves its power: every plausible bug in backprop/testing/mutants/ must be caught by
 the same oracle, gradcheck and hypothesis strategies that the kernel tests use."""
 
 import pytest
