@@ -75,3 +75,10 @@ def test_bound_fails_on_a_worse_kernel(monkeypatch):
     assert problems == ["embedding notebook V=27 E=10 32x3: forward ops 6 > bound 5",
                         "embedding notebook V=27 E=10 32x3: forward syncs 2 > bound 1",
                         "tanh notebook 32x200: backward ops 5 > bound 4"], problems
+
+
+def test_cli_prints_the_table(capsys):
+    assert dispatch.main(["--names"]) == 0
+    out = capsys.readouterr().out
+    assert "| cross_entropy | notebook 32x27 | 14 (1 sync) |" in out
+    assert "- native fwd+bwd (4): _log_softmax, nll_loss_forward" in out

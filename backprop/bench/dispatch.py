@@ -2,7 +2,8 @@
 
     python -m backprop.bench.dispatch            # one markdown row per op: ours fwd / bwd, torch's
     python -m backprop.bench.dispatch --names    # also every op's aten calls, in order
-    python -m backprop.bench.dispatch --time     # also median microseconds a call (1 thread)
+    python -m backprop.bench.dispatch --time     # also microseconds a call: ours, ours without the
+                                                 #   checks, autograd, native (1 thread, interleaved)
 
 At the notebook scale (batch 32, vocab 27, hidden 64/200) a kernel's arithmetic takes nanoseconds;
 a call costs its Python and one dispatch per aten op (a few microseconds each on this CPU), and on
@@ -193,42 +194,50 @@ def _counts(r: Row) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------- timing (--time)
 
 
-def _median_us(fn: Callable[[], object], calls: int = 200, repeats: int = 15) -> float:
-    """The median over repeats of the mean time of `calls` calls, in microseconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+def interleaved_us(fns: dict[str, Callable[[], object]], calls: int = 3000) -> dict[str, tuple[float, float]]:
+    """(p10, p50) microseconds of one call of each fn, the fns called in turn (so that a busy
+    machine slows them alike); p10 is what a call costs when nothing else gets in its way."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(calls):
+        for k, f in fns.items():
+            start = perf_counter()
+            f()
+            times[k].append(perf_counter() - start)
+    return {k: (1e6 * statistics.quantiles(v, n=10)[0], 1e6 * statistics.median(v)) for k, v in times.items()}
 
 
-def timings(case: Case) -> dict[str, float]:
-    """Microseconds a call: ours forward, backward, forward+backward; autograd and native fwd+bwd."""
+TIMED = ("ours fwd+bwd", "ours maths only", "autograd fwd+bwd", "native fwd+bwd")
+
+
+def timings(case: Case, calls: int = 3000) -> dict[str, tuple[float, float]]:
+    """One forward and backward: ours (the public calls); ours maths only (forward_math and
+    backward_math on prepared args, under no_grad: what the checks, the cache and the grad mode
+    cost is the difference); torch's autograd; aten's native pair."""
     from backprop.testing.opinfo import OPS as TABLE
 
     op, ref = backprop.OPS[case.op], TABLE[case.op].reference
-    _, cache_ = op.forward(*case.args, **case.options)
+    prepared = op.prepare(*case.args, **case.options)
     leaves, wrt = _leaves(case.args)
-    t = {"ours fwd": _median_us(lambda: op.forward(*case.args, **case.options)),
-         "ours bwd": _median_us(lambda: op.backward(case.dout, cache_)),
-         "ours fwd+bwd": _median_us(lambda: op.backward(case.dout, op.forward(*case.args, **case.options)[1])),
-         "autograd fwd+bwd": _median_us(lambda: torch.autograd.grad(ref(*leaves, **case.options), wrt,
-                                                                    case.dout))}
+
+    def maths():
+        with torch.no_grad():
+            return op.backward_math(case.dout, op.forward_math(prepared)[1])
+
+    fns = {"ours fwd+bwd": lambda: op.backward(case.dout, op.forward(*case.args, **case.options)[1]),
+           "ours maths only": maths,
+           "autograd fwd+bwd": lambda: torch.autograd.grad(ref(*leaves, **case.options), wrt, case.dout)}
     steps = case.native(*case.args, dout=case.dout, **case.options) if case.native else None
     if steps:
-        t["native fwd+bwd"] = _median_us(steps[0])
-    return t
+        fns["native fwd+bwd"] = steps[0]
+    return interleaved_us(fns, calls)
 
 
-def dispatch_cost_us() -> dict[str, float]:
+def dispatch_cost_us(calls: int = 20000) -> dict[str, tuple[float, float]]:
     """What one dispatch costs from Python here: a view (no allocation) and a small add."""
     x = torch.randn(32, 27)
-    return {"x.view(-1)": _median_us(lambda: x.view(-1), 2000),
-            "x + 1 (32x27)": _median_us(lambda: x + 1, 2000),
-            "a Python call": _median_us(lambda: None, 2000)}
+    return interleaved_us({"x.view(-1)": lambda: x.view(-1), "x + 1 (32x27)": lambda: x + 1}, calls)
 
 
 # ---------------------------------------------------------------- the table
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backprop.bench.dispatch",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--names", action="store_true", help="list every op's aten calls, in order")
-    parser.add_argument("--time", action="store_true", help="median microseconds a call, 1 thread")
+    parser.add_argument("--time", action="store_true", help="microseconds a call (p10 / p50), 1 thread")
     a = parser.parse_args(argv)
     torch.set_num_threads(1)
     measured = rows()
@@ -265,17 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                 if c is not None:
                     print(f"- {what} ({c}): {', '.join(n.removeprefix('aten::') for n in c.names)}")
     if a.time:
-        print("\nmedian microseconds a call, 1 thread (one process, not paired: a guide, the paired "
-              "benchmark is the claim)\n")
-        print("| op | shape | ours fwd | ours bwd | ours fwd+bwd | autograd fwd+bwd | native fwd+bwd |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("\nmicroseconds a call, p10 / p50 over 3000 calls interleaved (1 thread, one process: a guide, "
+              "the paired benchmark is the claim)\n")
+        print("| op | shape | " + " | ".join(TIMED) + " |")
+        print("|---|---|" + "---:|" * len(TIMED))
         for r in measured:
             t = timings(r.case)
-            cells = [f"{t[k]:.1f}" if k in t else "—" for k in
-                     ("ours fwd", "ours bwd", "ours fwd+bwd", "autograd fwd+bwd", "native fwd+bwd")]
+            cells = [f"{t[k][0]:.1f} / {t[k][1]:.1f}" if k in t else "—" for k in TIMED]
             print(f"| {r.case.op} | {r.case.label} | " + " | ".join(cells) + " |")
-        costs = ", ".join(f"{k} {v:.2f} us" for k, v in dispatch_cost_us().items())
-        print(f"\none dispatch from Python: {costs}")
+        costs = ", ".join(f"{k} {p10:.2f} / {p50:.2f} us" for k, (p10, p50) in dispatch_cost_us().items())
+        print(f"\none dispatch from Python (p10 / p50): {costs}")
     return 0
 
 
