@@ -14,6 +14,7 @@ Running statistics are never updated in place (torch's kernel does that): in tra
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -106,10 +107,7 @@ def forward(
 
 def _count(x: torch.Tensor) -> int:
     """n, the values per channel: N * prod(L...)."""
-    n = x.shape[0]
-    for s in x.shape[2:]:
-        n *= s
-    return n
+    return math.prod(x.shape[:1] + x.shape[2:])
 
 
 def prepare(
@@ -224,9 +222,10 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         out = xhat + b
     else:
         out = xhat.clone()  # never alias the cache
-    return _check.cast(out, x.dtype).reshape(a.x.shape), Cache(
-        xhat.reshape(a.x.shape), rstd, weight, bias is not None, correction, x.dtype, _check.versions(weight),
-        a.training, *updated)
+    if x is not a.x:  # an empty 1-D x, read as (0, 0): back to its own shape
+        out, xhat = out.reshape(a.x.shape), xhat.reshape(a.x.shape)
+    return _check.cast(out, x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype,
+                                            _check.versions(weight), a.training, *updated)
 
 
 def _updated_stats(a: Args, mean: torch.Tensor, var_sum: torch.Tensor, n: int) -> tuple:
@@ -281,7 +280,7 @@ def backward_math(
     else:
         dx = dy * scale  # (N, C, *)
     return (
-        _check.cast(dx, dtype).reshape(dout.shape),
+        _check.cast(dx, dtype).reshape(dout.shape) if dout.ndim == 1 else _check.cast(dx, dtype),
         _check.cast(dweight, dtype) if weight is not None else None,
         _check.cast(dbias, dtype) if cache.has_bias else None,
     )

@@ -229,11 +229,10 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
             loss = (1 - eps) * loss + (eps / C) * smooth.add_(logsum * sum_w)
     if kept is not None:
         loss = torch.where(kept.unsqueeze(1), loss, 0.0)
-    loss = loss.squeeze(1)  # (N, *)
-    if logits.ndim == 1:
-        loss = loss.squeeze(0)  # ()
-    if reduction != "none":
+    if reduction != "none":  # over every row: (N, 1, *) needs no squeeze first
         loss = (loss.sum() / total).to(loss.dtype) if reduction == "mean" else loss.sum()
+    else:
+        loss = loss.squeeze(1) if logits.ndim > 1 else loss.reshape(())  # (N, *) or () unbatched
     versions = _check.versions(logits, targets, weight)
     return loss, Cache(logits, shift, logsum, targets, weight, valid, count, total, reduction, eps, versions)
 
@@ -298,7 +297,7 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch
         if eps > 0:
             target += eps * (1 - 1 / C)
     dlogits.scatter_(1, y1, target * g)
-    return dlogits.view(logits.shape), None
+    return (dlogits if z is logits else dlogits.view(logits.shape)), None
 
 
 def _soft_backward(g, z, shift, logsum, q, weight, eps, logits, targets):
