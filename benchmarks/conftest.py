@@ -4,6 +4,9 @@
 Variants (the ``variant`` fixture):
   manual             backprop.<op>: our eager kernels
   manual-compiled    backprop.compiled.<op>: the same kernels fused by torch.compile
+  custom-op          torch.ops.backprop.<op> (backprop.library) under torch.autograd: the custom-op
+                     path a user takes (its forward op, then autograd calls <op>_backward), against
+                     manual it is the path's cost over calling the kernel directly
   autograd           the torch twin (the op table's reference) under torch.autograd; for
                      batch_norm with correction=1, the notebook's composed ops (torch has no op)
   autograd-compiled  torch.compile of that twin, under autograd
@@ -52,12 +55,13 @@ import pytest
 import torch
 
 import backprop
+import backprop.library
 from backprop import bench as stats
 from backprop import compiled
 from backprop.testing import random_dout
 from backprop.testing.opinfo import OPS as TABLE
 
-VARIANTS = ["manual", "manual-compiled", "autograd", "autograd-compiled", "native", "copy"]
+VARIANTS = ["manual", "manual-compiled", "custom-op", "autograd", "autograd-compiled", "native", "copy"]
 MODES = ["fwd+bwd", "bwd"]
 MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))
 MAX_ROUNDS = 50
@@ -66,6 +70,8 @@ SWEEP_POINTS = 5
 SWEEP_CONTENDERS = ["manual", "autograd", "native"]  # no compiled paths: a recompile per size
 QUICK = os.environ.get("BACKPROP_BENCH_QUICK") == "1"
 _COMPILED_REFERENCES: dict[str, Callable] = {}
+# torch.ops.backprop.<op> for every op the library registers (backprop.library.TABLE)
+CUSTOM_OPS: dict[str, Callable] = {name: getattr(torch.ops.backprop, name) for name in backprop.library.TABLE}
 # the backward-only mode runs one compiled backward many times on one graph (retain_graph), which
 # AOTAutograd's buffer donation forbids; donation is off for the session (autograd-compiled may
 # hold a little more memory than it would in a training loop)
@@ -119,6 +125,8 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     elif variant == "manual-compiled":
         steps = _kernel_steps(compiled.OPS[name], args, options, dout)
+    elif variant == "custom-op":  # forward op, then autograd runs <op>_backward (graph kept in bwd)
+        steps = _autograd_steps(CUSTOM_OPS[name], args, options, dout)
     elif variant == "autograd":
         steps = _autograd_steps(TABLE[name].reference, args, options, dout)
     elif variant == "autograd-compiled":
