@@ -28,7 +28,8 @@ Paired rounds (the ``paired`` variant; backprop/bench.py has the runner and the 
 test per group builds the inputs once, warms every contender up, then runs rounds in which each
 contender is timed once, in a shuffled order (a measurement averages enough calls to last 2 ms).
 Rounds: as many as fit BACKPROP_BENCH_BUDGET seconds (default 2) per group, at least
-BACKPROP_BENCH_ROUNDS (default 5), at most 50. Its per-round times go to extra_info["paired"]: the
+BACKPROP_BENCH_ROUNDS (default 5), at most 50. BACKPROP_BENCH_CONTENDERS (comma-separated, default
+every variant) narrows the paired tests to some contenders. Its per-round times go to extra_info["paired"]: the
 report's ratios, intervals and flags come from them. The per-variant tests keep pytest-benchmark's
 own per-variant tables at notebook scale (calibrated rounds); at the large shapes, where one call
 takes up to seconds, they are timed only by the paired test. Threads: backprop.bench.thread_count.
@@ -69,6 +70,11 @@ BUDGET = float(os.environ.get("BACKPROP_BENCH_BUDGET", "2"))  # seconds of paire
 SWEEP_POINTS = 5
 SWEEP_CONTENDERS = ["manual", "autograd", "native"]  # no compiled paths: a recompile per size
 QUICK = os.environ.get("BACKPROP_BENCH_QUICK") == "1"
+# the paired tests' contenders: BACKPROP_BENCH_CONTENDERS=manual,custom-op times only those (a run
+# about one comparison, at the large shapes where every contender costs seconds a call)
+PAIRED = [v for v in os.environ.get("BACKPROP_BENCH_CONTENDERS", ",".join(VARIANTS)).split(",") if v]
+if not set(PAIRED) <= set(VARIANTS):
+    raise ValueError(f"BACKPROP_BENCH_CONTENDERS: {sorted(set(PAIRED) - set(VARIANTS))} not among {VARIANTS}")
 _COMPILED_REFERENCES: dict[str, Callable] = {}
 # torch.ops.backprop.<op> for every op the library registers (backprop.library.TABLE)
 CUSTOM_OPS: dict[str, Callable] = {name: getattr(torch.ops.backprop, name) for name in backprop.library.TABLE}
@@ -266,7 +272,7 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                                     bytes=nbytes, flops=flops(*args, mode=mode, **options) if flops else None,
                                     threads=threads(size))
         if variant == "paired":
-            return run_paired(benchmark, name, mode, args, dout, options, device, VARIANTS,
+            return run_paired(benchmark, name, mode, args, dout, options, device, PAIRED,
                               native=native, traffic=traffic)
         step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
         step()  # warm-up (and compilation) outside the timing
