@@ -4,6 +4,9 @@
 Variants (the ``variant`` fixture):
   manual             backprop.<op>: our eager kernels
   manual-compiled    backprop.compiled.<op>: the same kernels fused by torch.compile
+  custom-op          torch.ops.backprop.<op> (backprop.library) under torch.autograd: the custom-op
+                     path a user takes (its forward op, then autograd calls <op>_backward), against
+                     manual it is the path's cost over calling the kernel directly
   autograd           the torch twin (the op table's reference) under torch.autograd; for
                      batch_norm with correction=1, the notebook's composed ops (torch has no op)
   autograd-compiled  torch.compile of that twin, under autograd
@@ -25,7 +28,8 @@ Paired rounds (the ``paired`` variant; backprop/bench.py has the runner and the 
 test per group builds the inputs once, warms every contender up, then runs rounds in which each
 contender is timed once, in a shuffled order (a measurement averages enough calls to last 2 ms).
 Rounds: as many as fit BACKPROP_BENCH_BUDGET seconds (default 2) per group, at least
-BACKPROP_BENCH_ROUNDS (default 5), at most 50. Its per-round times go to extra_info["paired"]: the
+BACKPROP_BENCH_ROUNDS (default 5), at most 50. BACKPROP_BENCH_CONTENDERS (comma-separated, default
+every variant) narrows the paired tests to some contenders. Its per-round times go to extra_info["paired"]: the
 report's ratios, intervals and flags come from them. The per-variant tests keep pytest-benchmark's
 own per-variant tables at notebook scale (calibrated rounds); at the large shapes, where one call
 takes up to seconds, they are timed only by the paired test. Threads: backprop.bench.thread_count.
@@ -52,12 +56,13 @@ import pytest
 import torch
 
 import backprop
+import backprop.library
 from backprop import bench as stats
 from backprop import compiled
 from backprop.testing import random_dout
 from backprop.testing.opinfo import OPS as TABLE
 
-VARIANTS = ["manual", "manual-compiled", "autograd", "autograd-compiled", "native", "copy"]
+VARIANTS = ["manual", "manual-compiled", "custom-op", "autograd", "autograd-compiled", "native", "copy"]
 MODES = ["fwd+bwd", "bwd"]
 MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))
 MAX_ROUNDS = 50
@@ -65,7 +70,14 @@ BUDGET = float(os.environ.get("BACKPROP_BENCH_BUDGET", "2"))  # seconds of paire
 SWEEP_POINTS = 5
 SWEEP_CONTENDERS = ["manual", "autograd", "native"]  # no compiled paths: a recompile per size
 QUICK = os.environ.get("BACKPROP_BENCH_QUICK") == "1"
+# the paired tests' contenders: BACKPROP_BENCH_CONTENDERS=manual,custom-op times only those (a run
+# about one comparison, at the large shapes where every contender costs seconds a call)
+PAIRED = [v for v in os.environ.get("BACKPROP_BENCH_CONTENDERS", ",".join(VARIANTS)).split(",") if v]
+if not set(PAIRED) <= set(VARIANTS):
+    raise ValueError(f"BACKPROP_BENCH_CONTENDERS: {sorted(set(PAIRED) - set(VARIANTS))} not among {VARIANTS}")
 _COMPILED_REFERENCES: dict[str, Callable] = {}
+# torch.ops.backprop.<op> for every op the library registers (backprop.library.TABLE)
+CUSTOM_OPS: dict[str, Callable] = {name: getattr(torch.ops.backprop, name) for name in backprop.library.TABLE}
 # the backward-only mode runs one compiled backward many times on one graph (retain_graph), which
 # AOTAutograd's buffer donation forbids; donation is off for the session (autograd-compiled may
 # hold a little more memory than it would in a training loop)
@@ -119,6 +131,8 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     elif variant == "manual-compiled":
         steps = _kernel_steps(compiled.OPS[name], args, options, dout)
+    elif variant == "custom-op":  # forward op, then autograd runs <op>_backward (graph kept in bwd)
+        steps = _autograd_steps(CUSTOM_OPS[name], args, options, dout)
     elif variant == "autograd":
         steps = _autograd_steps(TABLE[name].reference, args, options, dout)
     elif variant == "autograd-compiled":
@@ -258,7 +272,7 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                                     bytes=nbytes, flops=flops(*args, mode=mode, **options) if flops else None,
                                     threads=threads(size))
         if variant == "paired":
-            return run_paired(benchmark, name, mode, args, dout, options, device, VARIANTS,
+            return run_paired(benchmark, name, mode, args, dout, options, device, PAIRED,
                               native=native, traffic=traffic)
         step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
         step()  # warm-up (and compilation) outside the timing

@@ -154,3 +154,32 @@ def test_paired_runner_interleaves():
     assert len(runner.times["a"]) == len(runner.times["b"]) == 6  # calibration kept: one call each
     assert calls.count("a") == calls.count("b") == 7
     assert bench.rounds_for(0.5, 2.0, 5, 50) == 5 and bench.rounds_for(0.01, 2.0, 5, 50) == 50
+
+
+@pytest.mark.parametrize("cost, met", [(1.03, "yes"), (1.25, "**no**")])
+def test_custom_op_path_against_the_kernel(cost, met):
+    """The custom-op contender's ratio to the kernel (manual / custom-op) is in the group's row,
+    its <= 10% target judged at the large shapes only, and its history row is against manual."""
+    times = {"manual": steady(1e-3), "custom-op": steady(cost * 1e-3, seed=1), "autograd": steady(2e-3, seed=2)}
+    r = bench.paired_ratio(times["manual"], times["custom-op"])
+    assert abs(r.median - 1 / cost) < 0.02
+    text, _ = report.report([run(entry("tanh", "large 16M", "fwd+bwd", times),
+                                 entry("tanh", "notebook 32x200", "fwd+bwd", times))], None)
+    row = next(line for line in text.splitlines() if line.startswith("| tanh | large 16M | manual"))
+    assert report.fmt_ratio(r) in row
+    targets = [line for line in text.split("### Targets")[1].splitlines() if "custom-op path" in line]
+    assert targets == [f"| custom-op path <= 10% over the kernel | tanh | large 16M | {report.fmt_ratio(r)} | {met} |"]
+    rows = {row["contender"]: row for row in bench.history_rows(run(entry("tanh", "large 16M", "fwd+bwd", times)))}
+    assert rows["custom-op"]["baseline"] == "manual"
+
+
+def test_compiled_models_step_row():
+    """The train step's compiled-models group heads its row with our ops' model against torch's,
+    and the (no-bar) comparison is in the targets; the other step targets leave the group alone."""
+    times = {"custom-op-compiled": steady(2e-3), "functional-compiled": steady(1e-3, seed=1)}
+    r = bench.paired_ratio(times["functional-compiled"], times["custom-op-compiled"])
+    text, _ = report.report([run(entry("train_step", "hidden=200 batch=32 compiled models", "step", times))], None)
+    row = next(line for line in text.splitlines() if line.startswith("| train_step | hidden=200 batch=32 compiled"))
+    assert "custom-op-compiled" in row and report.fmt_ratio(r) in row and 0.45 < r.median < 0.55
+    targets = [line for line in text.split("### Targets")[1].splitlines() if "| train_step |" in line]
+    assert len(targets) == 1 and "torch functionals" in targets[0] and "**no**" in targets[0]

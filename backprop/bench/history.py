@@ -91,12 +91,14 @@ def git_commit(root: Path | None = None) -> str:
 
 def history_rows(run: dict, commit: str | None = None) -> list[dict]:
     """One row per (group, contender): its p20/p50/p80 and its ratio against autograd (for
-    torch's own paths: against our best), with the interval and any flags."""
+    torch's own paths: against our best; for the custom-op path: against the kernel, manual), with
+    the interval and any flags."""
     m = machine(run)
     rows = []
     for g in groups(run["benchmarks"]).values():
         for c in g.times:
-            baseline = "autograd" if c in OURS else g.resolve("best") if c in TORCH else None
+            baseline = ("autograd" if c in OURS else g.resolve("best") if c in TORCH
+                        else "manual" if c == "custom-op" and "manual" in g.times else None)
             r = g.ratio(c, baseline) if baseline and baseline != c else None
             flags = ([] if r is None or math.isnan(r.lo) else ratio_flags(r)) + g.unstable(c)
             p20, p50, p80 = g.p(c)
