@@ -228,3 +228,18 @@ def test_correction_1_reduces_over_every_dim_but_the_channels():
     expected = (expected * w[:, None]).reshape(3, 4, 5, 2).transpose(0, 1)
     torch.testing.assert_close(out, expected)
     check_against_autograd(batch_norm, references.batch_norm, x, w, None, correction=1)
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+def test_blocked_channel_sums(correction):
+    """(N, C) with N a multiple of 64 sums in blocks of 64 rows (batch_norm._channel_sum): eager and
+    compiled meet the same oracle, at a large offset, where the corrected two-pass mean matters."""
+    from backprop import compiled
+
+    x = -50 + 0.02 * random_dout(torch.Size([192, 5]), torch.float32, "cpu", 3)
+    case = ((x, torch.linspace(0.5, 1.5, 5), torch.linspace(-1, 1, 5)), {"eps": 1e-05, "correction": correction})
+    blocked = batch_norm._channel_sum(x, (0,))
+    torch.testing.assert_close(blocked, x.double().sum(0).float(), rtol=0, atol=2e-3)
+    check_case("batch_norm", batch_norm, case)
+    if compiled.cpu_compiler_found():
+        check_case("batch_norm", compiled.batch_norm, case)
