@@ -216,7 +216,7 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass).
         # sum((xc - mean2)**2) = sum(xc**2) - n mean2**2: both sums in that one pass over xc
         mean2 = _channel_sum(xc, dims, mean=True)  # (C,)
-        var_sum = _channel_sum(xc * xc, dims).sub_(mean2 * mean2, alpha=n)  # (C,)
+        var_sum = _channel_sum(xc * xc, dims).addcmul_(mean2, mean2, value=-n)  # (C,)
         xc -= _per_channel(mean2, nd)
         rstd = (var_sum / (n - correction)).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
         if a.running_mean is not None:
