@@ -17,12 +17,12 @@ Shape letters, used in every module's comments:
     *  any number of leading dimensions
 """
 
-from backprop import batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
+from backprop import batch_norm, cross_entropy, embedding, linear, linear_cross_entropy, logsumexp, tanh
 
 # The library's one list of ops (an op module defines forward, backward and Cache). The harness's
 # op table, backprop.testing.opinfo.OP_DB, has one entry for each; tests/test_op_table.py checks.
 OPS = {op.__name__.removeprefix("backprop."): op
-       for op in (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding)}
+       for op in (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding, linear_cross_entropy)}
 
 __version__ = "0.1.0"
 __all__ = ["OPS", *OPS]

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 
 import backprop
-from backprop import _check, cross_entropy, embedding
+from backprop import _check, cross_entropy, embedding, linear_cross_entropy
 from backprop.autograd import join_cache, split_cache
 
 NAMESPACE = "backprop"
@@ -140,6 +140,22 @@ def _embedding_prepare(indices, weight, *, padding_idx=None, max_norm=None, norm
     return args._replace(indices=indices)
 
 
+def _linear_cross_entropy_prepare(x, linear_weight, targets, linear_bias=None, *, weight=None, reduction="mean",
+                                  ignore_index=-100, label_smoothing=0.0, chunk_size=None):
+    """linear_cross_entropy.prepare without host reads, as cross_entropy's above."""
+    args = linear_cross_entropy.check(x, linear_weight, targets, linear_bias, weight=weight,
+                                      reduction=reduction, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing, chunk_size=chunk_size)
+    V = linear_weight.shape[0]
+    valid = targets != ignore_index  # (N,)
+    ok = (~valid | ((targets >= 0) & (targets < V))).all()
+    eager = lambda: linear_cross_entropy.prepare(  # noqa: E731
+        x, linear_weight, targets, linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, chunk_size=chunk_size)
+    _range_checked(ok, f"targets must lie in [0, {V}) (or ignore_index={ignore_index})", eager)
+    return args._replace(targets=torch.where(valid, targets, 0), valid=valid, count=valid.sum())
+
+
 class Entry(NamedTuple):
     """One op: its module (forward's signature gives the schema) and, where the module's prepare
     reads tensors on the host, a sync-free prepare with the same arguments."""
@@ -149,7 +165,8 @@ class Entry(NamedTuple):
 
 
 # the sync-free prepares; every other op of backprop.OPS uses its module's own prepare
-_SYNC_FREE_PREPARE = {"cross_entropy": _cross_entropy_prepare, "embedding": _embedding_prepare}
+_SYNC_FREE_PREPARE = {"cross_entropy": _cross_entropy_prepare, "embedding": _embedding_prepare,
+                      "linear_cross_entropy": _linear_cross_entropy_prepare}
 TABLE = {name: Entry(module, _SYNC_FREE_PREPARE.get(name)) for name, module in backprop.OPS.items()}
 
 

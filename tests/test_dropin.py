@@ -40,6 +40,12 @@ def _cases(name, seed=0, dtype=F64):
         "tanh": [((r(4, 5) * 2,), {})],
         "linear": [((r(2, 3, 4), r(5, 4), r(5)), {}), ((r(6, 4), r(3, 4)), {})],
         "embedding": [((i(5, 2, 3), r(5, 3)), {"padding_idx": 0}), ((i(4, 7), r(4, 2)), {})],
+        "linear_cross_entropy": [  # small: gradgradcheck differences every entry, each call a chunk loop
+            ((r(5, 3), r(4, 3), torch.tensor([0, 3, -100, 2, 1]), r(4)), {"label_smoothing": 0.1, "chunk_size": 3}),
+            ((r(5, 2) * 3, r(4, 2), i(4, 5)), {"reduction": "none", "chunk_size": 2}),
+            ((r(4, 2), r(5, 2), i(5, 4), r(5)), {"reduction": "sum", "weight": r(5).abs() + 0.5,
+                                                 "label_smoothing": 0.3, "chunk_size": 3}),
+        ],
     }[name]
 
 

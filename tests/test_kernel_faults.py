@@ -5,9 +5,19 @@ a forged or mismatched cache, and the inputs where backprop differed from torch.
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 
 import backprop
-from backprop import batch_norm, compiled, cross_entropy, embedding, linear, logsumexp, tanh
+from backprop import (
+    batch_norm,
+    compiled,
+    cross_entropy,
+    embedding,
+    linear,
+    linear_cross_entropy,
+    logsumexp,
+    tanh,
+)
 from backprop.autograd import apply
 from backprop.testing import check_against_autograd, references
 
@@ -26,6 +36,10 @@ KEPT = {
     "linear weight": (linear, lambda: (_randn(3, 4), _randn(2, 4), _randn(2)), {}, 1),
     "batch_norm weight": (batch_norm, lambda: (_randn(5, 3), _randn(3), _randn(3)), {}, 1),
     "embedding indices": (embedding, lambda: (torch.tensor([[0, 2], [1, 1]]), _randn(3, 2)), {}, 0),
+    "linear_cross_entropy x": (linear_cross_entropy, lambda: (_randn(3, 4), _randn(5, 4), torch.tensor([0, 4, 1])),
+                               {"reduction": "none"}, 0),
+    "linear_cross_entropy linear_weight": (linear_cross_entropy, lambda: (_randn(3, 4), _randn(5, 4),
+                                                                         torch.tensor([0, 4, 1])), {}, 1),
 }
 
 
@@ -47,6 +61,8 @@ def test_a_kept_tensor_edited_in_place_after_forward_is_refused(case, impl):
     if impl == "compiled":
         if not compiled.cpu_compiler_found():
             pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
+        if op is linear_cross_entropy and settings().max_examples < 100:  # as in tests/test_compiled.py
+            pytest.skip("compiling linear_cross_entropy takes minutes: HYPOTHESIS_PROFILE=thorough runs it")
         op = compiled.OPS[op.__name__.rsplit(".", 1)[-1]]
     args = make()
     out, cache = op.forward(*args, **options)
@@ -164,6 +180,7 @@ FIXED = {
     "tanh": lambda: tanh.forward(_randn(3, 4)),
     "linear": lambda: linear.forward(_randn(3, 4), _randn(2, 4)),
     "embedding": lambda: embedding.forward(torch.tensor([0, 2]), _randn(3, 2)),
+    "linear_cross_entropy": lambda: linear_cross_entropy.forward(_randn(3, 4), _randn(5, 4), torch.tensor([0, 4, 1])),
 }
 
 

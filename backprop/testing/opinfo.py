@@ -164,6 +164,35 @@ def _embedding_gradcheck(case: Case) -> Case:
     return args, {**options, "padding_idx": None, "scale_grad_by_freq": False}
 
 
+# ---------------------------------------------------------------- linear_cross_entropy
+
+
+def _linear_cross_entropy_fixed(device: str) -> list[Case]:
+    randn, randint = _rng(device)
+    first = (randn(32, 200), randn(27, 200) * 0.1, randint(27, 32), randn(27))  # the notebook's head
+    targets = randint(27, 48)
+    targets[::5] = -100
+    weight = randn(27).abs() + 0.5
+    return [(first, {}),
+            ((randn(48, 16) * 3, randn(27, 16), targets, None),
+             {"weight": weight, "label_smoothing": 0.1, "chunk_size": 20})]  # 3 chunks, an uneven tail
+
+
+def _linear_cross_entropy_gradcheck(case: Case) -> Case | None:
+    args, options = float64_inputs(case)
+    x, linear_weight, targets, linear_bias = args
+    weight = options.get("weight")
+    options = {**options, "weight": None if weight is None else weight.double()}
+    # as for cross_entropy: logits of 1e3 make the loss's finite-difference noise exceed atol
+    x = x / max(1.0, float(x.abs().max()) / 10)
+    # at most 6 rows and 4 features (chunk boundaries kept): gradcheck differences every input,
+    # and each forward of a scalar loss also computes the gradients, chunk by chunk
+    x, linear_weight, targets = x[:6, :4], linear_weight[:, :4], targets[:6]
+    if options.get("reduction", "mean") == "mean" and not (targets != options.get("ignore_index", -100)).any():
+        return None  # the mean over zero kept rows is nan everywhere: nothing to difference
+    return (x, linear_weight, targets, linear_bias), options
+
+
 # ---------------------------------------------------------------- the table
 
 # issue 16's bar, every op: our best public path (the faster of manual and manual-compiled) at
@@ -247,6 +276,22 @@ OP_DB: tuple[OpInfo, ...] = (
         speed_targets=FASTEST,
         bad_options=st.fixed_dictionaries({}, optional={
             "padding_idx": st.one_of(st.integers(-6, 6), st.sampled_from([True, 1.0, "1"])),
+        }),
+    ),
+    OpInfo(
+        "linear_cross_entropy", references.linear_cross_entropy, strategies.linear_cross_entropy_cases,
+        _linear_cross_entropy_fixed,
+        {"notebook 32x200->27": ((32, 200, 27), "small"),
+         "large 2048x512->32768": ((2048, 512, 32768), "large")},
+        magnitude=references.linear_cross_entropy_magnitude,
+        gradcheck_inputs=_linear_cross_entropy_gradcheck,
+        speed_targets=(("large", "fwd+bwd", "manual", "autograd", 1.0, ">= 1x F.linear + F.cross_entropy"),
+                       ("large", "fwd+bwd", "manual", "native", 1.0, ">= 1x chunked F.linear_cross_entropy")),
+        bad_options=st.fixed_dictionaries({}, optional={
+            "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
+            "ignore_index": st.one_of(st.integers(-101, 5), st.sampled_from([*WRONG_TYPES, 1.5, 2**70])),
+            "label_smoothing": st.sampled_from([0.0, 0.2, 1.0, -0.1, 1.5, float("nan"), *WRONG_TYPES]),
+            "chunk_size": st.sampled_from([None, 1, 2, 0, -1, 2.0, True, "2"]),
         }),
     ),
 )

@@ -161,5 +161,54 @@ def embedding(
                        scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
 
 
+
+def linear_cross_entropy(
+    x: Tensor, linear_weight: Tensor, targets: Tensor, linear_bias: Tensor | None = None, *,
+    weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100,
+    label_smoothing: float = 0.0, chunk_size: int | None = None,
+) -> Tensor:
+    """F.linear_cross_entropy on its reference path (options=None: F.cross_entropy(F.linear(...))).
+    chunk_size changes only the order of summation. The oracle casts the positional tensors to
+    float64 for its reference run; the class weights follow x's dtype, as F.cross_entropy requires."""
+    return F.linear_cross_entropy(
+        x, linear_weight, targets, linear_bias=linear_bias,
+        weight=None if weight is None else weight.to(x.dtype), reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing,
+    )
+
+
+def linear_cross_entropy_magnitude(
+    x: Tensor, linear_weight: Tensor, targets: Tensor, linear_bias: Tensor | None = None, *,
+    dout: Tensor, weight: Tensor | None = None, reduction: str = "mean", ignore_index: int = -100,
+    label_smoothing: float = 0.0, chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """The size of the terms in dz = g (a p - q) (see backprop/linear_cross_entropy.py), g (a p + q),
+    plus what the logits' own rounding (size |x| |W|.T + |b|) carries into g a p; then through the
+    matmuls dx = dz @ W, dW = dz.T @ x, db = dz.sum(0) with Higham's |A||B|. dz cancels in every
+    entry when p matches q (label_smoothing=1 on near-uniform logits)."""
+    V = linear_weight.shape[0]
+    eps = label_smoothing
+    w = weight.to(x.dtype) if weight is not None else torch.ones(V, dtype=x.dtype)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    q = (eps / V) * w.expand(x.shape[0], V).clone()
+    q[torch.arange(x.shape[0]), safe] += (1 - eps) * w[safe]
+    q = q * valid[:, None]
+    a = q.sum(1, keepdim=True)
+    z = F.linear(x, linear_weight, linear_bias)
+    size = x.abs() @ linear_weight.abs().T + (linear_bias.abs() if linear_bias is not None else 0.0)
+    g = dout.abs() if reduction != "mean" else dout.abs() / (w[safe] * valid).sum().abs().clamp(min=1e-300)
+    g = g.expand(x.shape[0])[:, None] * valid[:, None]
+    p = torch.softmax(z, 1)
+    terms = g * (a * p * (1 + size) + q)  # (N, V)
+    lse = torch.logsumexp(z, 1, keepdim=True)
+    row = (q * (lse.abs() + z.abs() + size)).sum(1)  # (N,) loss_n = sum_c q[c] (lse - z_c)
+    r = 1 / (w[safe] * valid).sum().abs().clamp(min=1e-300) if reduction == "mean" else 1.0
+    sizes = {"out": row if reduction == "none" else (row * r).sum(),
+             "dx": terms @ linear_weight.abs(), "dlinear_weight": terms.T @ x.abs()}
+    if linear_bias is not None:
+        sizes["dlinear_bias"] = terms.sum(0)
+    return sizes
+
 # for code that needs no hypothesis (the op table needs it): each op's twin by name
 REFERENCES = {name: globals()[name] for name in backprop.OPS}

@@ -183,3 +183,28 @@ def noncontiguous(t: Any) -> Any:
     view = big[tuple(slice(None, None, 2) for _ in t.shape)]
     view.copy_(t)
     return view
+
+
+@st.composite
+def linear_cross_entropy_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
+    dtype = dtype or draw(dtypes(), label="dtype")
+    N, D, V = draw(sizes(1, 12), label="N"), draw(sizes(1, 8), label="D"), draw(sizes(1, 12), label="V")
+    scale = draw(st.sampled_from([1e-2, 1.0, 10.0, 300.0]), label="scale")  # 300: logits of ~1e3
+    x = values((N, D), dtype, draw(seeds), scale=scale)
+    linear_weight = values((V, D), dtype, draw(seeds))
+    linear_bias = values((V,), dtype, draw(seeds)) if draw(st.booleans(), label="has_bias") else None
+    targets = integers((N,), 0, V, draw(seeds))
+    ignore_index = draw(st.sampled_from([-100, *range(V)]), label="ignore_index")
+    n_ignored = draw(st.integers(0, N), label="n_ignored")
+    targets[:n_ignored] = ignore_index
+    # positive class weights, as used in practice: a zero total kept weight is 0/0 in torch too
+    weight = (values((V,), dtype, draw(seeds)).abs() + 0.25) if draw(st.booleans(), label="weighted") else None
+    options = {
+        "weight": weight,
+        "reduction": draw(st.sampled_from(["mean", "sum", "none"]), label="reduction"),
+        "ignore_index": ignore_index,
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="label_smoothing"),
+        # chunks of 1 row, a few rows, or one chunk for all (the default)
+        "chunk_size": draw(st.one_of(st.none(), st.integers(1, N)), label="chunk_size"),
+    }
+    return (x, linear_weight, targets, linear_bias), options
