@@ -286,7 +286,8 @@ OP_DB: tuple[OpInfo, ...] = (
         magnitude=references.linear_cross_entropy_magnitude,
         gradcheck_inputs=_linear_cross_entropy_gradcheck,
         speed_targets=(("large", "fwd+bwd", "manual", "autograd", 1.0, ">= 1x F.linear + F.cross_entropy"),
-                       ("large", "fwd+bwd", "manual", "native", 1.0, ">= 1x chunked F.linear_cross_entropy")),
+                       ("large", "fwd+bwd", "manual", "native", 1.0, ">= 1x chunked F.linear_cross_entropy"),
+                       *FASTEST),
         bad_options=st.fixed_dictionaries({}, optional={
             "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
             "ignore_index": st.one_of(st.integers(-101, 5), st.sampled_from([*WRONG_TYPES, 1.5, 2**70])),
