@@ -437,3 +437,62 @@ def test_makemore_mlp_exports_with_the_ops_opaque():
     mlp_ops = {"embedding", "linear", "batch_norm", "tanh", "cross_entropy"}
     assert targets == {f"backprop.{op}.default" for op in mlp_ops} | {"aten.view.default"}, targets
     torch.testing.assert_close(exported.module()(X, Y), _mlp_kernels(*params, X, Y))
+
+
+# ---------------------------------------------------------------- 5. the harness's drop-in stages
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_check_case_runs_every_stage_on_drawn_cases(name):
+    """check_case with every stage: jvp, second-order, vmap and opcheck on drawn cases. opcheck
+    compiles (seconds a call): a twentieth of the profile's examples, at least 2 (ci: 2, thorough: 50).
+    The other stages run on every drawn case of tests/test_<op>.py (check_case's default)."""
+    from hypothesis import given
+
+    from backprop.testing import stages
+    from backprop.testing.opinfo import OPS as OP_INFO
+    from backprop.testing.suite import ALL_CHECKS, check_case
+
+    op = backprop.OPS[name]
+    assert stages.applicable(name, op) == set(stages.STAGES)
+
+    @settings(max_examples=max(2, settings().max_examples // 20))
+    @given(case=OP_INFO[name].cases())
+    def run(case):
+        check_case(name, op, case, checks=ALL_CHECKS)
+
+    run()
+
+
+def test_compiled_ops_and_bare_kernels_get_the_oracle_alone():
+    from types import SimpleNamespace
+
+    from backprop.testing import stages
+
+    bare = SimpleNamespace(forward=backprop.tanh.forward, backward=backprop.tanh.backward)
+    assert stages.applicable("tanh", bare) == set()
+    with pytest.raises(ValueError, match="unknown checks"):
+        stages.run("tanh", backprop.tanh, REFERENCES["tanh"], ((torch.randn(3),), {}), ["jvp", "hessian"])
+
+
+@pytest.mark.parametrize("path", ["adapter", "custom op"])
+def test_embedding_second_order_divides_by_the_counts(path):
+    """scale_grad_by_freq divides dweight by each row's count, so d<dweight, v>/ddout is v's row
+    divided by its count. torch's double backward of F.embedding leaves the count out (its
+    embedding_dense_double_backward takes none), which is why the second-order stage checks
+    embedding against the twin without scale_grad_by_freq (opinfo's second_order_inputs)."""
+    _library()
+    fn = _ours("embedding") if path == "adapter" else _custom("embedding")
+    idx = torch.tensor([[0, 0, 2], [1, 0, 2]])
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g, dtype=F64).requires_grad_()
+    dout = torch.randn(2, 3, 3, generator=g, dtype=F64).requires_grad_()
+    v = torch.randn(4, 3, generator=g, dtype=F64)
+    counts = torch.bincount(idx.reshape(-1), minlength=4).clamp(min=1).to(F64)
+
+    def second(fn):
+        (dw,) = torch.autograd.grad(fn(idx, w, scale_grad_by_freq=True), w, dout, create_graph=True)
+        return torch.autograd.grad((dw * v).sum(), dout)[0]
+
+    torch.testing.assert_close(second(fn), (v / counts[:, None])[idx])
+    torch.testing.assert_close(second(REFERENCES["embedding"]), v[idx])  # torch's: undivided

@@ -13,9 +13,9 @@ Adding a bug: write it with ``@mutant(op)`` in its op's module and put it in tha
 from __future__ import annotations
 
 from backprop.testing.catalogue import first_catch, mutant  # noqa: F401 (re-exported)
-from backprop.testing.mutants import batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
+from backprop.testing.mutants import batch_norm, cross_entropy, dropin, embedding, linear, logsumexp, tanh
 
-_MODULES = (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding)
+_MODULES = (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding, dropin)
 
 MUTANTS = [m for module in _MODULES for m in module.MUTANTS]
 globals().update({m.__name__: m for m in MUTANTS})  # each mutant by name: mutants.tanh_one_plus_backward
