@@ -170,8 +170,14 @@ def _differentiable_backward(ctx: Any, args: list, cache: tuple, dout: torch.Ten
     from the inputs (the forward's cache records no history), and both halves run functionalised,
     because the kernels update their own buffers in place (exp_, mul_, scatter_), which autograd
     cannot differentiate through when the overwritten value was saved."""
-    op = ctx.op
-    _, cache = functionalize(op.forward_math)(_args_again(ctx, args, cache))
+    return differentiable_grads(ctx.op, _args_again(ctx, args, cache), dout)
+
+
+def differentiable_grads(op: ModuleType, fargs: tuple, dout: torch.Tensor) -> tuple:
+    """op's gradients as differentiable torch ops of forward_math's Args and dout: forward_math
+    rebuilds the cache with history, backward_math (our hand-written formula) runs on it, both
+    functionalised. The adapter's second order and the custom ops' (backprop.library) share it."""
+    _, cache = functionalize(op.forward_math)(fargs)
     return functionalize(op.backward_math)(dout, cache)
 
 

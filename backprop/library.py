@@ -11,15 +11,18 @@ positional arguments, still passed by name):
 
     backprop::<op>(<forward's arguments>) -> Tensor                 the public op
     backprop::<op>_forward(<forward's arguments>) -> (Tensor out, Tensor cache0, ...)
-    backprop::<op>_backward(Tensor dout, Tensor out, Tensor cache0, ..., <forward's arguments>) -> Tensor[]
+    backprop::<op>_backward(Tensor dout, Tensor out, Tensor cache0, ..., <forward's arguments>) -> (Tensor, ...)
 
 ``<op>`` is ``<op>_forward``'s first output. The cache crosses the op boundary as tensors: the
 forward op also returns the cache's tensors that are neither inputs nor ``out`` (``CACHE_SLOTS``
 slots, the unused ones empty), so the backward never recomputes the forward; the cache's plain
 fields are read off prepare and forward_math run on meta tensors (shapes only). Each has a fake
 (meta) implementation, and ``register_autograd`` ties ``<op>_forward`` to ``<op>_backward``, which
-runs the module's ``backward_math``. Second derivatives are not offered on this path (a clear
-error); the autograd adapter (``backprop.autograd.apply``) has them.
+runs the module's ``backward_math`` (one gradient per positional argument of ``forward``, an empty
+tensor where there is none). Second order: ``<op>_backward`` has a registered derivative, autograd
+through our ``backward_math`` on a cache that ``forward_math`` recomputes from the inputs, both
+functionalised (``backprop.autograd.differentiable_grads``, the adapter's method), so a backward
+with ``create_graph=True`` and a second one through it work.
 
 Inductor's on-disk cache (``/tmp/torchinductor_$USER``) keys compiled graphs without these ops'
 Python implementations: a graph compiled against an older backprop's schemas can be reused and
@@ -43,7 +46,7 @@ import torch
 
 import backprop
 from backprop import _check, cross_entropy, embedding, linear_cross_entropy
-from backprop.autograd import join_cache, split_cache
+from backprop.autograd import differentiable_grads, join_cache, split_cache
 
 NAMESPACE = "backprop"
 
@@ -233,20 +236,25 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         args, options = call(rest[CACHE_SLOTS:], options)
         cache = rebuild(out, extras, args, options)
         # backward_math, not backward: autograd's saved tensors already refuse in-place edits
-        return [g for g in backward_math(dout, cache) if g is not None]
+        grads = tuple(dout.new_empty(0) if g is None else g for g in backward_math(dout, cache))
+        return grads if n_args > 1 else grads[0]  # a one-Tensor schema returns the Tensor itself
 
     def backward_fake(dout, out, *rest, **options):
-        return [torch.empty_like(a) for a in rest[CACHE_SLOTS:CACHE_SLOTS + n_args] if _is_float(a)]
+        args = rest[CACHE_SLOTS:CACHE_SLOTS + n_args]  # omitted trailing optionals are not passed
+        grads = tuple(torch.empty_like(a) if _is_float(a) else dout.new_empty(0)
+                      for a in (*args, *[None] * (n_args - len(args))))
+        return grads if n_args > 1 else grads[0]
 
     schema = schema_of(module.forward)
     # fixed tuples, not Tensor[]: torch 2.13's autograd for custom ops with a Tensor[] in the schema
-    # rejects a backward for an op called with an optional tensor set to None (a pytree mismatch)
+    # rejects a backward for an op called with an optional tensor set to None (a pytree mismatch).
+    # The backward op returns one gradient per positional argument, empty where there is none
     fwd = torch.library.custom_op(f"{namespace}::{name}_forward", forward_impl, mutates_args=(),
                                   schema=schema + f" -> ({', '.join(['Tensor'] * (1 + CACHE_SLOTS))})")
     slots = "".join(f"Tensor cache{i}, " for i in range(CACHE_SLOTS))
     bwd = torch.library.custom_op(f"{namespace}::{name}_backward", backward_impl, mutates_args=(),
                                   schema=schema_of(module.forward, f"Tensor dout, Tensor out, {slots}")
-                                  + " -> Tensor[]")
+                                  + f" -> ({', '.join(['Tensor'] * n_args)})")
     fwd.register_fake(forward_impl)  # prepare and forward_math on fake tensors: no host read left
     bwd.register_fake(backward_fake)
 
@@ -264,18 +272,47 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         inputs, (out, *extras) = iter(saved[:ctx.n_inputs]), saved[ctx.n_inputs:]
         args = [next(inputs) if t else a for a, t in zip(ctx.plain, ctx.slots)]
         dout = grads[0] if grads[0] is not None else torch.zeros_like(out)
-        dgrads = iter(bwd(dout.contiguous(), out, *extras, *args, **ctx.options))
+        dgrads = bwd(dout.contiguous(), out, *extras, *args, **ctx.options)
+        dgrads = dgrads if n_args > 1 else (dgrads,)
         # the tensor options (after the first n_args) get no gradient, as in the kernel's backward
-        return tuple(next(dgrads) if k < n_args and _is_float(a) else None for k, a in enumerate(args))
+        return tuple(dgrads[k] if k < n_args and _is_float(a) else None for k, a in enumerate(args))
 
-    def no_second_order(ctx, *_):
-        raise NotImplementedError(
-            f"{namespace}::{name}_backward has no derivative: the custom-op path offers first "
-            f"order only; for a second backward use backprop.autograd.apply(backprop.{name}, ...)"
-        )
+    def setup_second_order(ctx, inputs, output, keyword_only_inputs=None):
+        rest = inputs[2 + CACHE_SLOTS:]  # forward's arguments; out and the cache are rebuilt from them
+        ctx.slots = [isinstance(a, torch.Tensor) for a in rest]
+        ctx.save_for_backward(inputs[0], *(a for a in rest if isinstance(a, torch.Tensor)))
+        ctx.plain = [None if t else a for a, t in zip(rest, ctx.slots)]
+        ctx.options = keyword_only_inputs or {}
+
+    def second_order(ctx, *ggrads):
+        """The derivative of <name>_backward: autograd through our backward_math on a cache that
+        forward_math recomputes from the inputs, both functionalised (backprop.autograd's
+        differentiable_grads, as the adapter's second order). out and the cache tensors get no
+        gradient: their dependence on the inputs is in the recomputation."""
+        dout, *tensors = ctx.saved_tensors
+        tensors = iter(tensors)
+        rest = [next(tensors) if t else a for a, t in zip(ctx.plain, ctx.slots)]
+        wrt = [k for k, a in enumerate(rest) if k < n_args and _is_float(a)]  # the real gradients
+
+        def grads_of(dout, *floats):
+            full = list(rest)
+            for k, v in zip(wrt, floats):
+                full[k] = v
+            args, options = call(full, ctx.options)
+            grads = differentiable_grads(module, prepare(*args, **options), dout)
+            return [g for g in grads if g is not None]
+
+        floats = [rest[k] for k in wrt]
+        grads, pullback = torch.func.vjp(grads_of, dout, *floats)
+        ggrads = [ggrads[k] for k in wrt]
+        ddout, *dfloats = pullback([torch.zeros_like(g) if gg is None else gg for g, gg in zip(grads, ggrads)])
+        drest = [None] * len(rest)
+        for k, d in zip(wrt, dfloats):
+            drest[k] = d
+        return (ddout, None, *[None] * CACHE_SLOTS, *drest)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    bwd.register_autograd(no_second_order)
+    bwd.register_autograd(second_order, setup_context=setup_second_order)
     # the public op: the first output of <name>_forward (one Tensor, as the twin returns)
     qualname = f"{namespace}::{name}"
     if namespace not in _LIBS:

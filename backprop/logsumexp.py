@@ -107,8 +107,8 @@ def jvp(tangents: tuple[torch.Tensor | None], cache: Cache) -> torch.Tensor | No
     if t_x is None:
         return None
     x, shift, sumexp, dims, keepdim = cache.x, cache.shift, cache.sumexp, cache.dims, cache.keepdim
-    if not dims:
-        return t_x.clone()  # a 0-d x: out = x
+    if not dims:  # a 0-d x: out = x, t_out = t_x, but nan at x = +-inf, as backward (and torch) give
+        return t_x * (x - shift).exp() / sumexp
     # exp(x - m) * t_x out of place: under vmap t_x may be batched where x is not
     t_out = ((x - shift).exp_() * t_x).sum(dim=dims, keepdim=True) / sumexp  # keepdim shape
     return t_out if keepdim else t_out.squeeze(dims)

@@ -310,7 +310,9 @@ def test_custom_op_schemas_mirror_forward():
     assert str(torch.ops.backprop.batch_norm.default._schema).startswith(
         "backprop::batch_norm(Tensor x, Tensor? weight=None, Tensor? bias=None, Tensor? running_mean=None, "
         "Tensor? running_var=None, *, bool training=True, float? momentum=0.1")  # custom_op: no kwarg-only tensor
-    assert str(torch.ops.backprop.linear_backward.default._schema).endswith("-> Tensor[]")
+    # one gradient per positional argument of forward (an empty tensor where there is none)
+    assert str(torch.ops.backprop.linear_backward.default._schema).endswith("-> (Tensor, Tensor, Tensor)")
+    assert str(torch.ops.backprop.tanh_backward.default._schema).endswith("-> Tensor")
 
 
 @pytest.mark.parametrize("call,error,message", [
@@ -332,12 +334,32 @@ def test_custom_ops_keep_the_eager_messages(call, error, message):
         call()
 
 
-def test_second_backward_through_a_custom_op_is_a_clear_error():
+def _custom(name):
+    return lambda *a, **o: getattr(torch.ops.backprop, name)(*a, **o)
+
+
+@pytest.mark.parametrize("name,k", CASES)
+def test_custom_op_second_order_gradgradcheck(name, k):
+    """A double backward through torch.ops.backprop.<op>: <op>_backward's registered derivative
+    differentiates our backward_math (as the adapter does). Finite differences of the first
+    derivative in float64; gradcheck's fast mode (random projections) in the default profile,
+    every Jacobian entry when the profile asks for more examples."""
+    _library()
+    args, options = _cases(name)[k]
+    ours, floats = _as_function(_custom(name), args, options)
+    leaves = tuple(a.detach().clone().requires_grad_() for a in floats)
+    assert torch.autograd.gradgradcheck(ours, leaves, eps=1e-6, atol=1e-5, rtol=1e-4,
+                                        fast_mode=settings().max_examples < 100)
+
+
+def test_second_backward_through_a_custom_op_differentiates_its_backward_op():
     _library()
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)
     (g,) = torch.autograd.grad(torch.ops.backprop.tanh(x).sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match=r"backprop::tanh_backward has no derivative"):
-        g.sum().backward()
+    assert "backprop_tanh_backward" in type(g.grad_fn).__name__  # the backward op, differentiable
+    (h,) = torch.autograd.grad(g.sum(), x)
+    y = torch.tanh(x.detach())
+    torch.testing.assert_close(h, -2 * y * (1 - y * y))  # d/dx of sum(1 - tanh(x)**2)
 
 
 def test_a_users_own_op_registers_and_checks_the_same_way():
@@ -421,3 +443,62 @@ def test_makemore_mlp_exports_with_the_ops_opaque():
     mlp_ops = {"embedding", "linear", "batch_norm", "tanh", "cross_entropy"}
     assert targets == {f"backprop.{op}.default" for op in mlp_ops} | {"aten.view.default"}, targets
     torch.testing.assert_close(exported.module()(X, Y), _mlp_kernels(*params, X, Y))
+
+
+# ---------------------------------------------------------------- 5. the harness's drop-in stages
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_check_case_runs_every_stage_on_drawn_cases(name):
+    """check_case with every stage: jvp, second-order, vmap and opcheck on drawn cases. opcheck
+    compiles (seconds a call): a twentieth of the profile's examples, at least 2 (ci: 2, thorough: 50).
+    The other stages run on every drawn case of tests/test_<op>.py (check_case's default)."""
+    from hypothesis import given
+
+    from backprop.testing import stages
+    from backprop.testing.opinfo import OPS as OP_INFO
+    from backprop.testing.suite import ALL_CHECKS, check_case
+
+    op = backprop.OPS[name]
+    assert stages.applicable(name, op) == set(stages.STAGES)
+
+    @settings(max_examples=max(2, settings().max_examples // 20))
+    @given(case=OP_INFO[name].cases())
+    def run(case):
+        check_case(name, op, case, checks=ALL_CHECKS)
+
+    run()
+
+
+def test_compiled_ops_and_bare_kernels_get_the_oracle_alone():
+    from types import SimpleNamespace
+
+    from backprop.testing import stages
+
+    bare = SimpleNamespace(forward=backprop.tanh.forward, backward=backprop.tanh.backward)
+    assert stages.applicable("tanh", bare) == set()
+    with pytest.raises(ValueError, match="unknown checks"):
+        stages.run("tanh", backprop.tanh, REFERENCES["tanh"], ((torch.randn(3),), {}), ["jvp", "hessian"])
+
+
+@pytest.mark.parametrize("path", ["adapter", "custom op"])
+def test_embedding_second_order_divides_by_the_counts(path):
+    """scale_grad_by_freq divides dweight by each row's count, so d<dweight, v>/ddout is v's row
+    divided by its count. torch's double backward of F.embedding leaves the count out (its
+    embedding_dense_double_backward takes none), which is why the second-order stage checks
+    embedding against the twin without scale_grad_by_freq (opinfo's second_order_inputs)."""
+    _library()
+    fn = _ours("embedding") if path == "adapter" else _custom("embedding")
+    idx = torch.tensor([[0, 0, 2], [1, 0, 2]])
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g, dtype=F64).requires_grad_()
+    dout = torch.randn(2, 3, 3, generator=g, dtype=F64).requires_grad_()
+    v = torch.randn(4, 3, generator=g, dtype=F64)
+    counts = torch.bincount(idx.reshape(-1), minlength=4).clamp(min=1).to(F64)
+
+    def second(fn):
+        (dw,) = torch.autograd.grad(fn(idx, w, scale_grad_by_freq=True), w, dout, create_graph=True)
+        return torch.autograd.grad((dw * v).sum(), dout)[0]
+
+    torch.testing.assert_close(second(fn), (v / counts[:, None])[idx])
+    torch.testing.assert_close(second(REFERENCES["embedding"]), v[idx])  # torch's: undivided

@@ -1,9 +1,15 @@
 """The suite proves its power: every plausible bug in backprop/testing/mutants/ must be caught by
-the same oracle, gradcheck and hypothesis strategies that the kernel tests use."""
+the same oracle, drop-in stages, gradcheck and hypothesis strategies that the kernel tests use,
+and by the check meant for it."""
 
 import pytest
 
-from backprop.testing.mutants import MUTANTS, first_catch
+from backprop.testing.mutants import MUTANTS, dropin, first_catch
+
+# the drop-in mutants: each is right where the older stages look, so only its own stage can catch it
+STAGE = {m.__name__: "jvp" for m in dropin.MUTANTS if m.__name__.endswith("_jvp")}
+STAGE.update(linear_fake_2d="opcheck", tanh_skips_zero_dout_backward="vmap",
+             tanh_detached_output_backward="second-order")
 
 
 @pytest.mark.parametrize("m", MUTANTS, ids=[m.__name__ for m in MUTANTS])
@@ -11,3 +17,10 @@ def test_mutant_is_caught(m):
     stage = first_catch(m, max_examples=300)
     assert stage is not None, f"mutant survived: {m.__doc__}"
     print(f"{m.__name__}: caught by {stage}")
+    want = STAGE.get(m.__name__, {"ce_unshifted": "forward"}.get(m.__name__, "gradient"))
+    assert stage == want, f"{m.__name__} caught by {stage}, expected {want}: {m.__doc__}"
+
+
+def test_every_drop_in_stage_has_a_mutant():
+    assert set(STAGE.values()) == {"jvp", "opcheck", "vmap", "second-order"}
+    assert len([s for s in STAGE.values() if s == "jvp"]) == 6  # one wrong forward-mode rule per op

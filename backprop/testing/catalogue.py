@@ -18,16 +18,25 @@ from hypothesis import strategies as st
 from backprop._check import no_autograd
 
 
-def mutant(op, *, forward=None, backward=None):
-    """Decorator: the function's docstring names the bug; it replaces op's forward or backward.
-    It runs without autograd, as the kernels do: a mutant that records history would be caught by
-    the contract's no-history check on every case, whatever its bug, and prove nothing."""
+def mutant(op, *, forward=None, backward=None, differentiable=False):
+    """Decorator: the function's docstring names the bug; it replaces op's forward, backward or
+    jvp, by its name's ending (``..._forward``, ``..._backward``, ``..._jvp``). A backward runs
+    without autograd, as the kernels do: a mutant that records history would be caught by the
+    contract's no-history check on every case, whatever its bug, and prove nothing. The mutant
+    keeps op's ``prepare``, ``forward_math``, ``Args``, ``Cache`` and ``backward_math`` (what the
+    adapter's second order and vmap differentiate, backprop.testing.stages): a wrong backward that
+    calls a no-autograd function would fail the second order for that, not for its bug. With
+    ``differentiable=True`` the wrong backward (undecorated) is the ``backward_math`` too."""
 
     def make(fn):
-        fn = no_autograd(fn)
+        replaces = next((k for k in ("forward", "backward", "jvp") if fn.__name__.endswith(k)), None)
+        wrapped = no_autograd(fn)
         return SimpleNamespace(
-            forward=forward or (fn if backward is None and fn.__name__.endswith("forward") else op.forward),
-            backward=backward or (fn if fn.__name__.endswith("backward") else op.backward),
+            forward=forward or (wrapped if backward is None and replaces == "forward" else op.forward),
+            backward=backward or (wrapped if replaces == "backward" else op.backward),
+            backward_math=fn if differentiable and replaces == "backward" else op.backward_math,
+            jvp=fn if replaces == "jvp" else op.jvp,
+            prepare=op.prepare, forward_math=op.forward_math, Args=op.Args,
             Cache=op.Cache, __name__=fn.__name__, __doc__=fn.__doc__, op=op.__name__.split(".")[-1],
         )
 
@@ -37,15 +46,16 @@ def mutant(op, *, forward=None, backward=None):
 def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype] | None = None,
                 device: str = "cpu", fixed: bool = False) -> str | None:
     """Run the suite's checks on the mutant; return the stage that caught it (forward, gradient,
-    gradcheck or contract), None if it survived ``max_examples`` derandomised cases. A crash does
-    not count as a catch: a mutant that only crashes (say, on shapes that do not line up) must
+    contract, jvp, second-order, vmap, opcheck or gradcheck: check_case runs every stage that applies
+    to the mutant), None if it survived ``max_examples`` derandomised cases. A crash does not count
+    as a catch: a mutant that only crashes (say, on shapes that do not line up) must
     still be caught by a check on the cases where it runs, so a broken mutant cannot pass for a
     caught one. ``dtypes`` narrows the drawn cases to those dtypes (the plugin's --backprop-dtypes);
     ``fixed`` tries the op table's fixed cases first, as the plugin's run does."""
     from backprop.testing.opinfo import OPS
     from backprop.testing.oracle import CheckFailure
     from backprop.testing.strategies import to_device
-    from backprop.testing.suite import check_case, gradcheck_case
+    from backprop.testing.suite import ALL_CHECKS, check_case, gradcheck_case
 
     info = OPS[m.op]
     strategy = info.cases() if not dtypes else st.sampled_from(list(dtypes)).flatmap(info.cases)
@@ -57,7 +67,7 @@ def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype
             cast = tuple(a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point()
                          else a for a in args)
             try:
-                check_case(m.op, m, (cast, options))
+                check_case(m.op, m, (cast, options), checks=ALL_CHECKS)
             except CheckFailure as e:
                 return e.stage
             except Exception:
@@ -68,7 +78,7 @@ def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype
     @given(case=strategy)
     def search(case):
         try:
-            check_case(m.op, m, to_device(case, device))
+            check_case(m.op, m, to_device(case, device), checks=ALL_CHECKS)
             gradcheck_case(m.op, m, case)  # finite differences: float64 on the CPU
         except CheckFailure as e:
             caught.append(e.stage)

@@ -54,6 +54,8 @@ class OpInfo:
     magnitude: Callable[..., dict[str, torch.Tensor]] | None = None
     # the case made fit for finite differences (float64, narrowed); None: nothing to difference
     gradcheck_inputs: Callable[[Case], Case | None] = float64_inputs
+    # the case narrowed for the second-order stage, whose reference is the twin's double backward
+    second_order_inputs: Callable[[Case], Case] = lambda case: case
     speed_targets: tuple[Target, ...] = field(default=())  # benchmarks/report.py's; every op has FASTEST
     # options out of range or of the wrong type, for the bad-input fuzz (backprop.testing.fuzz)
     bad_options: st.SearchStrategy[dict] = field(default=st.just({}))
@@ -162,6 +164,15 @@ def _embedding_gradcheck(case: Case) -> Case:
     # the padding row is read in forward but gets no gradient, and scale_grad_by_freq divides the
     # gradient by the counts, by F.embedding's definition: finite differences disagree on purpose
     return args, {**options, "padding_idx": None, "scale_grad_by_freq": False}
+
+
+def _embedding_second_order(case: Case) -> Case:
+    # torch's double backward of F.embedding ignores scale_grad_by_freq (its
+    # embedding_dense_double_backward takes no counts): d<dweight, v>/ddout comes out undivided,
+    # where the gradient it differentiates is divided. Ours divides (tests/test_dropin.py checks it
+    # by hand); the twin is the reference without it
+    args, options = case
+    return args, {**options, "scale_grad_by_freq": False}
 
 
 # ---------------------------------------------------------------- linear_cross_entropy
@@ -273,6 +284,7 @@ OP_DB: tuple[OpInfo, ...] = (
         {"notebook V=27 E=10 32x3": ((27, 10, (32, 3)), "small"),
          "large V=50257 E=768 8x1024": ((50257, 768, (8, 1024)), "large")},
         gradcheck_inputs=_embedding_gradcheck,
+        second_order_inputs=_embedding_second_order,
         speed_targets=FASTEST,
         bad_options=st.fixed_dictionaries({}, optional={
             "padding_idx": st.one_of(st.integers(-6, 6), st.sampled_from([True, 1.0, "1"])),

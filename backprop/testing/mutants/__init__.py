@@ -16,6 +16,7 @@ from backprop.testing.catalogue import first_catch, mutant  # noqa: F401 (re-exp
 from backprop.testing.mutants import (
     batch_norm,
     cross_entropy,
+    dropin,
     embedding,
     linear,
     linear_cross_entropy,
@@ -23,7 +24,7 @@ from backprop.testing.mutants import (
     tanh,
 )
 
-_MODULES = (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding, linear_cross_entropy)
+_MODULES = (cross_entropy, logsumexp, batch_norm, tanh, linear, embedding, linear_cross_entropy, dropin)
 
 MUTANTS = [m for module in _MODULES for m in module.MUTANTS]
 globals().update({m.__name__: m for m in MUTANTS})  # each mutant by name: mutants.tanh_one_plus_backward
