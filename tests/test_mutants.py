@@ -4,6 +4,7 @@ and by the check meant for it."""
 
 import pytest
 
+import backprop
 from backprop.testing.mutants import MUTANTS, dropin, first_catch
 
 # the drop-in mutants: each is right where the older stages look, so only its own stage can catch it
@@ -17,10 +18,17 @@ def test_mutant_is_caught(m):
     stage = first_catch(m, max_examples=300)
     assert stage is not None, f"mutant survived: {m.__doc__}"
     print(f"{m.__name__}: caught by {stage}")
-    want = STAGE.get(m.__name__, {"ce_unshifted": "forward"}.get(m.__name__, "gradient"))
+    # the rest are caught by their gradients, except: two whose bug shows in the forward's output
+    # (an overflowing exp; a reduced loss that counts rows twice, linear_cross_entropy's chunks);
+    # linear_cross_entropy's missing dbias is a None where a gradient is owed (the contract); its
+    # ignored dout is first met on a bfloat16 'mean' case, where a 0.91 dout is inside bfloat16's
+    # rounding, and finite differences of that same case (float64) catch it before a float64 draw does
+    other = {"ce_unshifted": "forward", "lce_chunk_boundary_off_by_one": "forward",
+             "lce_drops_dbias_backward": "contract", "lce_drops_dout_backward": "gradcheck"}
+    want = STAGE.get(m.__name__, other.get(m.__name__, "gradient"))
     assert stage == want, f"{m.__name__} caught by {stage}, expected {want}: {m.__doc__}"
 
 
 def test_every_drop_in_stage_has_a_mutant():
     assert set(STAGE.values()) == {"jvp", "opcheck", "vmap", "second-order"}
-    assert len([s for s in STAGE.values() if s == "jvp"]) == 6  # one wrong forward-mode rule per op
+    assert len([s for s in STAGE.values() if s == "jvp"]) == len(backprop.OPS)  # one wrong jvp per op

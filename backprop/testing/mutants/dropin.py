@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from backprop import batch_norm, cross_entropy, embedding, linear, logsumexp, tanh
+from backprop import batch_norm, cross_entropy, embedding, linear, linear_cross_entropy, logsumexp, tanh
 from backprop.testing.catalogue import mutant
 
 # ---------------------------------------------------------------- wrong forward-mode rules
@@ -51,6 +51,13 @@ def linear_drops_weight_tangent_jvp(tangents, cache):
     """jvp: forgets the x t_W^T term (only t_x W^T + t_b)."""
     t_x, _, t_b = (tuple(tangents) + (None, None))[:3]
     return linear.jvp((t_x, None, t_b), cache)
+
+
+@mutant(linear_cross_entropy)
+def linear_cross_entropy_drops_bias_tangent_jvp(tangents, cache):
+    """jvp: forgets the bias's tangent (the logits move by t_x W^T + x t_W^T only)."""
+    t_x, t_w = (tuple(tangents) + (None, None))[:2]
+    return linear_cross_entropy.jvp((t_x, t_w, None, None), cache)
 
 
 @mutant(embedding)
@@ -122,6 +129,7 @@ MUTANTS = [
     batch_norm_constant_statistics_jvp,
     linear_drops_weight_tangent_jvp,
     embedding_zeroes_padding_jvp,
+    linear_cross_entropy_drops_bias_tangent_jvp,
     linear_fake_2d,
     tanh_skips_zero_dout_backward,
     tanh_detached_output_backward,

@@ -34,8 +34,8 @@ def _overlapping_ranges(N, chunk):
 
 lce_chunk_boundary_off_by_one = _patched(
     "lce_chunk_boundary_off_by_one", "_chunk_ranges", _overlapping_ranges,
-    "A chunk boundary off by one: chunks overlap by a row, so dW and db count the boundary rows twice "
-    "(the loss is right).")
+    "A chunk boundary off by one: chunks overlap by a row, so a reduced loss, dW and db count the "
+    "boundary rows twice.")
 
 
 def _dlogits_smoothing_unweighted(logp, g, targets, cw, eps):
