@@ -28,11 +28,8 @@ Inductor's on-disk cache (``/tmp/torchinductor_$USER``) keys compiled graphs wit
 Python implementations: a graph compiled against an older backprop's schemas can be reused and
 fail with "missing value for argument". Clear that directory after upgrading backprop.
 
-Host checks: ``prepare`` reads targets and indices on the host to raise a message naming the
-offending entry. In a custom op that would be a device sync inside a compiled graph, so the ops in
-``TABLE`` with such a check give a sync-free ``prepare``: the range check becomes a device-side
-``torch._assert_async``; on the CPU (where there is nothing to sync with) a failed check calls the
-module's own ``prepare``, which raises its usual message.
+Host checks: ops whose ``prepare`` reads targets or indices on the host use a sync-free
+``prepare`` (``backprop._sync_free``): the range check on the device, the eager message on the CPU.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 
 import backprop
-from backprop import _check, cross_entropy, embedding, linear_cross_entropy
+from backprop._sync_free import SYNC_FREE_PREPARE
 from backprop.autograd import differentiable_grads, join_cache, split_cache
 
 NAMESPACE = "backprop"
@@ -95,70 +92,6 @@ def schema_of(forward: Callable, prefix: str = "") -> str:
     return f"({prefix}{', '.join(parts)})"
 
 
-def _range_checked(ok: torch.Tensor, message: str, eager_prepare: Callable[[], Any]) -> None:
-    """Assert ok (a 0-d bool) without a host sync. On real CPU tensors, a failure re-runs the
-    module's prepare, which raises the eager message (offending value and its index)."""
-    if ok.device.type == "cpu" and not torch._subclasses.fake_tensor.is_fake(ok):
-        if not bool(ok):
-            eager_prepare()
-        return
-    torch._assert_async(ok, message)
-
-
-def _cross_entropy_prepare(logits, targets, *, weight=None, reduction="mean", ignore_index=-100,
-                           label_smoothing=0.0):
-    """cross_entropy.prepare without host reads: ignored rows are masked on the device and the
-    'mean' denominator stays a 0-d tensor (forward_math and backward_math divide by it as by an int)."""
-    if not targets.is_floating_point():
-        _check.index("targets", targets, (torch.int64,))
-    args = cross_entropy.check(logits, targets, weight=weight, reduction=reduction,
-                               ignore_index=ignore_index, label_smoothing=label_smoothing)
-    if targets.is_floating_point():
-        return args  # class probabilities: nothing to read
-    C = logits.shape[1] if logits.ndim >= 2 else logits.shape[0]
-    valid = targets != ignore_index  # targets' shape
-    ok = (~valid | ((targets >= 0) & (targets < C))).all()
-    _range_checked(ok, f"targets must lie in [0, {C}) (or ignore_index={ignore_index})",
-                   lambda: cross_entropy.prepare(logits, targets, weight=weight, reduction=reduction,
-                                                 ignore_index=ignore_index, label_smoothing=label_smoothing))
-    safe = torch.where(valid, targets, 0)  # a gatherable index on ignored rows
-    return args._replace(targets=safe, valid=valid, count=valid.sum())
-
-
-def _embedding_prepare(indices, weight, *, padding_idx=None, max_norm=None, norm_type=2.0,
-                       scale_grad_by_freq=False, sparse=False, deterministic=True):
-    """embedding.prepare without host reads: its checks on an empty view of indices (every check but
-    the range one reads dtypes, shapes and options only), the range check on the device.
-    sparse=True is refused: a custom op's backward declares dense gradients (its fake kernel)."""
-    options = dict(padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
-                   scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, deterministic=deterministic)
-    args = embedding.prepare(indices.reshape(-1)[:0], weight, **options)
-    if sparse:
-        raise ValueError("sparse=True is not offered by torch.ops.backprop.embedding (a custom op's "
-                         "gradients are dense); use backprop.autograd.apply(backprop.embedding, ...)")
-    V = weight.shape[0]
-    ok = ((indices >= 0) & (indices < V)).all()
-    eager = lambda: embedding.prepare(indices, weight, **options)  # noqa: E731
-    _range_checked(ok, f"indices must lie in [0, {V})", eager)
-    return args._replace(indices=indices)
-
-
-def _linear_cross_entropy_prepare(x, linear_weight, targets, linear_bias=None, *, weight=None, reduction="mean",
-                                  ignore_index=-100, label_smoothing=0.0, chunk_size=None):
-    """linear_cross_entropy.prepare without host reads, as cross_entropy's above."""
-    args = linear_cross_entropy.check(x, linear_weight, targets, linear_bias, weight=weight,
-                                      reduction=reduction, ignore_index=ignore_index,
-                                      label_smoothing=label_smoothing, chunk_size=chunk_size)
-    V = linear_weight.shape[0]
-    valid = targets != ignore_index  # (N,)
-    ok = (~valid | ((targets >= 0) & (targets < V))).all()
-    eager = lambda: linear_cross_entropy.prepare(  # noqa: E731
-        x, linear_weight, targets, linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, chunk_size=chunk_size)
-    _range_checked(ok, f"targets must lie in [0, {V}) (or ignore_index={ignore_index})", eager)
-    return args._replace(targets=torch.where(valid, targets, 0), valid=valid, count=valid.sum())
-
-
 class Entry(NamedTuple):
     """One op: its module (forward's signature gives the schema) and, where the module's prepare
     reads tensors on the host, a sync-free prepare with the same arguments."""
@@ -167,10 +100,8 @@ class Entry(NamedTuple):
     prepare: Callable[..., tuple] | None = None
 
 
-# the sync-free prepares; every other op of backprop.OPS uses its module's own prepare
-_SYNC_FREE_PREPARE = {"cross_entropy": _cross_entropy_prepare, "embedding": _embedding_prepare,
-                      "linear_cross_entropy": _linear_cross_entropy_prepare}
-TABLE = {name: Entry(module, _SYNC_FREE_PREPARE.get(name)) for name, module in backprop.OPS.items()}
+# the sync-free prepares (backprop._sync_free); every other op of backprop.OPS uses its module's own
+TABLE = {name: Entry(module, SYNC_FREE_PREPARE.get(name)) for name, module in backprop.OPS.items()}
 
 
 def _is_float(a: object) -> bool:
@@ -186,6 +117,25 @@ def _storage(t: torch.Tensor) -> int | None:
 
 def _on_meta(a: object) -> object:
     return torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a
+
+
+def _signature(args: tuple, options: dict) -> tuple | None:
+    """What the meta run that rebuilds a cache's layout reads: each tensor's shape, strides and
+    dtype, every other value as it is; None when a value cannot be a dict key (no caching)."""
+    def describe(a: object) -> object:  # no tensor itself: a key must not keep one alive
+        if isinstance(a, torch.Tensor):
+            return tuple(a.shape), a.stride(), a.dtype
+        return tuple(a) if isinstance(a, list) else a  # an int[] argument arrives as a list
+
+    key = (*map(describe, args), *((k, describe(v)) for k, v in options.items()))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+LAYOUTS_KEPT = 256  # layouts remembered per op (a new shape past that starts the memory afresh)
 
 
 def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
@@ -225,10 +175,19 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         extras = kept
         return (out, *extras, *(out.new_empty(0) for _ in range(CACHE_SLOTS - len(extras))))
 
+    layouts: dict = {}  # the cache's layout per _signature: it depends on shapes and options only
+
     def rebuild(out, extras, args, options):
-        meta, meta_options = tuple(map(_on_meta, args)), {k: _on_meta(v) for k, v in options.items()}
-        meta_out, meta_cache = module.forward_math(prepare(*meta, **meta_options))
-        _, layout = split_cache((*meta, *meta_options.values()), meta_out, meta_cache)
+        key = _signature(args, options)
+        layout = layouts.get(key) if key is not None else None
+        if layout is None:
+            meta, meta_options = tuple(map(_on_meta, args)), {k: _on_meta(v) for k, v in options.items()}
+            meta_out, meta_cache = module.forward_math(prepare(*meta, **meta_options))
+            _, layout = split_cache((*meta, *meta_options.values()), meta_out, meta_cache)
+            if key is not None:
+                if len(layouts) >= LAYOUTS_KEPT:
+                    layouts.clear()
+                layouts[key] = layout
         return join_cache(layout, (*args, *options.values()), out, extras)
 
     def backward_impl(dout, out, *rest, **options):
@@ -236,12 +195,15 @@ def register(name: str, entry: Entry, namespace: str = NAMESPACE) -> tuple:
         args, options = call(rest[CACHE_SLOTS:], options)
         cache = rebuild(out, extras, args, options)
         # backward_math, not backward: autograd's saved tensors already refuse in-place edits
-        grads = tuple(dout.new_empty(0) if g is None else g for g in backward_math(dout, cache))
+        # contiguous, as the fake promises: a kernel may return a gradient in its input's strides
+        # (a transposed weight) or not, and a compiled graph trusts the fake's strides
+        grads = tuple(dout.new_empty(0) if g is None else g.contiguous() if g.layout == torch.strided else g
+                      for g in backward_math(dout, cache))
         return grads if n_args > 1 else grads[0]  # a one-Tensor schema returns the Tensor itself
 
     def backward_fake(dout, out, *rest, **options):
         args = rest[CACHE_SLOTS:CACHE_SLOTS + n_args]  # omitted trailing optionals are not passed
-        grads = tuple(torch.empty_like(a) if _is_float(a) else dout.new_empty(0)
+        grads = tuple(a.new_empty(a.shape) if _is_float(a) else dout.new_empty(0)
                       for a in (*args, *[None] * (n_args - len(args))))
         return grads if n_args > 1 else grads[0]
 

@@ -302,6 +302,38 @@ def test_custom_op_equals_the_kernel(name, k):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def test_custom_op_backward_rebuilds_a_layout_once_per_signature(monkeypatch):
+    """The backward op reads the cache's plain fields off a meta run of forward_math once per
+    shapes-and-options signature, not at every call (it cost 1-17 ms a call: docs/benchmarks.md);
+    a new shape or option gets its own run, and the gradients stay the kernel's."""
+    _library()
+    runs = []
+    real = backprop.logsumexp.forward_math
+
+    def counted(args):
+        runs.append(args.x.device.type)
+        return real(args)
+
+    monkeypatch.setattr(backprop.logsumexp, "forward_math", counted)
+    for shape, dim in [((3, 4), 1), ((3, 4), 1), ((3, 4), 0), ((5, 4), 1), ((3, 4), 1)]:
+        x = torch.randn(*shape, dtype=F64, requires_grad=True)
+        (got,) = torch.autograd.grad(torch.ops.backprop.logsumexp(x, dim=dim).sum(), x)
+        torch.testing.assert_close(got, torch.softmax(x.detach(), dim), rtol=1e-12, atol=1e-12)
+    assert runs.count("meta") <= 3  # (3, 4) dim 1, (3, 4) dim 0, (5, 4) dim 1
+
+
+def test_custom_op_gradient_of_a_transposed_weight_under_compile():
+    """A kernel's gradient for a strided input (a transposed weight) is contiguous, as the backward
+    op's fake says: Inductor checks the strides it was promised."""
+    _library()
+    x, W = torch.randn(4, 3, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    f = torch.compile(lambda x, W: torch.ops.backprop.linear(x, W.T, None).sum(), fullgraph=True)
+    got = torch.autograd.grad(f(x, W), (x, W))
+    want = torch.autograd.grad(torch.nn.functional.linear(x, W.T).sum(), (x, W))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_custom_op_schemas_mirror_forward():
     lib = _library()
     assert lib.schema_of(backprop.cross_entropy.forward) == (
