@@ -135,7 +135,10 @@ def test_train_step(benchmark, device, variant, batch):
     if variant == "manual-compiled":  # exactly what train(compile="yes") runs
         run = aot.compiled_step(params, {}, Xb, Yb, Xb.shape[0], check=False)  # as train
     elif variant in COMPILED_MODELS:
-        run = compiled_model_step(linear_layout(params), Xb, Yb, variant)
+        # untimed (the default test run): Dynamo and AOT autograd without Inductor's codegen, as
+        # tests/test_bench_train_step.py checks the models (Inductor's build: 10 s cold on 2 cores)
+        backend = "aot_eager" if benchmark.disabled else "inductor"
+        run = compiled_model_step(linear_layout(params), Xb, Yb, variant, backend=backend)
     elif variant == "notebook":
         run = torch.no_grad()(lambda ix, lr: notebook_step(params, Xb, Yb, ix, 1e-6))
     else:  # exactly what train runs
