@@ -110,7 +110,10 @@ def _is_float(a: object) -> bool:
 
 def _storage(t: torch.Tensor) -> int | None:
     """Where t's memory starts; None for meta and fake tensors, which have none to compare."""
-    if t.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(t):
+    if t.device.type == "meta":
+        return None
+    # a plain eager tensor (the common call) is neither; is_fake walks subclasses and wrappers
+    if (type(t) is not torch.Tensor or torch._is_functional_tensor(t)) and torch._subclasses.fake_tensor.is_fake(t):
         return None
     return t.untyped_storage().data_ptr()
 
