@@ -113,7 +113,8 @@ def _storage(t: torch.Tensor) -> int | None:
     if t.device.type == "meta":
         return None
     # a plain eager tensor (the common call) is neither; is_fake walks subclasses and wrappers
-    if (type(t) is not torch.Tensor or torch._is_functional_tensor(t)) and torch._subclasses.fake_tensor.is_fake(t):
+    wrapped = type(t) is not torch.Tensor or torch._is_functional_tensor(t)
+    if wrapped and torch._subclasses.fake_tensor.is_fake(t):
         return None
     return t.untyped_storage().data_ptr()
 

@@ -8,6 +8,7 @@ from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import backprop
 from backprop.autograd import apply
+from backprop.testing.opinfo import OPS as OP_TABLE
 from backprop.testing.references import REFERENCES
 
 OPS = list(backprop.OPS)
@@ -15,38 +16,8 @@ F64 = torch.float64
 
 
 def _cases(name, seed=0, dtype=F64):
-    """A few (args, options) per op, drawn from a seeded generator; options cover each branch."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    i = lambda hi, *s: torch.randint(0, hi, s, generator=g)  # noqa: E731
-    return {
-        "cross_entropy": [
-            ((r(6, 5), torch.tensor([0, 4, -100, 2, 2, 1])), {"label_smoothing": 0.1}),
-            ((r(7, 4) * 3, i(4, 7)), {"reduction": "none"}),
-            ((r(5, 3), i(3, 5)), {"reduction": "sum", "label_smoothing": 0.3}),
-            ((r(3, 4, 5), i(4, 3, 5)), {"weight": r(4).abs(), "label_smoothing": 0.2}),
-            ((r(4, 5), r(4, 5).softmax(1)), {"weight": r(5).abs(), "label_smoothing": 0.1}),
-            ((r(5), i(5)), {"reduction": "none"}),
-        ],
-        "logsumexp": [((r(3, 4, 5),), {"dim": (0, 2)}), ((r(4, 6),), {"dim": 1, "keepdim": True})],
-        "batch_norm": [
-            ((r(8, 3), r(3), r(3)), {"correction": 1}),
-            ((r(6, 4) + 2, r(4), r(4)), {}),
-            ((r(5, 2),), {"eps": 1e-3}),
-            ((r(4, 3, 5), r(3), r(3)), {"running_mean": r(3), "running_var": r(3).abs() + 0.5, "training": False}),
-            ((r(5, 2, 3, 2), r(2), r(2)), {"running_mean": r(2), "running_var": r(2).abs() + 0.5,
-                                            "momentum": None, "num_batches_tracked": 2, "correction": 1}),
-        ],
-        "tanh": [((r(4, 5) * 2,), {})],
-        "linear": [((r(2, 3, 4), r(5, 4), r(5)), {}), ((r(6, 4), r(3, 4)), {})],
-        "embedding": [((i(5, 2, 3), r(5, 3)), {"padding_idx": 0}), ((i(4, 7), r(4, 2)), {})],
-        "linear_cross_entropy": [  # small: gradgradcheck differences every entry, each call a chunk loop
-            ((r(5, 3), r(4, 3), torch.tensor([0, 3, -100, 2, 1]), r(4)), {"label_smoothing": 0.1, "chunk_size": 3}),
-            ((r(5, 2) * 3, r(4, 2), i(4, 5)), {"reduction": "none", "chunk_size": 2}),
-            ((r(4, 2), r(5, 2), i(5, 4), r(5)), {"reduction": "sum", "weight": r(5).abs() + 0.5,
-                                                 "label_smoothing": 0.3, "chunk_size": 3}),
-        ],
-    }[name]
+    """The op table's small cases: a few tiny (args, options) per op, options covering each branch."""
+    return OP_TABLE[name].small_cases(seed, dtype)
 
 
 def _thorough_seeds():

@@ -4,6 +4,8 @@ entry without its module, test or benchmark, fails here instead of being silentl
 import ast
 from pathlib import Path
 
+import torch
+
 import backprop
 from backprop import compiled
 from backprop.testing.opinfo import OP_DB, ROOT
@@ -54,6 +56,22 @@ def test_every_entry_is_complete():
         assert info.fixed_cases("cpu"), info.name
         assert any(size == "small" for _, size in info.benchmark_shapes.values()), info.name
         assert all(size in ("small", "large", "gpu") for _, size in info.benchmark_shapes.values()), info.name
+
+
+def test_small_cases_keep_shapes_and_options_across_seeds():
+    """test_dropin's vmap stacks the k-th small case over seeds, and gradgradcheck differences every
+    entry: each op has some, tiny, the k-th one of the same shapes and option names under any seed."""
+    def layout(case):
+        args, options = case
+        return [getattr(a, "shape", a) for a in args], sorted(options)
+
+    for info in OP_DB:
+        first = info.small_cases(0)
+        assert first, info.name
+        assert [layout(c) for c in info.small_cases(5)] == [layout(c) for c in first], info.name
+        assert all(a.numel() <= 64 for args, _ in first for a in args if isinstance(a, torch.Tensor)), info.name
+        assert {a.dtype for args, _ in info.small_cases(0, torch.float32) for a in args
+                if isinstance(a, torch.Tensor) and a.is_floating_point()} == {torch.float32}, info.name
 
 
 def test_a_new_op_without_its_entry_or_files_is_reported(tmp_path):

@@ -2,13 +2,14 @@
 about it (PyTorch's ``OpInfo`` / ``op_db`` is the model).
 
     for info in OP_DB:
-        info.module, info.reference, info.cases(), info.fixed_cases("cpu"), ...
+        info.module, info.reference, info.cases(), info.fixed_cases("cpu"), info.small_cases(), ...
 
 Tests, benchmarks, the benchmark report, the mutation score and .ci/gpu iterate ``OP_DB``; none
 keeps its own list of ops. ``OP_DB`` covers exactly ``backprop.OPS`` (the library's list, which
 does not import the harness); tests/test_op_table.py checks that, and that each op has its test
 and benchmark files. Adding an op: ``backprop/<op>.py``, an entry in ``backprop.OPS``,
-``tests/test_<op>.py``, ``benchmarks/bench_<op>.py`` and one ``OpInfo`` below.
+``tests/test_<op>.py``, ``benchmarks/bench_<op>.py``, one ``OpInfo`` below and its small cases
+(``small_cases.<op>``).
 
 Needs hypothesis (the ``cases`` strategies), as ``backprop.testing.strategies`` does.
 """
@@ -25,7 +26,7 @@ import torch
 from hypothesis import strategies as st
 
 import backprop
-from backprop.testing import references, strategies
+from backprop.testing import references, small_cases, strategies
 from backprop.testing.strategies import Case
 
 # (shape regex, mode, contender, baseline, threshold, what): one speed target of benchmarks/report.py
@@ -59,6 +60,11 @@ class OpInfo:
     speed_targets: tuple[Target, ...] = field(default=())  # benchmarks/report.py's; every op has FASTEST
     # options out of range or of the wrong type, for the bad-input fuzz (backprop.testing.fuzz)
     bad_options: st.SearchStrategy[dict] = field(default=st.just({}))
+
+    @property
+    def small_cases(self) -> Callable[..., list[Case]]:
+        """small_cases(seed=0, dtype=float64): tiny cases, one per option branch (small_cases.py)."""
+        return getattr(small_cases, self.name)
 
     @property
     def module(self) -> ModuleType:
