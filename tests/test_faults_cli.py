@@ -9,7 +9,6 @@ bits do not stop root: when run as root, a permission case drops to nobody in th
 nobody can run this interpreter, else it checks the function that decides, with the write refused.
 """
 
-import functools
 import json
 import os
 import resource
@@ -166,10 +165,10 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_steps_done(words, tmp_path):
 # ----------------------------------------------------------------------------- §5 the CLI's own faults
 
 
-def test_a_closed_pipe_is_quiet(tmp_path):
+def test_a_closed_pipe_is_quiet(tmp_path, dataset):
     """`backprop sample | head -1`: the reader goes away; no traceback, exit 141 (as SIGPIPE)."""
     ckpt = tmp_path / "model.pt"
-    torch.save(_state(), ckpt)
+    torch.save(_state(dataset), ckpt)
     r, w = os.pipe()
     os.close(r)  # nobody will read
     p = subprocess.run([sys.executable, "-m", "backprop", "sample", "--checkpoint", str(ckpt), "-n", "50"],
@@ -178,9 +177,9 @@ def test_a_closed_pipe_is_quiet(tmp_path):
     assert p.returncode == 141 and p.stderr == ""
 
 
-def test_a_full_output_device_and_a_closed_stderr(tmp_path):
+def test_a_full_output_device_and_a_closed_stderr(tmp_path, dataset):
     ckpt = tmp_path / "model.pt"
-    torch.save(_state(), ckpt)
+    torch.save(_state(dataset), ckpt)
     with open("/dev/full", "w") as full:
         r = run("sample", "--checkpoint", ckpt, stdout=full)
     assert r.returncode == 1 and one_line(r.stderr) == "backprop: cannot write the output: No space left on device"
@@ -219,14 +218,7 @@ def test_a_byte_order_mark_is_not_a_character(tmp_path):
     assert "\ufeff" not in data.load_dataset(path).vocab.chars
 
 
-@functools.cache
-def _names() -> data.Dataset:
-    """The shipped word list, loaded once for this module (0.8 s a load); read, never changed."""
-    return data.load_dataset(data.DEFAULT_DATA)
-
-
-def _state(**change) -> dict:
-    ds = _names()
+def _state(ds, **change) -> dict:
     p = model.init_params(ds.vocab.size, 8)
     m = model.Model(p, ds.vocab, torch.zeros(1, 8), torch.ones(1, 8))
     state = m.state()
@@ -247,8 +239,8 @@ def _state(**change) -> dict:
     ({"block_size": 8}, "block_size 8"),
     ({"chars": lambda c: c[:-1] + ["\x07"]}, "printable"),
 ])
-def test_checkpoints_that_do_not_fit_together(change, message, tmp_path, cli):
-    torch.save(_state(**change), tmp_path / "m.pt")
+def test_checkpoints_that_do_not_fit_together(change, message, tmp_path, cli, dataset):
+    torch.save(_state(dataset, **change), tmp_path / "m.pt")
     code, _, err = cli("sample", "--checkpoint", tmp_path / "m.pt")
     assert code == 2 and "not a usable backprop checkpoint" in err and message in one_line(err)
 
@@ -314,10 +306,9 @@ class FakeBuild:
 
 
 @pytest.fixture
-def step_args():
-    ds = _names()
-    p = model.init_params(ds.vocab.size, 8)
-    X, Y = ds.splits["train"]
+def step_args(dataset):
+    p = model.init_params(dataset.vocab.size, 8)
+    X, Y = dataset.splits["train"]
     return p, {}, X[:100].clone(), Y[:100].clone(), 4
 
 
