@@ -8,6 +8,8 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>):
 """
 
 import os
+import random
+import signal
 
 import pytest
 import torch
@@ -42,6 +44,61 @@ DEVICES = [
 @pytest.fixture(params=DEVICES, scope="session")
 def device(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    """The shipped word list (backprop.makemore.data.DEFAULT_DATA), split as the notebook splits it:
+    loaded once per process (0.6-0.8 s a load; it was once per module). Tests read it, never change it."""
+    from backprop.makemore import data
+
+    return data.load_dataset(data.DEFAULT_DATA)
+
+
+def _process_state() -> dict:
+    """What a run of the command line in this process could change for the tests after it."""
+    return dict(threads=torch.get_num_threads(), dtype=torch.get_default_dtype(), grad=torch.is_grad_enabled(),
+                deterministic=(torch.are_deterministic_algorithms_enabled(),
+                               torch.is_deterministic_algorithms_warn_only_enabled()),
+                rng=torch.get_rng_state(), random=random.getstate(), environ=dict(os.environ),
+                cwd=os.getcwd(), sigint=signal.getsignal(signal.SIGINT))
+
+
+def _restore(state: dict) -> None:
+    torch.set_num_threads(state["threads"])
+    torch.set_default_dtype(state["dtype"])
+    torch.set_grad_enabled(state["grad"])
+    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
+    torch.set_rng_state(state["rng"])
+    random.setstate(state["random"])
+    if dict(os.environ) != state["environ"]:
+        os.environ.clear()
+        os.environ.update(state["environ"])
+    os.chdir(state["cwd"])
+    signal.signal(signal.SIGINT, state["sigint"])
+
+
+@pytest.fixture
+def cli(capsys):
+    """The backprop command in this process: cli(*args) -> (exit code, stdout, stderr), SystemExit
+    (argparse, parser.error) read as its code. A subprocess pays a torch import (seconds) per run:
+    only the tests whose point is the process itself (the entry points, signals, pipes, resource
+    limits, closed descriptors) start one. Global torch and process state is put back afterwards."""
+    from backprop import cli as command
+
+    state = _process_state()
+
+    def run(*args) -> tuple[int, str, str]:
+        capsys.readouterr()  # only this run's output
+        try:
+            code = command.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    _restore(state)
 
 
 @pytest.hookimpl(tryfirst=True)

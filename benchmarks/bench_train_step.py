@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import backprop.library  # noqa: F401  registers torch.ops.backprop.*
 from backprop import bench as stats
 from backprop.compiled import cpu_compiler_found
-from backprop.makemore import aot, data, model, notebook, step
+from backprop.makemore import aot, model, notebook, step
 
 COMPILED_MODELS = ["custom-op-compiled", "functional-compiled"]
 BUDGET = float(os.environ.get("BACKPROP_BENCH_BUDGET", "2"))
@@ -117,8 +117,8 @@ def notebook_step(p, Xtr, Ytr, ix, lr):
 
 
 @pytest.fixture(scope="module")
-def batch():
-    return notebook.first_batch(data.load_dataset(data.DEFAULT_DATA), 200)
+def batch(dataset):
+    return notebook.first_batch(dataset, 200)
 
 
 def test_train_step(benchmark, device, variant, batch):

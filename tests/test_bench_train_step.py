@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop.makemore import data, model, notebook
+from backprop.makemore import model, notebook
 
 spec = importlib.util.spec_from_file_location(
     "bench_train_step", Path(__file__).parents[1] / "benchmarks" / "bench_train_step.py")
@@ -18,8 +18,8 @@ spec.loader.exec_module(bench_train_step)
 
 
 @pytest.fixture(scope="module")
-def batch():
-    return notebook.first_batch(data.load_dataset(data.DEFAULT_DATA), 200)
+def batch(dataset):
+    return notebook.first_batch(dataset, 200)
 
 
 def loss_and_grads(loss_fn, params, Xb, Yb):

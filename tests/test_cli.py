@@ -1,21 +1,41 @@
-"""The backprop command, run as a user runs it: a subprocess, its output and exit code."""
+"""The backprop command. Two runs are real processes, as a user starts them: `python -m backprop`
+and the installed console script. The rest run cli.main in this process (the `cli` fixture in
+conftest.py), with the same output streams and exit codes; tests/test_faults_cli.py has the
+cases that need a process (signals, pipes, resource limits, closed descriptors)."""
 
 import json
+import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(*args, timeout=120):
     """python -m backprop with this interpreter; PYTHONPATH is inherited, so a source checkout on
-    it is the package that runs."""
+    it is the package that runs. One torch thread, as a pytest-xdist worker runs."""
     return subprocess.run([sys.executable, "-m", "backprop", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
+def console_script(*args, timeout=120):
+    """The `backprop` command that pip installed next to this interpreter (the [project.scripts]
+    entry point), with this checkout first on PYTHONPATH, so that it is the package that runs."""
+    places = (sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user"))
+    script = next((Path(d) / "backprop" for d in places if (Path(d) / "backprop").is_file()), None)
+    assert script, f"no backprop command in {places}: install the package (pip install -e .) to run the tests"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_check_prints_the_table_and_passes():
+    """`python -m backprop`, end to end: a fresh interpreter, its stdout and exit code."""
     r = run("check")
     assert r.returncode == 0, r.stderr
     assert "words       29910   vocabulary 27   examples train 171878 / val 21405 / test 21481" in r.stdout
@@ -25,34 +45,36 @@ def test_check_prints_the_table_and_passes():
     assert "fused hprebn" in r.stdout and "fused logits" in r.stdout
 
 
-def test_check_json_is_one_object():
-    r = run("check", "--json", "--dtype", "float64")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_check_json_is_one_object(cli):
+    code, stdout, err = cli("check", "--json", "--dtype", "float64")
+    assert code == 0, err
+    out = json.loads(stdout)
     assert set(out) == {"words", "vocab_size", "examples", "parameters", "loss", "rows"}
     assert out["parameters"] == 4137 and len(out["rows"]) == 26 + 9
     assert all(row["approximate"] and row["passed"] for row in out["rows"])
     assert set(out["rows"][0]) == {"name", "exact", "approximate", "maxdiff", "error", "torch_error", "passed"}
 
 
-def test_train_writes_outputs_and_sample_reads_the_checkpoint(tmp_path):
-    r = run("train", "--steps", "300", "--hidden", "32", "--verify-every", "100", "--out",
-            str(tmp_path), "--json")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+def test_train_writes_outputs_and_sample_reads_the_checkpoint(tmp_path, cli):
+    """train in this process; sample through the installed `backprop` console script, end to end,
+    and again in this process: the same draws."""
+    code, out, err = cli("train", "--steps", "300", "--hidden", "32", "--verify-every", "100", "--out",
+                         tmp_path, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
     assert set(summary) >= {"train_loss", "val_loss", "test_loss", "steps", "seconds", "samples"}
     assert summary["steps"] == 300 and len(summary["samples"]) == 20
     assert summary["val_loss"] < 3.0
     assert summary["checks"] == 3 and summary["optimizer"] == "sgd"
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Traceback" not in r.stderr and "100%" in r.stderr  # the progress, on stderr only
+    assert "Traceback" not in err and "100%" in err  # the progress, on stderr only
     assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == summary["val_loss"]
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(state["params"]) == {"C", "W1", "b1", "W2", "b2", "bngain", "bnbias"}
-    s = run("sample", "--checkpoint", str(tmp_path / "model.pt"), "-n", "7", "--seed", "1")
+    s = console_script("sample", "--checkpoint", str(tmp_path / "model.pt"), "-n", "7", "--seed", "1")
     assert s.returncode == 0, s.stderr
     assert len(s.stdout.splitlines()) == 7
-    assert s.stdout == run("sample", "--checkpoint", str(tmp_path / "model.pt"), "-n", "7", "--seed", "1").stdout
+    assert cli("sample", "--checkpoint", tmp_path / "model.pt", "-n", "7", "--seed", "1")[:2] == (0, s.stdout)
 
 
 @pytest.mark.parametrize(
@@ -64,42 +86,42 @@ def test_train_writes_outputs_and_sample_reads_the_checkpoint(tmp_path):
         (["sample", "--checkpoint", "/nonexistent/model.pt"], "does not exist"),
     ],
 )
-def test_bad_input_is_a_clear_message_and_exit_2(args, message):
-    r = run(*args)
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert message in r.stderr and "Traceback" not in r.stderr
+def test_bad_input_is_a_clear_message_and_exit_2(args, message, cli):
+    code, out, err = cli(*args)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
 
 
-def test_empty_data_file(tmp_path):
+def test_empty_data_file(tmp_path, cli):
     (tmp_path / "empty.txt").write_text("")
-    r = run("check", "--data", str(tmp_path / "empty.txt"))
-    assert r.returncode == 2 and "holds no words" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = cli("check", "--data", tmp_path / "empty.txt")
+    assert code == 2 and "holds no words" in err and "Traceback" not in err
 
 
-def test_a_foreign_checkpoint_is_refused(tmp_path):
+def test_a_foreign_checkpoint_is_refused(tmp_path, cli):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    r = run("sample", "--checkpoint", str(tmp_path / "junk.pt"))
-    assert r.returncode == 2 and "is not a backprop checkpoint" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = cli("sample", "--checkpoint", tmp_path / "junk.pt")
+    assert code == 2 and "is not a backprop checkpoint" in err and "Traceback" not in err
 
 
-def test_characters_outside_a_to_z_are_handled(tmp_path):
+def test_characters_outside_a_to_z_are_handled(tmp_path, cli):
     (tmp_path / "words.txt").write_text("zoë\nrenée\njosé\nanna-lee\n" * 50)
-    r = run("train", "--data", str(tmp_path / "words.txt"), "--steps", "20", "--hidden", "16", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["steps"] == 20
+    code, out, err = cli("train", "--data", tmp_path / "words.txt", "--steps", "20", "--hidden", "16", "--json")
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 20
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_device_cuda_without_a_gpu():
-    r = run("check", "--device", "cuda")
-    assert r.returncode == 2 and "no CUDA device is available" in r.stderr and "Traceback" not in r.stderr
+def test_device_cuda_without_a_gpu(cli):
+    code, _, err = cli("check", "--device", "cuda")
+    assert code == 2 and "no CUDA device is available" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("mode, code", [("auto", 0), ("yes", 1)])
-def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
+def test_a_failed_compiled_build(mode, code, monkeypatch, cli):
     """In process (the failure is injected): --compile auto says why on stderr and trains eager,
     reporting compiled: false; --compile yes fails with one line, exit 1."""
-    from backprop import cli, compiled
+    from backprop import compiled
     from backprop.makemore import aot, train
 
     def broken(*args, **kwargs):
@@ -108,13 +130,12 @@ def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
     monkeypatch.setattr(aot, "compiled_step", broken)
     monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: True)
     monkeypatch.setattr(train, "COMPILE_FROM_STEPS", 1)
-    argv = ["train", "--steps", "3", "--hidden", "8", "--json", "--compile", mode]
-    assert cli.main(argv) == code
+    got, out, err = cli("train", "--steps", "3", "--hidden", "8", "--json", "--compile", mode)
+    assert got == code
     if mode == "yes":
-        assert capsys.readouterr().err == ("backprop train: --compile yes: building the compiled step failed "
-                                           "(RuntimeError: no compiler today)\n")
+        assert err == ("backprop train: --compile yes: building the compiled step failed "
+                       "(RuntimeError: no compiler today)\n")
         return
-    out, err = capsys.readouterr()
     assert json.loads(out)["compiled"] is False
     assert "building the compiled step failed (RuntimeError: no compiler today); training with the eager step" in err
 
@@ -123,29 +144,29 @@ def test_a_failed_compiled_build(mode, code, monkeypatch, capsys):
     (("train", "--batch-size", "1"), "--batch-size: expected an integer >= 2"),
     (("check", "--batch-size", "1"), "--batch-size: expected an integer >= 2"),
 ])
-def test_a_batch_of_one_row_is_refused(args, message):
-    r = run(*args)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+def test_a_batch_of_one_row_is_refused(args, message, cli):
+    code, _, err = cli(*args)
+    assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_too_few_words_is_a_clear_message(tmp_path):
+def test_too_few_words_is_a_clear_message(tmp_path, cli):
     (tmp_path / "two.txt").write_text("ab\ncd\n")
-    r = run("train", "--data", str(tmp_path / "two.txt"), "--steps", "3")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "2 words split 80/10/10 into 1 / 0 / 1 words, leaving the val split empty" in r.stderr
+    code, _, err = cli("train", "--data", tmp_path / "two.txt", "--steps", "3")
+    assert code == 2 and "Traceback" not in err
+    assert "2 words split 80/10/10 into 1 / 0 / 1 words, leaving the val split empty" in err
 
 
-def test_momentum_with_verification_prints_the_checks():
-    r = run("train", "--optimizer", "momentum", "--steps", "200", "--hidden", "16", "--verify-every", "50",
-            "--compile", "no")
-    assert r.returncode == 0, r.stderr
-    assert "trained 200 steps in" in r.stdout and "steps/s; manual backward, momentum)" in r.stdout
-    assert "gradient checks against autograd: 4 passed (every 50 steps)" in r.stdout
+def test_momentum_with_verification_prints_the_checks(cli):
+    code, out, err = cli("train", "--optimizer", "momentum", "--steps", "200", "--hidden", "16",
+                         "--verify-every", "50", "--compile", "no")
+    assert code == 0, err
+    assert "trained 200 steps in" in out and "steps/s; manual backward, momentum)" in out
+    assert "gradient checks against autograd: 4 passed (every 50 steps)" in out
 
 
-def test_a_bad_optimizer_is_refused():
-    r = run("train", "--optimizer", "adam")
-    assert r.returncode == 2 and "--optimizer: invalid choice: 'adam'" in r.stderr and "Traceback" not in r.stderr
+def test_a_bad_optimizer_is_refused(cli):
+    code, _, err = cli("train", "--optimizer", "adam")
+    assert code == 2 and "--optimizer: invalid choice: 'adam'" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["check", "train", "sample", "bench"])
@@ -165,21 +186,19 @@ def test_every_option_has_help_and_its_default(command):
     assert "(default: " in text
 
 
-def test_train_help_lists_the_defaults():
-    r = run("train", "--help")
-    assert r.returncode == 0
-    help_text = " ".join(r.stdout.split())
+def test_train_help_lists_the_defaults(cli):
+    code, out, _ = cli("train", "--help")
+    assert code == 0
+    help_text = " ".join(out.split())
     for expected in ("training steps (default: 200000)", "learning rate (default: 0.1)",
                      "(default: sgd)", "(default: auto)", "(0: never) (default: 0)"):
         assert expected in help_text, expected
 
 
-def test_without_matplotlib_train_out_says_so_and_writes_the_rest(tmp_path, monkeypatch, capsys):
-    from backprop import cli
-
+def test_without_matplotlib_train_out_says_so_and_writes_the_rest(tmp_path, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    assert cli.main(["train", "--steps", "3", "--hidden", "8", "--out", str(tmp_path), "--json"]) == 0
-    out, err = capsys.readouterr()
+    code, out, err = cli("train", "--steps", "3", "--hidden", "8", "--out", tmp_path, "--json")
+    assert code == 0
     assert json.loads(out)["steps"] == 3
     assert "loss.png needs matplotlib, which is not installed (pip install 'backprop[plot]')" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "summary.json"]

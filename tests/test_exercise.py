@@ -211,7 +211,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, words):
 
 
 def test_python_m_backprop_exercise(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread, as a worker
     bad = solution(tmp_path, "db2 = dlogits.sum(0)", "db2 = dlogits.sum(1)")
     proc = subprocess.run([sys.executable, "-m", "backprop.exercise", str(bad)], capture_output=True, text=True,
                           env=env, timeout=120)

@@ -2,8 +2,9 @@
 bad directories, a diverging run, bad input files and checkpoints, a hostile or corrupt cache.
 Each failure is one line on stderr and a documented exit code (docs/faults.md), never a traceback.
 
-Signals, resource limits and pipes need a real process: those cases run `python -m backprop`.
-The rest run cli.main in this process (a torch import per case would cost seconds). Permission
+Signals, resource limits, pipes and closed descriptors need a real process: those cases run
+`python -m backprop`. The rest run cli.main in this process (the `cli` fixture in conftest.py; a
+torch import per case would cost seconds). Permission
 bits do not stop root: when run as root, a permission case drops to nobody in the subprocess when
 nobody can run this interpreter, else it checks the function that decides, with the write refused.
 """
@@ -19,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from backprop import cli
 from backprop.cli import commands
 from backprop.makemore import aot, data, model, train
 
@@ -39,16 +39,6 @@ def run(*args, timeout=120, **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("stdout", subprocess.PIPE)
     return subprocess.run([sys.executable, "-m", "backprop", *map(str, args)], stderr=subprocess.PIPE,
                           text=True, timeout=timeout, env=env, **kwargs)
-
-
-def main(capsys, *args) -> tuple[int, str, str]:
-    """cli.main in this process: (exit code, stdout, stderr)."""
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse and parser.error exit 2
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> str:
@@ -74,27 +64,27 @@ def _as_nobody() -> None:
 # ----------------------------------------------------------------------------- §1 data loss
 
 
-def test_out_is_refused_before_training(words, tmp_path, capsys):
+def test_out_is_refused_before_training(words, tmp_path, cli):
     """A bad --out ends the run before the first step (10**9 steps would never end)."""
     for out, message in ((words, "is a file"), (tmp_path / "o", "model.pt there is a directory")):
         if out != words:
             (out / "model.pt").mkdir(parents=True)
-        code, _, err = main(capsys, "train", "--data", words, "--steps", 10**9, "--out", out)
+        code, _, err = cli("train", "--data", words, "--steps", 10**9, "--out", out)
         assert code == 2 and message in one_line(err)
 
 
-def test_read_only_out_is_refused_before_training(words, tmp_path, capsys, monkeypatch):
+def test_read_only_out_is_refused_before_training(words, tmp_path, cli, monkeypatch):
     out = tmp_path / "ro"
     out.mkdir()
     out.chmod(0o555)
     if os.geteuid() != 0:
-        code, _, err = main(capsys, "train", "--data", words, "--steps", 10**9, "--out", out)
+        code, _, err = cli("train", "--data", words, "--steps", 10**9, "--out", out)
     else:  # root writes anyway: refuse the probe's write as the kernel would for another user
         def refused(*a, **k):
             raise PermissionError(13, "Permission denied")
 
         monkeypatch.setattr(commands.tempfile, "mkstemp", refused)
-        code, _, err = main(capsys, "train", "--data", words, "--steps", 10**9, "--out", out)
+        code, _, err = cli("train", "--data", words, "--steps", 10**9, "--out", out)
     assert code == 2 and "is not writable (Permission denied)" in one_line(err)
 
 
@@ -117,7 +107,7 @@ def test_a_full_disk_keeps_the_old_checkpoint(words, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
 
 
-def test_a_failed_save_keeps_the_work_elsewhere(words, tmp_path, capsys, monkeypatch):
+def test_a_failed_save_keeps_the_work_elsewhere(words, tmp_path, cli, monkeypatch):
     """The out directory goes bad after the check (here: the first write fails): the run is
     written to a temporary directory, named on stderr, and the exit is 1."""
     real = commands._write_outputs
@@ -130,27 +120,27 @@ def test_a_failed_save_keeps_the_work_elsewhere(words, tmp_path, capsys, monkeyp
         return real(out, *a)
 
     monkeypatch.setattr(commands, "_write_outputs", flaky)
-    code, _, err = main(capsys, "train", "--data", words, *TINY, "--out", tmp_path / "o")
+    code, _, err = cli("train", "--data", words, *TINY, "--out", tmp_path / "o")
     line = one_line(err)
     assert code == 1 and "No space left on device" in line and f"saved in {calls[1]} instead" in line
     assert (calls[1] / "model.pt").is_file() and (calls[1] / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("lr", ["inf", "nan", "-1", "0"])
-def test_the_learning_rate_must_be_finite(lr, capsys):
-    code, _, err = main(capsys, "train", "--lr", lr, "--steps", "1")
+def test_the_learning_rate_must_be_finite(lr, cli):
+    code, _, err = cli("train", "--lr", lr, "--steps", "1")
     assert code == 2 and "expected a positive finite number" in one_line(err)
 
 
-def test_a_diverging_run_stops_writes_its_outputs_and_exits_1(words, tmp_path, capsys):
-    code, out, err = main(capsys, "train", "--data", words, *TINY, "--lr", "1e30", "--out", tmp_path)
+def test_a_diverging_run_stops_writes_its_outputs_and_exits_1(words, tmp_path, cli):
+    code, out, err = cli("train", "--data", words, *TINY, "--lr", "1e30", "--out", tmp_path)
     line = one_line(err)
     assert code == 1 and "diverged: the loss is nan at step" in line and "no samples drawn" in line
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped"].startswith("diverged") and summary["samples"] == []
     assert summary["steps_done"] < 200 and summary["train_loss"] is None  # NaN is not JSON
     assert torch.load(tmp_path / "model.pt", weights_only=True)["stopped"] == summary["stopped"]
-    code, _, err = main(capsys, "sample", "--checkpoint", tmp_path / "model.pt")
+    code, _, err = cli("sample", "--checkpoint", tmp_path / "model.pt")
     assert code == 2 and "non-finite values" in one_line(err)
 
 
@@ -175,10 +165,10 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_steps_done(words, tmp_path):
 # ----------------------------------------------------------------------------- §5 the CLI's own faults
 
 
-def test_a_closed_pipe_is_quiet(tmp_path):
+def test_a_closed_pipe_is_quiet(tmp_path, dataset):
     """`backprop sample | head -1`: the reader goes away; no traceback, exit 141 (as SIGPIPE)."""
     ckpt = tmp_path / "model.pt"
-    torch.save(_state(), ckpt)
+    torch.save(_state(dataset), ckpt)
     r, w = os.pipe()
     os.close(r)  # nobody will read
     p = subprocess.run([sys.executable, "-m", "backprop", "sample", "--checkpoint", str(ckpt), "-n", "50"],
@@ -187,9 +177,9 @@ def test_a_closed_pipe_is_quiet(tmp_path):
     assert p.returncode == 141 and p.stderr == ""
 
 
-def test_a_full_output_device_and_a_closed_stderr(tmp_path):
+def test_a_full_output_device_and_a_closed_stderr(tmp_path, dataset):
     ckpt = tmp_path / "model.pt"
-    torch.save(_state(), ckpt)
+    torch.save(_state(dataset), ckpt)
     with open("/dev/full", "w") as full:
         r = run("sample", "--checkpoint", ckpt, stdout=full)
     assert r.returncode == 1 and one_line(r.stderr) == "backprop: cannot write the output: No space left on device"
@@ -207,18 +197,18 @@ def test_a_full_output_device_and_a_closed_stderr(tmp_path):
     (("check", "--batch-size", str(10**15)), "needs about"),
     (("train", "--steps", str(10**12), "--hidden", str(10**9)), "needs about"),
 ])
-def test_bad_numbers_are_one_line_and_exit_2(args, message, capsys):
-    code, _, err = main(capsys, *args)
+def test_bad_numbers_are_one_line_and_exit_2(args, message, cli):
+    code, _, err = cli(*args)
     assert code == 2 and message in one_line(err)
 
 
-def test_bad_data_files(tmp_path, capsys):
+def test_bad_data_files(tmp_path, cli):
     cases = {tmp_path: "is a directory", Path("/proc/self/mem"): "cannot be read: Input/output error"}
     ctl = tmp_path / "ctl.txt"
     ctl.write_text("\n".join(WORDS + ["bad\x1b[2Jword"]))
     cases[ctl] = "non-printable character U+001B"
     for path, message in cases.items():
-        code, _, err = main(capsys, "check", "--data", path)
+        code, _, err = cli("check", "--data", path)
         assert code == 2 and message in one_line(err), err
 
 
@@ -228,8 +218,7 @@ def test_a_byte_order_mark_is_not_a_character(tmp_path):
     assert "\ufeff" not in data.load_dataset(path).vocab.chars
 
 
-def _state(**change) -> dict:
-    ds = data.load_dataset(data.DEFAULT_DATA)
+def _state(ds, **change) -> dict:
     p = model.init_params(ds.vocab.size, 8)
     m = model.Model(p, ds.vocab, torch.zeros(1, 8), torch.ones(1, 8))
     state = m.state()
@@ -250,38 +239,41 @@ def _state(**change) -> dict:
     ({"block_size": 8}, "block_size 8"),
     ({"chars": lambda c: c[:-1] + ["\x07"]}, "printable"),
 ])
-def test_checkpoints_that_do_not_fit_together(change, message, tmp_path, capsys):
-    torch.save(_state(**change), tmp_path / "m.pt")
-    code, _, err = main(capsys, "sample", "--checkpoint", tmp_path / "m.pt")
+def test_checkpoints_that_do_not_fit_together(change, message, tmp_path, cli, dataset):
+    torch.save(_state(dataset, **change), tmp_path / "m.pt")
+    code, _, err = cli("sample", "--checkpoint", tmp_path / "m.pt")
     assert code == 2 and "not a usable backprop checkpoint" in err and message in one_line(err)
 
 
-def test_directories_are_called_directories(tmp_path, capsys):
-    code, _, err = main(capsys, "sample", "--checkpoint", tmp_path)
+def test_directories_are_called_directories(tmp_path, cli):
+    code, _, err = cli("sample", "--checkpoint", tmp_path)
     assert code == 2 and "is a directory" in one_line(err)
-    code, _, err = main(capsys, "bench", "--out", Path(__file__))
+    code, _, err = cli("bench", "--out", Path(__file__))
     assert code == 2 and "is a file" in one_line(err)
 
 
 # ----------------------------------------------------------------------------- the compiled step
 
 
-def test_without_a_compiler(words, tmp_path, capsys, monkeypatch):
-    """--compile yes: exit 2, one line. auto (from COMPILE_FROM_STEPS): one line, then eager."""
+def test_without_a_compiler(words, tmp_path, cli, monkeypatch):
+    """--compile yes with no g++ on PATH: exit 2, one line. auto (from COMPILE_FROM_STEPS): one
+    line, then eager."""
     empty = tmp_path / "bin"
     empty.mkdir()
-    r = run("train", "--data", words, "--steps", "5", "--compile", "yes", env={"PATH": str(empty)})
-    assert r.returncode == 2 and "g++ is not on PATH" in one_line(r.stderr)
+    with monkeypatch.context() as m:
+        m.setenv("PATH", str(empty))  # looked up when the step would be built (shutil.which)
+        code, _, err = cli("train", "--data", words, "--steps", "5", "--compile", "yes")
+    assert code == 2 and "g++ is not on PATH" in one_line(err)
     from backprop import compiled
 
     monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: False)
     monkeypatch.setattr(train, "COMPILE_FROM_STEPS", 1)
-    code, out, err = main(capsys, "train", "--data", words, "--steps", "5", "--hidden", "8", "--json")
+    code, out, err = cli("train", "--data", words, "--steps", "5", "--hidden", "8", "--json")
     assert code == 0 and json.loads(out)["compiled"] is False
     assert one_line(err) == "backprop train: no C++ compiler (g++) on PATH: training with the slower eager step"
 
 
-def test_compile_yes_failure_is_one_line_exit_1(words, capsys, monkeypatch):
+def test_compile_yes_failure_is_one_line_exit_1(words, cli, monkeypatch):
     from backprop import compiled
 
     def broken(*a, **k):
@@ -289,7 +281,7 @@ def test_compile_yes_failure_is_one_line_exit_1(words, capsys, monkeypatch):
 
     monkeypatch.setattr(compiled, "cpu_compiler_found", lambda: True)
     monkeypatch.setattr(aot, "compiled_step", broken)
-    code, _, err = main(capsys, "train", "--data", words, "--steps", "5", "--hidden", "8", "--compile", "yes")
+    code, _, err = cli("train", "--data", words, "--steps", "5", "--hidden", "8", "--compile", "yes")
     assert code == 1 and one_line(err) == ("backprop train: --compile yes: building the compiled step failed "
                                            "(RuntimeError: the linker fell over)")
 
@@ -314,11 +306,10 @@ class FakeBuild:
 
 
 @pytest.fixture
-def step_args():
-    ds = data.load_dataset(data.DEFAULT_DATA)
-    p = model.init_params(ds.vocab.size, 8)
-    X, Y = ds.splits["train"]
-    return p, {}, X[:100], Y[:100], 4
+def step_args(dataset):
+    p = model.init_params(dataset.vocab.size, 8)
+    X, Y = dataset.splits["train"]
+    return p, {}, X[:100].clone(), Y[:100].clone(), 4
 
 
 def compile_with(step_args, said):

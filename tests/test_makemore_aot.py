@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from backprop.compiled import cpu_compiler_found
-from backprop.makemore import aot, data, model, notebook, step, train
+from backprop.makemore import aot, model, notebook, step, train
 
 # the CPU build (AOTInductor) compiles C++: without a compiler these tests skip
 needs_compiler = pytest.mark.skipif(not cpu_compiler_found() and not torch.cuda.is_available(),
                                     reason="compiling the step on the CPU needs a C++ compiler (g++)")
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return data.load_dataset(data.DEFAULT_DATA)
 
 
 def batch(ds, hidden=32):

@@ -4,13 +4,8 @@ autograd twin, and the calibrated model."""
 import pytest
 import torch
 
-from backprop.makemore import data, model, notebook
+from backprop.makemore import model, notebook
 from backprop.testing.references import batch_norm_composed
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return data.load_dataset(data.DEFAULT_DATA)
 
 
 def test_init_is_reproducible_and_non_degenerate():

@@ -12,11 +12,6 @@ from backprop.makemore import data, model, notebook
 from backprop.testing.mutants import MUTANTS, dropin
 
 
-@pytest.fixture(scope="module")
-def dataset():
-    return data.load_dataset(data.DEFAULT_DATA)
-
-
 def batch(ds, n=32, seed=model.INIT_SEED, hidden=64, dtype=torch.float32):
     return notebook.first_batch(ds, hidden, batch_size=n, seed=seed, dtype=dtype)
 

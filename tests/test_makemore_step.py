@@ -4,12 +4,7 @@ the gradient check and the input checks."""
 import pytest
 import torch
 
-from backprop.makemore import data, model, notebook, step
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    return data.load_dataset(data.DEFAULT_DATA)
+from backprop.makemore import model, notebook, step
 
 
 def whole_batch(Xb):

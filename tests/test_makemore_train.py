@@ -8,11 +8,6 @@ from backprop import compiled
 from backprop.makemore import aot, data, model, step, train
 
 
-@pytest.fixture(scope="module")
-def dataset():
-    return data.load_dataset(data.DEFAULT_DATA)
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 def test_training_lowers_the_loss(dataset, optimizer):
     run = train.train(dataset, steps=300, hidden=64, verify_every=100, optimizer=optimizer, eval_every=150)

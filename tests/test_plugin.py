@@ -158,7 +158,10 @@ def test_end_to_end_the_worked_example_as_a_user_runs_it(tmp_path):
     """pytest in the example's own folder, its [tool.backprop] table naming both ops: the correct
     one passes, the buggy one fails with its table, and suite power is printed."""
     shutil.copytree(EXAMPLE, tmp_path / "mykernels", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path / "mykernels" / "src")])}
+    # one torch thread, as each pytest-xdist worker runs: two threads spin against the other worker
+    # on 2 cores (this run took 28 s of CPU time with two threads, 12 s with one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path / "mykernels" / "src")])}
     run = subprocess.run([sys.executable, "-m", "pytest", *FAST, "-rA"], cwd=tmp_path / "mykernels",
                          env=env, capture_output=True, text=True, timeout=300)
     out = run.stdout
