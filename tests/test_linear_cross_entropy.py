@@ -2,7 +2,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 
 from backprop import linear_cross_entropy
 from backprop.testing import check_against_autograd, references
@@ -25,7 +25,14 @@ def inputs(N=10, D=6, V=13, dtype=torch.float64, seed=0):
             torch.randint(0, V, (N,), generator=g), torch.randn(V, generator=g, dtype=dtype))
 
 
+def _every_row_ignored(reduction):
+    x, w, t, b = inputs(N=3, D=2, V=4)
+    return (x, w, t.fill_(-100), b), {"reduction": reduction}
+
+
 @given(case=linear_cross_entropy_cases())
+@example(case=_every_row_ignored("mean"))  # found by hypothesis: the jvp was 0, torch's 0 / 0 = nan
+@example(case=_every_row_ignored("sum"))
 def test_matches_autograd(device, case):
     check_case("linear_cross_entropy", linear_cross_entropy, on(device, case))
 
