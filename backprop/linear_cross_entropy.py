@@ -8,7 +8,8 @@ consumed by the two gradient matmuls before the next chunk starts:
 - reduction 'mean' / 'sum' (a scalar loss): forward computes the gradients at dloss = 1 while it
   has each chunk's logits (as Liger-Kernel's FusedLinearCrossEntropy and torch's chunked path
   do), so the logits are computed once; the cache holds dx (N, D), dW (V, D), db (V,), and
-  backward only scales them by dout (into new tensors: the cache is never modified).
+  backward only scales them by dout: into new tensors, or, with release=True (the caller never
+  reads the cache again: backprop.autograd on a graph it frees), in place, handing them over.
 - reduction 'none': dout is a vector known only in backward, so backward recomputes each chunk's
   logits: one extra (c, D) x (D, V) matmul per chunk.
 
@@ -124,12 +125,9 @@ def check(x, linear_weight, targets, linear_bias=None, *, weight=None, reduction
     label_smoothing = _check.float_option("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(V, 1))
-    elif _check.int_option("chunk_size", chunk_size) < 1:  # a TypeError for a bool, float or str
+    if chunk_size is not None and _check.int_option("chunk_size", chunk_size) < 1:  # bool/float/str: TypeError
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    else:
-        chunk_size = int(chunk_size)
+    chunk_size = max(1, CHUNK_ELEMENTS // max(V, 1)) if chunk_size is None else int(chunk_size)
     if V == 0:
         raise ValueError(f"linear_weight must have at least one class (V >= 1), got shape "
                          f"{tuple(linear_weight.shape)}")
@@ -176,14 +174,16 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
 
 
 @_check.no_autograd
-def backward(dout: torch.Tensor, cache: Cache) -> Grads:
+def backward(dout: torch.Tensor, cache: Cache, release: bool = False) -> Grads:
     """With z_n = W x_n + b, p = softmax(z_n), w = class weights (1 if None), eps = label_smoothing:
     dz[n, c] = g_n (a_n p[c] - q_n[c]),  q_n[c] = (1 - eps) w[y_n] [c == y_n] + (eps / V) w[c],
     a_n = sum_c q_n[c];  g_n = dout / sum_kept w[y] ('mean'), dout ('sum'), dout[n] ('none'), 0 if ignored;
     dx = dz @ W,  dW = dz.T @ x,  db = dz.sum(0): summed chunk by chunk, dz never whole.
+    release=True: the caller never uses this cache again; a scalar loss's cached gradients are then
+    scaled in place and returned (no second copy). Default: the cache is left as it was.
     """
     check_backward(dout, cache)
-    return backward_math(dout, cache)
+    return backward_math(dout, cache, release)
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
@@ -193,13 +193,13 @@ def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.dout(dout, rows, cache.x.dtype, cache.x.device)
 
 
-def backward_math(dout: torch.Tensor, cache: Cache) -> Grads:
+def backward_math(dout: torch.Tensor, cache: Cache, release: bool = False) -> Grads:
     x, W, targets, b, cw, valid, _, reduction, eps, chunk, dx1, dW1, db1, _ = cache
     if reduction != "none":
-        # the loss is linear in dloss: scale the gradients forward computed at dloss = 1, into
-        # new tensors (the cache is never modified, so backward can run twice)
-        dout = _through(dout, _denominator(cache))
-        return dx1 * dout, dW1 * dout, None, None if db1 is None else db1 * dout
+        # the loss is linear in dloss: scale the gradients forward computed at dloss = 1, into new
+        # tensors (backward can run again on this cache), or in place when the cache is released
+        s, scale = _through(dout, _denominator(cache)), torch.Tensor.mul_ if release else torch.mul
+        return scale(dx1, s), scale(dW1, s), None, None if db1 is None else scale(db1, s)
     g = _kept(dout[:, None], _rows(valid, 0, x.shape[0]))  # (N, 1)
     grads = _Grads(x, W, b is not None)
     for i, j, logp in _chunks(x, W, b, chunk):  # the logits again: one more matmul per chunk
@@ -271,8 +271,7 @@ def _denominator(a: Args | Cache) -> int | torch.Tensor:
 
 
 def _through(dout: torch.Tensor, denom: int | torch.Tensor) -> torch.Tensor:
-    """dout; but where denom = 0 (every row ignored), 0 with torch's derivative of
-    where(kept, dout / denom, 0) there, 0 / 0 = nan: what a double backward's d/ddout sees."""
+    """dout; at denom = 0, 0 with torch's derivative of where(kept, dout / denom, 0): 0 / 0 = nan."""
     d = torch.as_tensor(denom, device=dout.device)
     return torch.where(d != 0, dout, torch.where(d != 0, dout / d, 0.0).to(dout.dtype))
 
