@@ -1,9 +1,8 @@
 """linear_cross_entropy: cross_entropy(x @ W.T + b, targets), the twin of ``F.linear_cross_entropy``,
 without ever holding the (N, V) logits.
 
-Design (docs/linear_cross_entropy.md has the measurements). The rows are processed in chunks of
-``chunk_size`` rows; a chunk's logits (c, V) are computed, turned into that chunk's dlogits, and
-consumed by the two gradient matmuls before the next chunk starts:
+Design (measured in docs/linear_cross_entropy.md): rows in chunks of ``chunk_size``; a chunk's logits
+(c, V) are turned into its dlogits and consumed by the two gradient matmuls before the next chunk:
 
 - reduction 'mean' / 'sum' (a scalar loss): forward computes the gradients at dloss = 1 while it
   has each chunk's logits (as Liger-Kernel's FusedLinearCrossEntropy and torch's chunked path
@@ -198,7 +197,7 @@ def backward_math(dout: torch.Tensor, cache: Cache, release: bool = False) -> Gr
     if reduction != "none":
         # the loss is linear in dloss: scale the gradients forward computed at dloss = 1, into new
         # tensors (backward can run again on this cache), or in place when the cache is released
-        s, scale = _through(dout, _denominator(cache)), torch.Tensor.mul_ if release else torch.mul
+        s, scale = _through(dout, cache), torch.Tensor.mul_ if release else torch.mul
         return scale(dx1, s), scale(dW1, s), None, None if db1 is None else scale(db1, s)
     g = _kept(dout[:, None], _rows(valid, 0, x.shape[0]))  # (N, 1)
     grads = _Grads(x, W, b is not None)
@@ -270,9 +269,11 @@ def _denominator(a: Args | Cache) -> int | torch.Tensor:
     return _kept(a.weight[a.targets], a.valid).sum(dtype=_check.opmath(a.x.dtype))
 
 
-def _through(dout: torch.Tensor, denom: int | torch.Tensor) -> torch.Tensor:
-    """dout; at denom = 0, 0 with torch's derivative of where(kept, dout / denom, 0): 0 / 0 = nan."""
-    d = torch.as_tensor(denom, device=dout.device)
+def _through(dout: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """dout; differentiated (double backward), torch's d/ddout of where(kept, dout / denom, 0): nan at 0."""
+    if not torch.is_grad_enabled():
+        return dout
+    d = torch.as_tensor(_denominator(cache), device=dout.device)
     return torch.where(d != 0, dout, torch.where(d != 0, dout / d, 0.0).to(dout.dtype))
 
 
