@@ -42,9 +42,8 @@ Peak memory (extra_info["peak_bytes"]): the most bytes one call holds beyond wha
 it, the returned gradients included. On CUDA, in the timing run: torch.cuda.max_memory_allocated
 after reset_peak_memory_stats. On the CPU, in a separate pass (BACKPROP_BENCH=memory, one call
 per case, no timing), because the profiler slows every later op of its process by 2x:
-torch.profiler with profile_memory=True attributes each allocation to the op that made it
-(self_cpu_memory_usage) and records each free as a "[memory]" event; the running sum of those
-in time order, and its maximum, is the peak (at op granularity).
+torch.profiler with profile_memory=True records each allocation and free with its time; the
+running sum of those in time order, and its maximum, is the peak (backprop.bench.cpu_peak_bytes).
 """
 
 from __future__ import annotations
@@ -170,16 +169,7 @@ def peak_bytes(step: Callable, device: str) -> int:
         peak = torch.cuda.max_memory_allocated() - before
         del result
         return peak
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = step()
-    del result
-    running = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += event.self_cpu_memory_usage  # + at the allocating op, - at "[memory]" frees
-        peak = max(peak, running)
-    return peak
+    return stats.cpu_peak_bytes(step)  # the profiler's allocation and free records, in time order
 
 
 @pytest.fixture(params=[*VARIANTS, "paired"])
