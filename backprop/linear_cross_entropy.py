@@ -15,8 +15,9 @@ Design (measured in docs/linear_cross_entropy.md): rows in chunks of ``chunk_siz
 Each chunk: logits into one (c, V) buffer reused by every chunk -> log_softmax in place -> the
 loss rows -> dz over the log-probabilities -> dx[chunk] = dz @ W, dW += dz.T @ x[chunk], db +=
 dz.sum(0). Memory beyond inputs and outputs: the chunk buffer and O(N D + V D) gradients, never O(N V).
-The default chunk (CHUNK_ELEMENTS logits: 512 rows at V = 32768) stays under dx + dW, which the
-scalar path returns anyway, and is large enough for the chunk matmuls to run at full rate.
+The default chunk, CHUNK_ELEMENTS = 2^23 logits (32 MiB in float32, 256 rows at V = 32768): when the
+adapter hands the cached gradients over, the forward's buffer + gradients is the peak (100 MiB at
+(2048, 512) -> 32768); the chunk matmuls still run at the full rate (512 rows: no faster, paired).
 
 Class weights (``weight=``) and label smoothing follow F.cross_entropy exactly, including its
 weighted mean (divided by the sum of the kept targets' weights) and its smoothing term
@@ -33,7 +34,7 @@ from backprop import _check
 
 REDUCTIONS = ("mean", "sum", "none")
 Grads = tuple[torch.Tensor, torch.Tensor, None, torch.Tensor | None]  # dx, dlinear_weight, None, dlinear_bias
-CHUNK_ELEMENTS = 2**24  # the default chunk's logits: at most this many (64 MiB in float32)
+CHUNK_ELEMENTS = 2**23  # the default chunk's logits: at most this many (32 MiB in float32)
 
 
 class Args(NamedTuple):
@@ -144,10 +145,8 @@ def prepare(x, linear_weight, targets, linear_bias=None, *, weight=None, reducti
         return a  # the common case in one pass: every target a class, so none equals ignore_index
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
-    if count < a.count:
-        safe = torch.where(valid, targets, 0)  # (N,) a gatherable index on ignored rows
-    else:
-        safe, valid = targets, None
+    # (N,) a gatherable index on ignored rows; valid None when none is ignored
+    safe, valid = (torch.where(valid, targets, 0), valid) if count < a.count else (targets, None)
     _check.in_range("targets", safe, 0, V, allowed=f"ignore_index={ignore_index}")
     return a._replace(targets=safe, valid=valid, count=count)
 
@@ -168,6 +167,7 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     for i, j, logp in _chunks(x, W, b, chunk):
         rows.append(_row_loss(logp, targets[i:j], _rows(valid, i, j), cw, eps))
         grads.add(_dlogits_(logp, g[i:j], targets[i:j], cw, eps), i, j)  # dz in logp's memory
+    logp = None  # the chunk buffer (a view of it outlives the loop) freed before dx's rows are joined
     out = (_join(rows, x).sum() / denom).to(x.dtype)  # nan for 'mean' when every row is ignored, as in torch
     return out, Cache(*a, *grads.result(x.dtype), versions)
 
