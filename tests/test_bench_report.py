@@ -231,3 +231,24 @@ def test_cpu_peak_counts_each_free_when_it_happens():
         return torch.empty(2**19)
 
     assert bench.cpu_peak_bytes(step) == 8 * 2**20
+
+
+def test_memory_targets_judge_the_memory_pass():
+    """linear_cross_entropy's memory targets (the op table's): the contender's extra peak over the
+    pair's, from the memory pass, met at most 1/4; none shown without a memory pass."""
+    shape = "large 2048x512->32768"
+    times = {c: steady(1e-3, seed=k) for k, c in enumerate(["manual", "adapter", "autograd", "native"])}
+    timing = run(entry("linear_cross_entropy", shape, "fwd+bwd", times))
+    memory = [{"extra_info": {"op": "linear_cross_entropy", "shape": shape, "mode": "fwd+bwd", "device": "cpu",
+                              "variant": v, "peak_bytes": mib * 2**20}}
+              for v, mib in (("manual", 200), ("adapter", 100), ("autograd", 768), ("native", 204))]
+    text, _ = report.report([timing], memory)
+    rows = text.split("### Memory targets (cpu)")[1].split("###")[0].strip().splitlines()[2:]
+    assert rows == [
+        f"| adapter path's extra peak <= 1/4 of F.linear + F.cross_entropy's | linear_cross_entropy | {shape} "
+        "| 100 / 768 | 0.130 | yes (at most 0.25) |",
+        f"| kernel path's extra peak <= 1/4 of F.linear + F.cross_entropy's | linear_cross_entropy | {shape} "
+        "| 200 / 768 | 0.260 | **no** (at most 0.25) |"]
+    text, _ = report.report([timing], None)
+    assert "| — | — | — |" in text.split("### Memory targets (cpu)")[1]
+    assert "### Memory targets" not in report.report([run(entry("tanh", "large 16M", "bwd", times))], None)[0]
