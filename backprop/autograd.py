@@ -13,10 +13,16 @@ recomputes the cache from the saved inputs and runs ``forward_math`` / ``backwar
 differentiable torch ops (functionalised: the kernels' in-place updates become out-of-place),
 so autograd differentiates our hand-written backward. The first-order gradient is the same
 formula either way; only the graph is extra.
+
+The last backward: when autograd frees the graph after this backward (no retain_graph or
+create_graph), grad mode is off and no torch.func transform is active, an op whose ``backward``
+takes ``release`` is called with ``release=True``: it may hand over what its cache holds
+(linear_cross_entropy scales its cached gradients in place and returns them) instead of copying.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from types import ModuleType
@@ -82,7 +88,9 @@ class KernelFunction(torch.autograd.Function):
         op, options, *args = inputs
         out, *extras, spec = output
         ctx.mark_non_differentiable(*extras)
-        ctx.set_materialize_grads(True)
+        # no zeros for the cache outputs, which never get a gradient (a (V, D) buffer for
+        # linear_cross_entropy's dW): backward makes dout itself when out got none
+        ctx.set_materialize_grads(False)
         ctx.op, ctx.options, ctx.spec, ctx.n_args = op, options, spec, len(args)
         # every tensor input is kept, not only the cache's: a second backward recomputes the cache
         # from them (a parameter or an activation that the caller holds anyway, in a model)
@@ -100,11 +108,18 @@ class KernelFunction(torch.autograd.Function):
         return args, join_cache(ctx.spec, args, out, list(saved))
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor, *_: Any) -> tuple:
+    def backward(ctx: Any, dout: torch.Tensor | None, *_: Any) -> tuple:
         args, cache = KernelFunction._unpack(ctx)
         op = ctx.op
+        if dout is None:  # out did not reach the loss (the cache outputs never get a gradient)
+            dout = torch.zeros_like(ctx.saved_tensors[sum(ctx.arg_slots)])
         if torch.is_grad_enabled():  # create_graph=True, or an outer torch.func transform
             grads = _differentiable_backward(ctx, args, cache, dout)
+        elif _last_use() and _takes_release(op.backward):
+            # nothing reads this cache again: an op whose cache holds finished gradients hands them
+            # over, scaled in place (the engine then frees the saved tensors, and AccumulateGrad
+            # keeps the handed-over tensor as .grad rather than a copy)
+            grads = op.backward(dout.contiguous(), cache, release=True)
         else:
             grads = op.backward(dout.contiguous(), cache)
         return (None, None, *grads)
@@ -152,6 +167,26 @@ class KernelFunction(torch.autograd.Function):
                 )
         stacked = [torch.stack([res[k] for res in per_sample]) for k in range(len(per_sample[0]) - 1)]
         return (*stacked, spec), (*[0] * len(stacked), None)
+
+
+# True while a backward runs with retain_graph=True or create_graph=True (and outside any backward);
+# False when autograd frees the graph's saved tensors after each node. Private in torch: absent, never release
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+
+
+def _last_use() -> bool:
+    """Is this the cache's last use? The engine frees the graph after this backward (no
+    retain_graph or create_graph), grad mode is off and no torch.func transform is active."""
+    return not (_keep_graph() or torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack())
+
+
+@functools.cache
+def _takes_release(backward: Any) -> bool:
+    """Does op.backward take ``release`` (may it consume its cache)? Looked up once per op."""
+    try:
+        return "release" in inspect.signature(backward).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 def _outer_transform(args: list) -> bool:

@@ -51,10 +51,10 @@ class CompiledOp:
         def forward(*args: Any, **options: Any) -> tuple[torch.Tensor, tuple]:
             return self._forward(op.prepare(*args, **options))
 
-        @functools.wraps(op.backward)
-        def backward(dout: torch.Tensor, cache: tuple) -> tuple[torch.Tensor | None, ...]:
+        @functools.wraps(op.backward)  # its signature: backprop.autograd passes release=True where it has one
+        def backward(dout: torch.Tensor, cache: tuple, **release: bool) -> tuple[torch.Tensor | None, ...]:
             op.check_backward(dout, cache)
-            return self._backward(dout, cache)
+            return self._backward(dout, cache, **release)
 
         self.forward, self.backward = _check.no_autograd(forward), _check.no_autograd(backward)
 

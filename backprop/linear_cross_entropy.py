@@ -1,26 +1,23 @@
 """linear_cross_entropy: cross_entropy(x @ W.T + b, targets), the twin of ``F.linear_cross_entropy``,
 without ever holding the (N, V) logits.
 
-Design (docs/linear_cross_entropy.md has the measurements). The rows are processed in chunks of
-``chunk_size`` rows; a chunk's logits (c, V) are computed, turned into that chunk's dlogits, and
-consumed by the two gradient matmuls before the next chunk starts:
+Design (measured in docs/linear_cross_entropy.md): rows in chunks of ``chunk_size``; a chunk's logits
+(c, V) are turned into its dlogits and consumed by the two gradient matmuls before the next chunk:
 
 - reduction 'mean' / 'sum' (a scalar loss): forward computes the gradients at dloss = 1 while it
   has each chunk's logits (as Liger-Kernel's FusedLinearCrossEntropy and torch's chunked path
   do), so the logits are computed once; the cache holds dx (N, D), dW (V, D), db (V,), and
-  backward only scales them by dout (into new tensors: the cache is never modified).
+  backward only scales them by dout: into new tensors, or, with release=True (the caller never
+  reads the cache again: backprop.autograd on a graph it frees), in place, handing them over.
 - reduction 'none': dout is a vector known only in backward, so backward recomputes each chunk's
   logits: one extra (c, D) x (D, V) matmul per chunk.
 
-Each chunk: logits (c, V) into one buffer reused by every chunk -> log_softmax in place (one
-fused, shifted, row-wise pass) -> the loss rows -> dz written over the log-probabilities ->
-dx[chunk] = dz @ W, dW += dz.T @ x[chunk] (one addmm_), db += dz.sum(0). Memory beyond inputs and
-outputs: one chunk buffer plus the O(N D + V D) gradients, never O(N V).
-
-The default chunk holds at most 2^24 logits (64 MiB in float32, 512 rows at V = 32768, D = 512):
-under dx + dW, which the scalar path returns anyway, so the buffer does not raise the peak of a
-forward and backward; and large enough that the chunk matmuls run at the full matmuls' rate and dW
-is read and written only N / 512 times (docs/linear_cross_entropy.md has the measurements).
+Each chunk: logits into one (c, V) buffer reused by every chunk -> log_softmax in place -> the
+loss rows -> dz over the log-probabilities -> dx[chunk] = dz @ W, dW += dz.T @ x[chunk], db +=
+dz.sum(0). Memory beyond inputs and outputs: the chunk buffer and O(N D + V D) gradients, never O(N V).
+The default chunk, CHUNK_ELEMENTS = 2^23 logits (32 MiB in float32, 256 rows at V = 32768): when the
+adapter hands the cached gradients over, the forward's buffer + gradients is the peak (100 MiB at
+(2048, 512) -> 32768); the chunk matmuls still run at the full rate (512 rows: no faster, paired).
 
 Class weights (``weight=``) and label smoothing follow F.cross_entropy exactly, including its
 weighted mean (divided by the sum of the kept targets' weights) and its smoothing term
@@ -36,7 +33,8 @@ import torch
 from backprop import _check
 
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_ELEMENTS = 2**24  # the default chunk's logits: at most this many (64 MiB in float32)
+Grads = tuple[torch.Tensor, torch.Tensor, None, torch.Tensor | None]  # dx, dlinear_weight, None, dlinear_bias
+CHUNK_ELEMENTS = 2**23  # the default chunk's logits: at most this many (32 MiB in float32)
 
 
 class Args(NamedTuple):
@@ -127,12 +125,9 @@ def check(x, linear_weight, targets, linear_bias=None, *, weight=None, reduction
     label_smoothing = _check.float_option("label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
-    if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(V, 1))
-    elif _check.int_option("chunk_size", chunk_size) < 1:  # a TypeError for a bool, float or str
+    if chunk_size is not None and _check.int_option("chunk_size", chunk_size) < 1:  # bool/float/str: TypeError
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    else:
-        chunk_size = int(chunk_size)
+    chunk_size = max(1, CHUNK_ELEMENTS // max(V, 1)) if chunk_size is None else int(chunk_size)
     if V == 0:
         raise ValueError(f"linear_weight must have at least one class (V >= 1), got shape "
                          f"{tuple(linear_weight.shape)}")
@@ -150,17 +145,15 @@ def prepare(x, linear_weight, targets, linear_bias=None, *, weight=None, reducti
         return a  # the common case in one pass: every target a class, so none equals ignore_index
     valid = targets != ignore_index  # (N,)
     count = int(valid.sum())
-    if count < a.count:
-        safe = torch.where(valid, targets, 0)  # (N,) a gatherable index on ignored rows
-    else:
-        safe, valid = targets, None
+    # (N,) a gatherable index on ignored rows; valid None when none is ignored
+    safe, valid = (torch.where(valid, targets, 0), valid) if count < a.count else (targets, None)
     _check.in_range("targets", safe, 0, V, allowed=f"ignore_index={ignore_index}")
     return a._replace(targets=safe, valid=valid, count=count)
 
 
 def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     """forward without the checks: the loss, and for a scalar loss the gradients at dloss = 1."""
-    x, W, targets, b, cw, valid, count, reduction, eps, chunk = a
+    x, W, targets, b, cw, valid, _, reduction, eps, chunk = a
     N = x.shape[0]
     rows = []  # each chunk's loss rows (c,), joined once: no copy into a slice (forward mode refuses it)
     versions = _check.versions(x, W, targets, b, cw)
@@ -168,29 +161,28 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         for i, j, logp in _chunks(x, W, b, chunk):
             rows.append(_row_loss(logp, targets[i:j], _rows(valid, i, j), cw, eps))
         return _join(rows, x), Cache(*a, None, None, None, versions)
-    # g_n at dloss = 1: 'mean' divides by the kept rows' total weight (float32 for 16-bit weights)
-    denom = 1 if reduction == "sum" else count if cw is None else _kept(cw[targets], valid).sum(
-        dtype=_check.opmath(x.dtype))
+    denom = _denominator(a)  # g_n = 1 / denom at dloss = 1
     g = _kept(torch.full((N, 1), 1.0, dtype=x.dtype, device=x.device) / denom, _rows(valid, 0, N))  # (N, 1)
     grads = _Grads(x, W, b is not None)  # select, not multiply, above: 1 / 0 is inf with every row ignored
     for i, j, logp in _chunks(x, W, b, chunk):
         rows.append(_row_loss(logp, targets[i:j], _rows(valid, i, j), cw, eps))
         grads.add(_dlogits_(logp, g[i:j], targets[i:j], cw, eps), i, j)  # dz in logp's memory
+    logp = None  # the chunk buffer (a view of it outlives the loop) freed before dx's rows are joined
     out = (_join(rows, x).sum() / denom).to(x.dtype)  # nan for 'mean' when every row is ignored, as in torch
     return out, Cache(*a, *grads.result(x.dtype), versions)
 
 
 @_check.no_autograd
-def backward(
-    dout: torch.Tensor, cache: Cache
-) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor | None]:
+def backward(dout: torch.Tensor, cache: Cache, release: bool = False) -> Grads:
     """With z_n = W x_n + b, p = softmax(z_n), w = class weights (1 if None), eps = label_smoothing:
     dz[n, c] = g_n (a_n p[c] - q_n[c]),  q_n[c] = (1 - eps) w[y_n] [c == y_n] + (eps / V) w[c],
     a_n = sum_c q_n[c];  g_n = dout / sum_kept w[y] ('mean'), dout ('sum'), dout[n] ('none'), 0 if ignored;
     dx = dz @ W,  dW = dz.T @ x,  db = dz.sum(0): summed chunk by chunk, dz never whole.
+    release=True: the caller never uses this cache again; a scalar loss's cached gradients are then
+    scaled in place and returned (no second copy). Default: the cache is left as it was.
     """
     check_backward(dout, cache)
-    return backward_math(dout, cache)
+    return backward_math(dout, cache, release)
 
 
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
@@ -200,14 +192,13 @@ def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.dout(dout, rows, cache.x.dtype, cache.x.device)
 
 
-def backward_math(
-    dout: torch.Tensor, cache: Cache
-) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor | None]:
+def backward_math(dout: torch.Tensor, cache: Cache, release: bool = False) -> Grads:
     x, W, targets, b, cw, valid, _, reduction, eps, chunk, dx1, dW1, db1, _ = cache
     if reduction != "none":
-        # the loss is linear in dloss: scale the gradients forward computed at dloss = 1, into
-        # new tensors (the cache is never modified, so backward can run twice)
-        return dx1 * dout, dW1 * dout, None, None if db1 is None else db1 * dout
+        # the loss is linear in dloss: scale the gradients forward computed at dloss = 1, into new
+        # tensors (backward can run again on this cache), or in place when the cache is released
+        s, scale = _through(dout, cache), torch.Tensor.mul_ if release else torch.mul
+        return scale(dx1, s), scale(dW1, s), None, None if db1 is None else scale(db1, s)
     g = _kept(dout[:, None], _rows(valid, 0, x.shape[0]))  # (N, 1)
     grads = _Grads(x, W, b is not None)
     for i, j, logp in _chunks(x, W, b, chunk):  # the logits again: one more matmul per chunk
@@ -216,9 +207,7 @@ def backward_math(
     return dx, dW, None, db
 
 
-def jvp(
-    tangents: tuple[torch.Tensor | None, ...], cache: Cache
-) -> torch.Tensor | None:
+def jvp(tangents: tuple[torch.Tensor | None, ...], cache: Cache) -> torch.Tensor | None:
     """Forward mode. The logits move by t_z = t_x W^T + x t_W^T + t_b, so row n's loss moves by
     <dz1_n, t_z,n> with dz1 = backward's dlogits at g_n = 1 (0 on ignored rows):
         'none':  t_loss_n = sum_c (a_n p_n[c] - q_n[c]) t_z[n, c]
@@ -231,7 +220,10 @@ def jvp(
     x, W, targets, b, cw, valid, _, reduction, eps, chunk, dx1, dW1, db1, _ = cache
     if reduction != "none":
         terms = [(d * t).sum() for d, t in ((dx1, t_x), (dW1, t_w), (db1, t_b)) if t is not None]
-        return sum(terms[1:], terms[0])
+        t = sum(terms[1:], terms[0])
+        # the cached gradients hold 1 / denom, or 0 if denom = 0 (all ignored): d / d is 1, or torch's 0 / 0
+        d = torch.as_tensor(_denominator(cache), device=x.device)
+        return t * (d / d).to(t.dtype)
     g = _kept(x.new_ones(x.shape[0], 1), _rows(valid, 0, x.shape[0]))  # (N, 1)
     rows = []  # out of place: under vmap the tangents are batched and the cache is not
     for i, j, logp in _chunks(x, W, b, chunk):
@@ -270,6 +262,21 @@ def _join(rows: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows) if rows else x.new_zeros(0)
 
 
+def _denominator(a: Args | Cache) -> int | torch.Tensor:
+    """'mean': sum_kept w[y] (the kept rows' count unweighted; float32 for 16-bit weights); 'sum': 1."""
+    if a.reduction == "sum" or a.weight is None:
+        return 1 if a.reduction == "sum" else a.count
+    return _kept(a.weight[a.targets], a.valid).sum(dtype=_check.opmath(a.x.dtype))
+
+
+def _through(dout: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """dout; differentiated (double backward), torch's d/ddout of where(kept, dout / denom, 0): nan at 0."""
+    if not torch.is_grad_enabled():
+        return dout
+    d = torch.as_tensor(_denominator(cache), device=dout.device)
+    return torch.where(d != 0, dout, torch.where(d != 0, dout / d, 0.0).to(dout.dtype))
+
+
 def _rows(valid: torch.Tensor | None, i: int, j: int) -> torch.Tensor | None:
     return None if valid is None else valid[i:j, None]  # (c, 1)
 
@@ -278,9 +285,8 @@ def _kept(t: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return t if valid is None else torch.where(valid, t, 0.0)
 
 
-def _row_loss(
-    logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None, cw: torch.Tensor | None, eps: float,
-) -> torch.Tensor:
+def _row_loss(logp: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None, cw: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
     """loss_n = (1 - eps) w[y] (-log p[y]) + (eps / V) sum_c w[c] (-log p[c]): (c, V) -> (c,)."""
     V = logp.shape[1]
     nll = logp.gather(1, targets[:, None]).neg_()  # (c, 1)
@@ -292,9 +298,8 @@ def _row_loss(
     return _kept(nll, valid).squeeze(1)
 
 
-def _dlogits_(
-    logp: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, cw: torch.Tensor | None, eps: float,
-) -> torch.Tensor:
+def _dlogits_(logp: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, cw: torch.Tensor | None,
+              eps: float) -> torch.Tensor:
     """dz = g (a p - q) for a chunk, written over its log-probabilities logp (c, V); g (c, 1)."""
     V = logp.shape[1]
     total = V if cw is None else cw.sum()  # sum_c w[c]

@@ -15,6 +15,10 @@ Variants (the ``variant`` fixture):
                      the machine's bandwidth for a function that returns a new tensor, as every
                      contender does (on the CPU a large fresh allocation is page-faulted in by the
                      kernel, a real part of every contender's time), measured in the same run
+  adapter            backprop.autograd.apply(backprop.<op>, ...) under torch.autograd: only for an op
+                     whose OpInfo lists it in bench_variants (OPT_IN), where the adapter's path
+                     differs from the kernel's (linear_cross_entropy: its last backward hands the
+                     cached gradients over); skipped for the others
 
 Modes (the ``mode`` fixture): ``fwd+bwd`` times forward then backward; ``bwd`` times the
 backward alone, on a cache (or autograd graph, kept with retain_graph) built outside the timing.
@@ -42,13 +46,13 @@ Peak memory (extra_info["peak_bytes"]): the most bytes one call holds beyond wha
 it, the returned gradients included. On CUDA, in the timing run: torch.cuda.max_memory_allocated
 after reset_peak_memory_stats. On the CPU, in a separate pass (BACKPROP_BENCH=memory, one call
 per case, no timing), because the profiler slows every later op of its process by 2x:
-torch.profiler with profile_memory=True attributes each allocation to the op that made it
-(self_cpu_memory_usage) and records each free as a "[memory]" event; the running sum of those
-in time order, and its maximum, is the peak (at op granularity).
+torch.profiler with profile_memory=True records each allocation and free with its time; the
+running sum of those in time order, and its maximum, is the peak (backprop.bench.cpu_peak_bytes).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -59,10 +63,12 @@ import backprop
 import backprop.library
 from backprop import bench as stats
 from backprop import compiled
+from backprop.autograd import apply as adapter_apply
 from backprop.testing import random_dout
 from backprop.testing.opinfo import OPS as TABLE
 
 VARIANTS = ["manual", "manual-compiled", "custom-op", "autograd", "autograd-compiled", "native", "copy"]
+OPT_IN = ["adapter"]  # run only for the ops whose OpInfo.bench_variants names them
 MODES = ["fwd+bwd", "bwd"]
 MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))
 MAX_ROUNDS = 50
@@ -72,9 +78,10 @@ SWEEP_CONTENDERS = ["manual", "autograd", "native"]  # no compiled paths: a reco
 QUICK = os.environ.get("BACKPROP_BENCH_QUICK") == "1"
 # the paired tests' contenders: BACKPROP_BENCH_CONTENDERS=manual,custom-op times only those (a run
 # about one comparison, at the large shapes where every contender costs seconds a call)
-PAIRED = [v for v in os.environ.get("BACKPROP_BENCH_CONTENDERS", ",".join(VARIANTS)).split(",") if v]
-if not set(PAIRED) <= set(VARIANTS):
-    raise ValueError(f"BACKPROP_BENCH_CONTENDERS: {sorted(set(PAIRED) - set(VARIANTS))} not among {VARIANTS}")
+PAIRED = [v for v in os.environ.get("BACKPROP_BENCH_CONTENDERS", ",".join(VARIANTS + OPT_IN)).split(",") if v]
+if not set(PAIRED) <= set(VARIANTS + OPT_IN):
+    raise ValueError(f"BACKPROP_BENCH_CONTENDERS: {sorted(set(PAIRED) - set(VARIANTS + OPT_IN))} not among "
+                     f"{VARIANTS + OPT_IN}")
 _COMPILED_REFERENCES: dict[str, Callable] = {}
 # torch.ops.backprop.<op> for every op the library registers (backprop.library.TABLE)
 CUSTOM_OPS: dict[str, Callable] = {name: getattr(torch.ops.backprop, name) for name in backprop.library.TABLE}
@@ -135,6 +142,10 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         steps = _autograd_steps(CUSTOM_OPS[name], args, options, dout)
     elif variant == "autograd":
         steps = _autograd_steps(TABLE[name].reference, args, options, dout)
+    elif variant == "adapter":
+        if variant not in TABLE[name].bench_variants:
+            pytest.skip(f"{name}: the adapter path is the kernel's (not in its OpInfo.bench_variants)")
+        steps = _autograd_steps(functools.partial(adapter_apply, backprop.OPS[name]), args, options, dout)
     elif variant == "autograd-compiled":
         fn = _COMPILED_REFERENCES.setdefault(name, torch.compile(TABLE[name].reference))
         steps = _autograd_steps(fn, args, options, dout)
@@ -149,7 +160,7 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         src = torch.empty(nbytes // (2 * dout.element_size()), dtype=dout.dtype, device=device).normal_()
         steps = (src.clone,) * 2  # allocates its output, as every contender does
     else:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"variant must be one of {VARIANTS + OPT_IN}, got {variant!r}")
     run = steps[MODES.index(mode)]
 
     def step():
@@ -170,19 +181,10 @@ def peak_bytes(step: Callable, device: str) -> int:
         peak = torch.cuda.max_memory_allocated() - before
         del result
         return peak
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = step()
-    del result
-    running = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += event.self_cpu_memory_usage  # + at the allocating op, - at "[memory]" frees
-        peak = max(peak, running)
-    return peak
+    return stats.cpu_peak_bytes(step)  # the profiler's allocation and free records, in time order
 
 
-@pytest.fixture(params=[*VARIANTS, "paired"])
+@pytest.fixture(params=[*VARIANTS, *OPT_IN, "paired"])
 def variant(request):
     return request.param
 

@@ -39,8 +39,8 @@ from backprop.testing.opinfo import OP_DB  # noqa: E402
 
 COMPILED_MODELS = ("custom-op-compiled", "functional-compiled")  # the train step's drop-in pair
 CUSTOM_OP_BAR = 1 / 1.1  # manual / custom-op: the custom-op path at most 10% slower than the kernel
-CONTENDERS = ["manual", "manual-compiled", "custom-op", "autograd", "autograd-compiled", "native", "copy",
-              "notebook", "custom-op-compiled", "functional-compiled"]
+CONTENDERS = ["manual", "manual-compiled", "custom-op", "adapter", "autograd", "autograd-compiled", "native",
+              "copy", "notebook", "custom-op-compiled", "functional-compiled"]
 
 # (op, shape regex, mode, contender, baseline, threshold, what): the speed issues' targets, from
 # the op table (each op's own, and opinfo.FASTEST for every op: best >= 1x torch fastest at the
@@ -59,6 +59,10 @@ TARGETS = [
     ("train_step", "compiled models", "step", "custom-op-compiled", "functional-compiled", 1.0,
      "compiled model: torch.ops.backprop vs torch functionals (no bar; 1x = parity)"),
 ]
+
+# (op, shape regex, mode, contender, baseline, at most, what): the contender's extra peak memory over the
+# baseline's (the memory pass, BACKPROP_BENCH=memory), from the op table's memory_targets
+MEMORY_TARGETS = [(info.name, *target) for info in OP_DB for target in info.memory_targets]
 
 Groups = dict[tuple, Group]
 
@@ -196,6 +200,24 @@ def targets(gs: Groups, device: str = "cpu") -> str:
     return "\n".join(lines)
 
 
+def memory_targets(gs: Groups, device: str = "cpu") -> str:
+    """The memory targets: peak(contender) / peak(baseline), met when at most the threshold; "—"
+    without a memory pass (or a contender it did not measure)."""
+    lines = ["| target | op | shape | extra peak MiB (contender / baseline) | ratio | met |",
+             "|---|---|---|---:|---:|---|"]
+    for op, pattern, mode, contender, baseline, threshold, what in MEMORY_TARGETS:
+        for g in sorted((g for g in gs.values() if (g.device, g.mode, g.op) == (device, mode, op)
+                         and not g.sweep and re.search(pattern, g.shape)), key=lambda g: g.shape):
+            ours, theirs = (g.peak or {}).get(contender), (g.peak or {}).get(baseline)
+            if ours is None or not theirs:
+                lines.append(f"| {what} | {op} | {g.shape} | — | — | — |")
+                continue
+            ratio = ours / theirs
+            lines.append(f"| {what} | {op} | {g.shape} | {ours / 2**20:.4g} / {theirs / 2**20:.4g} | "
+                         f"{ratio:.3f} | {'yes' if ratio <= threshold else '**no**'} (at most {threshold:g}) |")
+    return "\n".join(lines)
+
+
 def verdict(r: Ratio, threshold: float) -> str:
     """yes: the interval lies above the threshold; no: below it; unclear: it straddles."""
     if math.isnan(r.lo):
@@ -296,6 +318,9 @@ def report(runs: list[dict], memory: list[dict] | None) -> tuple[str, Groups]:
     text.append("")
     for device in sorted({g.device for g in gs.values()}):
         text += [f"### Targets ({device})", "", targets(gs, device), ""]
+        memory = memory_targets(gs, device)
+        if memory.count("\n") > 1:  # a row beyond the header
+            text += [f"### Memory targets ({device})", "", memory, ""]
     return "\n".join(text) + "\n", gs
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from backprop import bench
 
@@ -216,3 +217,38 @@ def test_every_op_carries_issue_16s_bar():
                                                              "copy": steady(0.65e-3, seed=1)}))["benchmarks"])
     row = next(r for r in report.targets(gs).splitlines() if "70% of copy" in r)
     assert "65% of copy" in row and row.endswith("| **no** |")  # 65% met the old 50% bar
+
+
+def test_cpu_peak_counts_each_free_when_it_happens():
+    """A scope that frees what its children allocated (an autograd Function's forward, the
+    engine's node): 8 MiB alive at once inside it, 2 MiB returned. Summing each op's own memory
+    at the op's start counted the scope's frees first and read 2 MiB."""
+
+    def step():
+        with torch.autograd.profiler.record_function("scope"):
+            a, b = torch.empty(2**20), torch.empty(2**20)  # 4 MiB each
+            del a, b
+        return torch.empty(2**19)
+
+    assert bench.cpu_peak_bytes(step) == 8 * 2**20
+
+
+def test_memory_targets_judge_the_memory_pass():
+    """linear_cross_entropy's memory targets (the op table's): the contender's extra peak over the
+    pair's, from the memory pass, met at most 1/4; none shown without a memory pass."""
+    shape = "large 2048x512->32768"
+    times = {c: steady(1e-3, seed=k) for k, c in enumerate(["manual", "adapter", "autograd", "native"])}
+    timing = run(entry("linear_cross_entropy", shape, "fwd+bwd", times))
+    memory = [{"extra_info": {"op": "linear_cross_entropy", "shape": shape, "mode": "fwd+bwd", "device": "cpu",
+                              "variant": v, "peak_bytes": mib * 2**20}}
+              for v, mib in (("manual", 200), ("adapter", 100), ("autograd", 768), ("native", 204))]
+    text, _ = report.report([timing], memory)
+    rows = text.split("### Memory targets (cpu)")[1].split("###")[0].strip().splitlines()[2:]
+    assert rows == [
+        f"| adapter path's extra peak <= 1/4 of F.linear + F.cross_entropy's | linear_cross_entropy | {shape} "
+        "| 100 / 768 | 0.130 | yes (at most 0.25) |",
+        f"| kernel path's extra peak <= 1/4 of F.linear + F.cross_entropy's | linear_cross_entropy | {shape} "
+        "| 200 / 768 | 0.260 | **no** (at most 0.25) |"]
+    text, _ = report.report([timing], None)
+    assert "| — | — | — |" in text.split("### Memory targets (cpu)")[1]
+    assert "### Memory targets" not in report.report([run(entry("tanh", "large 16M", "bwd", times))], None)[0]

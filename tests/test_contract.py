@@ -99,6 +99,22 @@ def test_adapter_backward_is_the_kernel(name):
                 assert _bitwise_equal(leaf.grad, g)
 
 
+@pytest.mark.parametrize("name", OPS)
+def test_adapter_backward_on_a_kept_graph_then_the_last(name):
+    """A graph kept with retain_graph=True runs backward again on the same cache: only the last
+    backward (which frees the graph) may hand a cached gradient over; each gives the kernel's."""
+    op = backprop.OPS[name]
+    for args, options in TABLE[name].fixed_cases("cpu"):
+        _, _, grads, dout = run(op, args, options)
+        leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
+                  and a.is_floating_point() else a for a in args]
+        wrt = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+        y = apply(op, *leaves, **options)
+        for retain in (True, True, False):
+            got = torch.autograd.grad(y, wrt, dout, retain_graph=retain)
+            assert all(_bitwise_equal(g, w) for g, w in zip(got, [g for g in grads if g is not None]))
+
+
 def test_adapter_drops_into_a_model():
     """A two-layer MLP whose backward runs entirely through our kernels matches autograd."""
     g = torch.Generator().manual_seed(1)

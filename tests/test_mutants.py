@@ -22,9 +22,11 @@ def test_mutant_is_caught(m):
     # (an overflowing exp; a reduced loss that counts rows twice, linear_cross_entropy's chunks);
     # linear_cross_entropy's missing dbias is a None where a gradient is owed (the contract); its
     # ignored dout is first met on a bfloat16 'mean' case, where a 0.91 dout is inside bfloat16's
-    # rounding, and finite differences of that same case (float64) catch it before a float64 draw does
+    # rounding, and finite differences of that same case (float64) catch it before a float64 draw does;
+    # its cache consumed on every backward: right gradients once, the cache modified (the contract)
     other = {"ce_unshifted": "forward", "lce_chunk_boundary_off_by_one": "forward",
-             "lce_drops_dbias_backward": "contract", "lce_drops_dout_backward": "gradcheck"}
+             "lce_drops_dbias_backward": "contract", "lce_drops_dout_backward": "gradcheck",
+             "lce_consumes_its_cache_backward": "contract"}
     want = STAGE.get(m.__name__, other.get(m.__name__, "gradient"))
     assert stage == want, f"{m.__name__} caught by {stage}, expected {want}: {m.__doc__}"
 

@@ -251,3 +251,25 @@ class Group:
             if len(self.times[c]) > 1 and spread(self.times[c]) > UNSTABLE_SPREAD:
                 out.append(f"{c} rounds p80/p20 = {spread(self.times[c]):.2f}")
         return sorted(out)
+
+
+def cpu_peak_bytes(step: Callable[[], object]) -> int:
+    """Peak bytes allocated on the CPU during one call of step above what existed before it (what
+    step returns counts: it is freed after the profile). torch.profiler with profile_memory=True
+    records every allocation (+ bytes) and free (- bytes) with its time: the peak is the running
+    sum's maximum in time order. Not each op's self_cpu_memory_usage at the op's start, which
+    counts a scope's own frees (an autograd Function's forward, the engine's evaluate_function of a
+    node) before its children's allocations: that read 512 MiB for F.linear + F.cross_entropy at
+    (2048, 512) -> 32768, whose peak is 768 MiB (docs/linear_cross_entropy.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = step()
+    del result
+    records = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]"), key=lambda r: r[0])  # ties keep the recorded order
+    running = peak = 0
+    for _, nbytes in records:
+        running += nbytes
+        peak = max(peak, running)
+    return peak

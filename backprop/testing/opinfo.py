@@ -58,6 +58,12 @@ class OpInfo:
     # the case narrowed for the second-order stage, whose reference is the twin's double backward
     second_order_inputs: Callable[[Case], Case] = lambda case: case
     speed_targets: tuple[Target, ...] = field(default=())  # benchmarks/report.py's; every op has FASTEST
+    # benchmarks/report.py's memory targets, in Target's form: the contender's extra peak at most
+    # threshold times the baseline's (the memory pass's peak_bytes)
+    memory_targets: tuple[Target, ...] = field(default=())
+    # contenders beyond benchmarks/conftest.py's VARIANTS that this op's benchmark runs ("adapter":
+    # backprop.autograd.apply under autograd, where that path differs from the kernel's)
+    bench_variants: tuple[str, ...] = field(default=())
     # options out of range or of the wrong type, for the bad-input fuzz (backprop.testing.fuzz)
     bad_options: st.SearchStrategy[dict] = field(default=st.just({}))
 
@@ -305,7 +311,17 @@ OP_DB: tuple[OpInfo, ...] = (
         gradcheck_inputs=_linear_cross_entropy_gradcheck,
         speed_targets=(("large", "fwd+bwd", "manual", "autograd", 1.0, ">= 1x F.linear + F.cross_entropy"),
                        ("large", "fwd+bwd", "manual", "native", 1.0, ">= 1x chunked F.linear_cross_entropy"),
+                       ("large", "fwd+bwd", "adapter", "autograd", 1.0,
+                        "adapter path >= 1x F.linear + F.cross_entropy"),
+                       ("large", "fwd+bwd", "adapter", "native", 1.0,
+                        "adapter path >= 1x chunked F.linear_cross_entropy"),
                        *FASTEST),
+        # under autograd the adapter hands the cached gradients over (docs/linear_cross_entropy.md)
+        memory_targets=(("large", "fwd+bwd", "adapter", "autograd", 0.25,
+                         "adapter path's extra peak <= 1/4 of F.linear + F.cross_entropy's"),
+                        ("large", "fwd+bwd", "manual", "autograd", 0.25,
+                         "kernel path's extra peak <= 1/4 of F.linear + F.cross_entropy's")),
+        bench_variants=("adapter",),
         bad_options=st.fixed_dictionaries({}, optional={
             "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
             "ignore_index": st.one_of(st.integers(-101, 5), st.sampled_from([*WRONG_TYPES, 1.5, 2**70])),

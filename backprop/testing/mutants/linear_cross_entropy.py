@@ -88,10 +88,19 @@ def lce_drops_dout_backward(dout, cache):
     return cache.dx.clone(), cache.dlinear_weight.clone(), None, None if db is None else db.clone()
 
 
+@mutant(lce)
+def lce_consumes_its_cache_backward(dout, cache, release=False):
+    """Scales the cached gradients in place on every call, as if each were the cache's last use
+    (release=True always): a second backward on the cache, the kernel's or through a graph kept
+    with retain_graph=True, scales them again."""
+    return lce.backward_math(dout, cache, release=True)
+
+
 MUTANTS = [
     lce_chunk_boundary_off_by_one,
     lce_mean_over_all_rows_forward,
     lce_drops_dbias_backward,
     lce_drops_dout_backward,
     lce_smoothing_unweighted,
+    lce_consumes_its_cache_backward,
 ]
