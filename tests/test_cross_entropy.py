@@ -182,3 +182,18 @@ def test_bad_dout():
 def test_tensors_on_different_devices():
     with pytest.raises(ValueError, match=r"one device, got logits on cpu, targets on cuda"):
         cross_entropy.forward(torch.randn(2, 3), torch.tensor([0, 1], device="cuda"))
+
+
+def test_jvp_floor_counts_the_cancellation_inside_the_gradient():
+    """Found by hypothesis (test_dropin's drawn cases): probability targets at label_smoothing=1 on
+    near-uniform logits, float32. Every entry of softmax - q cancels, so any float32 jvp rounds at
+    the size of those terms (ours 9.3e-8 from float64, torch's 6.9e-9 by luck on 8 classes), while
+    |J| |t| put the floor at 1.4e-9: the jvp stage now takes OpInfo.magnitude's term sizes, as the
+    gradient stage does. Fails with the |J| |t| floor alone."""
+    from backprop.testing.references import REFERENCES
+    from backprop.testing.stages import check_jvp
+
+    logits = torch.tensor([[0.0066, 0.0027, 0.0006, 0.0062, -0.0045, -0.0017, -0.0152, 0.0038]])
+    targets = torch.tensor([[0.1478, 0.1230, 0.1019, 0.1341, 0.1136, 0.1101, 0.1319, 0.1377]])
+    check_jvp("cross_entropy", cross_entropy, REFERENCES["cross_entropy"],
+              ((logits, targets), {"reduction": "mean", "label_smoothing": 1.0}))
