@@ -2,7 +2,8 @@
 stage of its own name in ``CheckFailure.stage``:
 
     jvp           op.jvp against torch.func.jvp of the twin, in the case's dtype and in float64,
-                  under the acceptance rule (compare.py); the floor from |J| |t|, the terms' size
+                  under the acceptance rule (compare.py); the floor from |J| |t|, the terms' size,
+                  or OpInfo.magnitude's term sizes times |t| where larger (J itself cancels)
     second-order  a double backward (create_graph=True) through the autograd adapter and, where
                   the op has one, through its custom op, against autograd's double backward of the
                   twin, in float64: the first derivative, the derivative of <grads, v> for the
