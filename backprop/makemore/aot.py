@@ -126,9 +126,10 @@ def _private_tmp() -> Path:
     return d
 
 
-def usable_cache_dir(say: Callable[[str], None]) -> tuple[Path, bool]:
+def usable_cache_dir(say: Callable[[str], None], what: str = "compiled-step") -> tuple[Path, bool]:
     """(directory, persistent): the cache directory, created 0700, when it is private and
-    writable; else a private temporary directory for this run, after one line to say(why)."""
+    writable; else a private temporary directory for this run, after one line to say(why), which
+    names the cache: the compiled-step cache, or backprop.cpp's ("C++ kernel")."""
     d = cache_dir()
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def usable_cache_dir(say: Callable[[str], None]) -> tuple[Path, bool]:
     if not why:
         return d, True
     tmp = _private_tmp()
-    say(f"the compiled-step cache {d} {why}: not using it; building into {tmp} for this run")
+    say(f"the {what} cache {d} {why}: not using it; building into {tmp} for this run")
     return tmp, False
 
 

@@ -1,0 +1,175 @@
+"""backprop.cpp: the notebook-scale path. An op's maths as C++ loops, one call per direction.
+
+    out, cache = backprop.cpp.cross_entropy.forward(logits, targets)
+    grads      = backprop.cpp.cross_entropy.backward(dout, cache)
+
+Why: at the notebook's scale (batch 32) an op's arithmetic takes nanoseconds, and a call costs its
+Python and one dispatch per aten op. The eager kernels spell their maths out in 5-26 aten calls;
+torch's twins call one fused native kernel per direction (docs/benchmarks.md, "Notebook scale").
+Here each direction is one call into C++ (an op of ``torch.ops.backprop_cpp``) that reads its
+inputs, loops and allocates its outputs. The loops are written for small inputs: one thread, no
+blocking. At large shapes use ``backprop.<op>`` or ``backprop.compiled.<op>``.
+
+The contract is backprop.<op>'s: the same signature, the same ``Cache`` type (a cache from either
+path works in the other's backward), the same errors, no mutation, no autograd history. The C++
+covers the common case: CPU tensors, contiguous, float32 or float64, and the options each module
+lists. Anything else (another device or dtype, an option it does not cover, a bad argument, a
+tensor subclass, a torch.func transform, a dispatch mode, torch.compile's tracing) runs the eager
+kernel, which also raises every error, so each message is written once.
+
+The kernels are built on first use with g++ (~15 s, one translation unit from this folder's .cpp
+files) and cached on disk, as the compiled train step is (a private directory, a sha256 digest
+checked before loading: docs/faults.md). Without g++, or when the build fails, every call runs the
+eager kernel, after one warning that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+NAMESPACE = "backprop_cpp"
+
+
+def _isa_flags() -> list[str]:
+    """ATen's vector types pick their instructions from these defines, as Inductor's C++ does."""
+    return {"AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+            "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                       "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+            }.get(torch.backends.cpu.get_cpu_capability(), [])
+
+
+def compile_command(source: Path, output: Path) -> list[str]:
+    """g++ on one translation unit, against this torch's headers and libraries."""
+    root = Path(torch.__file__).resolve().parent
+    lib = root / "lib"
+    return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", *_isa_flags(),
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            "-isystem", str(root / "include"), str(source), "-o", str(output),
+            f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+
+
+def sources() -> list[Path]:
+    return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp")])
+
+
+def library_path(directory: Path) -> Path:
+    """The built library for these sources, this torch, this CPU and this compiler."""
+    from backprop.makemore.aot import machine_key
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for p in sources():
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    h.update(repr(compile_command(Path("unity.cpp"), Path("out.so"))).encode())
+    h.update(machine_key().encode())
+    return directory / f"kernels-{h.hexdigest()[:24]}.so"
+
+
+def build(path: Path) -> None:
+    """Compile every .cpp file here as one translation unit into path: under a temporary name,
+    renamed into place after its digest record, so a concurrent process never loads half a file."""
+    from backprop.makemore.aot import _digest, _record
+
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
+    unity = path.with_suffix(f".{os.getpid()}.cpp")
+    try:
+        unity.write_text("".join(f'#include "{p}"\n' for p in sources() if p.suffix == ".cpp"))
+        done = subprocess.run(compile_command(unity, tmp), capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"g++ failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        record = _record(tmp)
+        record.write_text(_digest(tmp) + "\n")
+        os.replace(record, _record(path))
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp, _record(tmp), unity):
+            p.unlink(missing_ok=True)
+
+
+def load(path: Path) -> None:
+    """torch.ops.load_library(path), after checking its owner, its mode and its recorded digest."""
+    from backprop.makemore.aot import _digest, _record, unsafe
+
+    for p in (path, _record(path)):
+        if why := unsafe(p):
+            raise ValueError(f"{p} {why}")
+    if _digest(path) != _record(path).read_text().strip():
+        raise ValueError(f"{path}: its sha256 digest differs from the one recorded when it was built "
+                         "(truncated or corrupt)")
+    torch.ops.load_library(str(path))
+
+
+def _say(line: str) -> None:
+    warnings.warn(f"backprop.cpp: {line}", stacklevel=4)
+
+
+@functools.cache
+def kernels() -> Any:
+    """torch.ops.backprop_cpp, built and loaded once per process; None (after one warning) where
+    it cannot be: then every op runs its eager kernel."""
+    from backprop.makemore.aot import _record, usable_cache_dir
+
+    if shutil.which("g++") is None:
+        _say("no C++ compiler (g++ is not on PATH): running the eager kernels")
+        return None
+    directory, persistent = usable_cache_dir(_say, what="C++ kernel")
+    path = library_path(directory)
+    try:
+        if path.exists() or _record(path).exists():
+            try:
+                load(path)
+                return getattr(torch.ops, NAMESPACE)
+            except Exception as e:  # a bad digest, a foreign owner, a truncated file: rebuild once
+                aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                os.replace(path, aside)
+                _record(path).unlink(missing_ok=True)
+                _say(f"loading the cached kernels {path} failed ({e}); moved it to {aside}; rebuilding")
+        where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
+        _say(f"building the C++ kernels (once; {where}): ~15 s")
+        build(path)
+        load(path)
+    except Exception as e:
+        _say(f"the C++ kernels cannot be built or loaded ({type(e).__name__}: {e}): running the eager kernels")
+        return None
+    return getattr(torch.ops, NAMESPACE)
+
+
+@functools.cache
+def op(name: str) -> Any:
+    """torch.ops.backprop_cpp.<name>.default's C++ callable (the overload resolved once, without
+    OpOverload's Python frame: ~1 us a call at this scale), or None without the kernels."""
+    k = kernels()
+    return None if k is None else getattr(getattr(k, name).default, "_op", getattr(k, name).default)
+
+
+def plain(*tensors: Any) -> bool:
+    """The C++ may read these tensors' memory (None stands for an absent optional tensor): each a
+    plain torch.Tensor (not a subclass: no fake, functional or other wrapper tensor), outside
+    torch.func's transforms (their tensors are plain Tensors that wrap others), dispatch modes and
+    torch.compile's tracing. The op modules test their tensors' types inline (a call here costs
+    a microsecond) and then call ``unwrapped()``."""
+    return all(t is None or type(t) is torch.Tensor for t in tensors) and unwrapped()
+
+
+def unwrapped() -> bool:
+    """No torch.func transform, dispatch mode or torch.compile tracing is active."""
+    return not (torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
+                or torch.compiler.is_compiling())
+
+
+from backprop.cpp import cross_entropy  # noqa: E402  (the op modules use the helpers above)
+
+# the ops with a C++ path; the others are not here (backprop.<op> is their fastest small path)
+OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (cross_entropy,)}
+
+__all__ = ["OPS", "kernels", "op", "plain", "unwrapped", *OPS]

@@ -1,0 +1,59 @@
+// Shared by every backprop.cpp kernel (one translation unit: backprop/cpp/__init__.py builds all
+// the .cpp files of this folder together, so each op keeps its helpers in a namespace of its own).
+//
+// A kernel reads raw memory, so it first checks that it may (raw below); when it may not, or when
+// an argument is not one its loops cover, it returns an empty list and the Python side runs the
+// eager kernel instead, which raises every error: the messages are written once, in Python.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace backprop_cpp {
+
+using Tensors = std::vector<at::Tensor>;
+
+// a dense CPU tensor whose elements lie in memory in row-major order: data_ptr<T>()[i] is element i
+inline bool raw(const at::Tensor& t) {
+  return t.defined() && t.has_storage() && t.device().is_cpu() && t.layout() == at::kStrided &&
+         t.is_contiguous() && !t.is_neg() && !t.is_conj() && !t._is_zerotensor();
+}
+
+// float32 and float64: the dtypes the loops are written for (T); accumulations run in double
+inline bool real(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+// the row maximum, as torch's amax followed by nan_to_num(0, inf, 0): nan propagates and is then
+// shifted by 0, a -inf maximum (a row of -inf) is shifted by 0 so that z - m stays -inf, not nan
+template <typename T>
+inline T row_shift(const T* z, int64_t C) {
+  T m = -std::numeric_limits<T>::infinity();
+  bool nan = false;
+  for (int64_t c = 0; c < C; ++c) {
+    nan = nan || std::isnan(z[c]);
+    m = z[c] > m ? z[c] : m;
+  }
+  return nan || m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// out[i] = exp((x[i] - a) - b), i < n: ATen's vector exp (Sleef, 1 ulp) on this CPU's lanes. The two
+// subtractions round as the eager kernel's (z - shift) - logsum does
+template <typename T>
+inline void exp_shifted(const T* x, T a, T b, T* out, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V va(a), vb(b);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) ((V::loadu(x + i) - va) - vb).exp().store(out + i);
+  if (i < n) ((V::loadu(x + i, n - i) - va) - vb).exp().store(out + i, n - i);
+}
+
+}  // namespace backprop_cpp

@@ -1,0 +1,191 @@
+"""backprop.cpp: the C++ path verified as the eager kernels are (the oracle on the op table's fixed,
+small and drawn cases, the bad-input fuzz), plus what is its own: the C++ is actually taken on
+the cases it covers, its caches and the eager ones are interchangeable, and its build cache
+refuses a file it did not build."""
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import backprop
+from backprop import cpp
+from backprop.compiled import cpu_compiler_found
+from backprop.testing.fuzz import bad_cases, check_bad_input
+from backprop.testing.opinfo import OPS as TABLE
+from backprop.testing.suite import check_case
+
+pytestmark = pytest.mark.skipif(not cpu_compiler_found(), reason="backprop.cpp is built with g++")
+
+NAMES = list(cpp.OPS)
+
+# per op: (args, options) that the C++ covers, on the notebook's scale; each must not reach the
+# eager kernel (test_the_cpp_path_is_taken)
+COVERED = {
+    "cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
+                      {"weight": "weight"}, {"weight": "weight", "label_smoothing": 0.2, "reduction": "none"}],
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Build (or load) the kernels once: a failure here is this file's first failure."""
+    assert cpp.kernels() is not None, "backprop.cpp's kernels did not build (see the warning)"
+
+
+def covered_cases(name):
+    (args, _), = TABLE[name].fixed_cases("cpu")[:1]
+    for options in COVERED[name]:
+        options = {k: (torch.rand(args[0].shape[1], generator=torch.Generator().manual_seed(3)) + 0.5
+                       if v == "weight" else v) for k, v in options.items()}
+        yield args, options
+
+
+def test_every_op_with_a_cpp_file_is_listed():
+    assert set(NAMES) == {p.stem for p in cpp.HERE.glob("*.cpp")} == set(COVERED)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_signature_and_cache_as_the_eager_op(name):
+    eager, fast = backprop.OPS[name], cpp.OPS[name]
+    for ours, theirs in [(fast.forward, eager.forward), (fast.backward, eager.backward)]:
+        assert parameters(ours) == parameters(theirs)
+    assert fast.Cache is eager.Cache
+
+
+def parameters(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixed_and_small_cases(name):
+    """The oracle (autograd, float64, rounding floor) on every fixed and small case: the covered
+    ones run the C++, the others the eager kernel behind it."""
+    for case in [*TABLE[name].fixed_cases("cpu"), *TABLE[name].small_cases(dtype=torch.float32),
+                 *TABLE[name].small_cases(dtype=torch.float64), *covered_cases(name)]:
+        check_case(name, cpp.OPS[name], case, checks=())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@given(data=st.data())
+def test_drawn_cases(name, data):
+    check_case(name, cpp.OPS[name], data.draw(TABLE[name].cases(), label="case"), checks=())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@given(data=st.data())
+def test_bad_inputs_fail_as_the_eager_op(name, data):
+    check_bad_input(name, cpp.OPS[name], data.draw(bad_cases(name), label="case"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_cpp_path_is_taken(name, monkeypatch):
+    """On the covered cases neither direction reaches the eager kernel, and the results are the
+    eager kernel's to rounding."""
+    eager, fast = backprop.OPS[name], cpp.OPS[name]
+    expected = []
+    for args, options in covered_cases(name):
+        out, cache = eager.forward(*args, **options)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        expected.append((out, eager.backward(dout, cache), dout))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager kernel ran")
+
+    monkeypatch.setattr(eager, "forward", refuse)
+    monkeypatch.setattr(eager, "backward", refuse)
+    for (args, options), (out, grads, dout) in zip(covered_cases(name), expected):
+        out_c, cache_c = fast.forward(*args, **options)
+        torch.testing.assert_close(out_c, out)
+        for g_c, g in zip(fast.backward(dout, cache_c), grads):
+            torch.testing.assert_close(g_c, g)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_caches_are_interchangeable(name):
+    """A cache from either path works in the other's backward, with the same gradients."""
+    eager, fast = backprop.OPS[name], cpp.OPS[name]
+    for args, options in covered_cases(name):
+        out, cache = eager.forward(*args, **options)
+        _, cache_c = fast.forward(*args, **options)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+        for ours, theirs in [(fast.backward(dout, cache), eager.backward(dout, cache)),
+                             (eager.backward(dout, cache_c), fast.backward(dout, cache_c))]:
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_edited_input_is_refused_as_by_the_eager_op(name):
+    (args, options), = list(covered_cases(name))[:1]
+    args = [a.clone() for a in args]
+    out, cache = cpp.OPS[name].forward(*args, **options)
+    args[0].mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        cpp.OPS[name].backward(torch.ones_like(out), cache)
+
+
+def test_under_vmap_through_the_adapter():
+    """backprop.autograd.apply runs the op once per sample under vmap, on unwrapped tensors."""
+    from backprop.autograd import apply
+
+    z, y = torch.randn(2, 4, 3, dtype=torch.float64), torch.randint(0, 3, (2, 4))
+    per_sample = torch.vmap(lambda z, y: apply(cpp.cross_entropy, z, y))(z, y)
+    torch.testing.assert_close(per_sample, torch.stack([torch.nn.functional.cross_entropy(a, b)
+                                                        for a, b in zip(z, y)]))
+
+
+def test_under_a_dispatch_mode_the_eager_kernel_runs():
+    """A dispatch mode sees aten calls: the C++ (invisible to it) must step aside."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with Record():
+        loss, _ = cpp.cross_entropy.forward(z, y)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(z, y))
+    assert any("amax" in f for f in seen), seen
+
+
+def test_a_corrupt_or_foreign_library_is_not_loaded(tmp_path):
+    """The digest record and the owner/mode checks run before torch loads anything."""
+    from backprop.makemore.aot import _record
+
+    lib = tmp_path / "kernels-x.so"
+    lib.write_bytes(b"not a library")
+    _record(lib).write_text("0" * 64 + "\n")
+    with pytest.raises(ValueError, match="digest differs"):
+        cpp.load(lib)
+    os.chmod(lib, 0o666)
+    with pytest.raises(ValueError, match="group- or world-writable"):
+        cpp.load(lib)
+
+
+def test_without_a_compiler_the_eager_kernels_run(tmp_path):
+    """g++ missing: one warning, then every call runs the eager kernel (a fresh process: this one
+    has loaded the kernels already)."""
+    code = ("import warnings, torch\n"
+            "warnings.simplefilter('error')\n"
+            "from backprop import cpp\n"
+            "try:\n    cpp.kernels()\nexcept UserWarning as w:\n    print('warned:', w)\n"
+            "warnings.simplefilter('ignore')\n"
+            "loss, cache = cpp.cross_entropy.forward(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))\n"
+            "print(cache.logsum.shape, cpp.op('cross_entropy_forward'))\n")
+    env = dict(os.environ, PATH=str(tmp_path), BACKPROP_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "warned: backprop.cpp: no C++ compiler (g++ is not on PATH): running the eager kernels" in done.stdout
+    assert "torch.Size([4, 1]) None" in done.stdout
+    assert shutil.which("g++") is not None  # this process's PATH untouched
