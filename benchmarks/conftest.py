@@ -4,6 +4,8 @@
 Variants (the ``variant`` fixture):
   manual             backprop.<op>: our eager kernels
   manual-compiled    backprop.compiled.<op>: the same kernels fused by torch.compile
+  manual-cpp         backprop.cpp.<op>: the notebook-scale path, one C++ call a direction; for the
+                     ops it has, at the small shapes, on the CPU (its loops are single-threaded)
   custom-op          torch.ops.backprop.<op> (backprop.library) under torch.autograd: the custom-op
                      path a user takes (its forward op, then autograd calls <op>_backward), against
                      manual it is the path's cost over calling the kernel directly
@@ -60,6 +62,7 @@ import pytest
 import torch
 
 import backprop
+import backprop.cpp
 import backprop.library
 from backprop import bench as stats
 from backprop import compiled
@@ -67,7 +70,7 @@ from backprop.autograd import apply as adapter_apply
 from backprop.testing import random_dout
 from backprop.testing.opinfo import OPS as TABLE
 
-VARIANTS = ["manual", "manual-compiled", "custom-op", "autograd", "autograd-compiled", "native", "copy"]
+VARIANTS = ["manual", "manual-compiled", "manual-cpp", "custom-op", "autograd", "autograd-compiled", "native", "copy"]
 OPT_IN = ["adapter"]  # run only for the ops whose OpInfo.bench_variants names them
 MODES = ["fwd+bwd", "bwd"]
 MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))
@@ -138,6 +141,11 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     elif variant == "manual-compiled":
         steps = _kernel_steps(compiled.OPS[name], args, options, dout)
+    elif variant == "manual-cpp":
+        if name not in backprop.cpp.OPS or device != "cpu" or backprop.cpp.kernels() is None:
+            pytest.skip(f"backprop.cpp has no {name} on {device} here (the ops: {sorted(backprop.cpp.OPS)}; "
+                        "built with g++)")
+        steps = _kernel_steps(backprop.cpp.OPS[name], args, options, dout)
     elif variant == "custom-op":  # forward op, then autograd runs <op>_backward (graph kept in bwd)
         steps = _autograd_steps(CUSTOM_OPS[name], args, options, dout)
     elif variant == "autograd":
@@ -262,6 +270,8 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
             pytest.skip("the memory pass measures each variant on its own")
         if size != "small" and variant != "paired" and not memory_pass:
             pytest.skip("timed by this group's paired test (seconds a call: no second timing)")
+        if size != "small" and variant == "manual-cpp":
+            pytest.skip("backprop.cpp is the notebook-scale path (single-threaded loops)")
         options = options or {}
         key = (name, shape_label, device)
         if key not in inputs_cache:
@@ -274,7 +284,8 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                                     bytes=nbytes, flops=flops(*args, mode=mode, **options) if flops else None,
                                     threads=threads(size))
         if variant == "paired":
-            return run_paired(benchmark, name, mode, args, dout, options, device, PAIRED,
+            contenders = [v for v in PAIRED if v != "manual-cpp" or size == "small"]
+            return run_paired(benchmark, name, mode, args, dout, options, device, contenders,
                               native=native, traffic=traffic)
         step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
         step()  # warm-up (and compilation) outside the timing

@@ -9,7 +9,7 @@ history.
 The report (DIR/report.md, speedups.png, sweep.png; a row per group and contender appended to
 DIR/history.csv) takes every ratio from paired rounds (backprop/bench.py): the median over rounds
 of (baseline time / contender time), with a bootstrap 95% interval; above 1, ours is faster. The
-headline is our best path (the faster of manual and manual-compiled) against torch's fastest
+headline is our best path (the fastest of manual, manual-compiled and manual-cpp) against torch's fastest
 (autograd, autograd-compiled or native). A ratio beyond 50x either way, or with an interval wider
 than 2x, is listed under "Flagged" instead of in a table; a contender whose rounds disagree
 (p80/p20 > 1.5) is warned about next to the ratio. "% copy" is the copy's time over ours (both
@@ -39,13 +39,13 @@ from backprop.testing.opinfo import OP_DB  # noqa: E402
 
 COMPILED_MODELS = ("custom-op-compiled", "functional-compiled")  # the train step's drop-in pair
 CUSTOM_OP_BAR = 1 / 1.1  # manual / custom-op: the custom-op path at most 10% slower than the kernel
-CONTENDERS = ["manual", "manual-compiled", "custom-op", "adapter", "autograd", "autograd-compiled", "native",
+CONTENDERS = ["manual", "manual-compiled", "manual-cpp", "custom-op", "adapter", "autograd", "autograd-compiled", "native",
               "copy", "notebook", "custom-op-compiled", "functional-compiled"]
 
 # (op, shape regex, mode, contender, baseline, threshold, what): the speed issues' targets, from
 # the op table (each op's own, and opinfo.FASTEST for every op: best >= 1x torch fastest at the
-# large shapes and the notebook's scale), then the step's. "best" is the faster of manual and
-# manual-compiled: the best public path; "torch" the fastest of autograd, autograd-compiled and
+# large shapes and the notebook's scale), then the step's. "best" is the fastest of manual,
+# manual-compiled and manual-cpp: the best public path; "torch" the fastest of autograd, autograd-compiled and
 # native in the same rounds; "copy" a copy of the op's minimal bytes.
 TARGETS = [
     *((info.name, *target) for info in OP_DB for target in info.speed_targets),

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 DEFAULT_THREADS = torch.get_num_threads()  # read at import, before any benchmark changes it
-OURS = ("manual", "manual-compiled")
+OURS = ("manual", "manual-compiled", "manual-cpp")
 TORCH = ("autograd", "autograd-compiled", "native")
 UNSTABLE_SPREAD = 1.5  # p80 / p20 of one contender's rounds above this: the rounds disagree
 ABSURD_RATIO = 50.0  # a ratio above this (or below its inverse) is not believed

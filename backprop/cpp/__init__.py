@@ -161,10 +161,14 @@ def plain(*tensors: Any) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in tensors) and unwrapped()
 
 
+_transforms = torch._C._are_functorch_transforms_active
+_modes = torch._C._len_torch_dispatch_stack
+_compiling = torch.compiler.is_compiling
+
+
 def unwrapped() -> bool:
     """No torch.func transform, dispatch mode or torch.compile tracing is active."""
-    return not (torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
-                or torch.compiler.is_compiling())
+    return not (_transforms() or _modes() or _compiling())
 
 
 from backprop.cpp import cross_entropy  # noqa: E402  (the op modules use the helpers above)

@@ -32,17 +32,20 @@ inline bool real(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-// the row maximum, as torch's amax followed by nan_to_num(0, inf, 0): nan propagates and is then
+// the row maximum, as torch's amax followed by nan_to_num(0, inf, 0): a nan propagates and is then
 // shifted by 0, a -inf maximum (a row of -inf) is shifted by 0 so that z - m stays -inf, not nan
 template <typename T>
 inline T row_shift(const T* z, int64_t C) {
-  T m = -std::numeric_limits<T>::infinity();
-  bool nan = false;
-  for (int64_t c = 0; c < C; ++c) {
-    nan = nan || std::isnan(z[c]);
-    m = z[c] > m ? z[c] : m;
-  }
-  return nan || m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+  using V = at::vec::Vectorized<T>;
+  const T m = at::vec::reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, z, C);
+  return std::isnan(m) || m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// sum_i x[i] in T, on this CPU's lanes (as torch's own float sums)
+template <typename T>
+inline T sum(const T* x, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  return n == 0 ? T(0) : at::vec::reduce_all<T>([](V& a, V& b) { return a + b; }, x, n);
 }
 
 // out[i] = exp((x[i] - a) - b), i < n: ATen's vector exp (Sleef, 1 ulp) on this CPU's lanes. The two

@@ -38,15 +38,14 @@ Tensors forward(const at::Tensor& logits, const at::Tensor& targets, const at::T
     const T* zn = z + n * C;
     m[n] = row_shift(zn, C);
     exp_shifted(zn, m[n], T(0), p.data(), C);  // exp(z_c - m)
-    double e = 0, smooth = 0;  // sum_c exp(z_c - m), sum_c w_c (m - z_c)
-    for (int64_t c = 0; c < C; ++c) {
-      e += p[c];
-      smooth -= (w ? double(w[c]) : 1.0) * (zn[c] - m[n]);
-    }
-    s[n] = T(std::log(e));
+    s[n] = std::log(sum(p.data(), C));
     const double wy = w ? double(w[y[n]]) : 1.0;
     double l = wy * ((double(m[n]) - zn[y[n]]) + s[n]);  // -w_y log p_y = w_y ((m - z_y) + s)
-    if (eps > 0) l = (1 - eps) * l + (eps / C) * (smooth + double(s[n]) * sum_w);
+    if (eps > 0) {
+      double smooth = 0;  // sum_c w_c (m - z_c)
+      for (int64_t c = 0; c < C; ++c) smooth -= (w ? double(w[c]) : 1.0) * (zn[c] - m[n]);
+      l = (1 - eps) * l + (eps / C) * (smooth + double(s[n]) * sum_w);
+    }
     total += wy;
     if (reduction == kNone) out[n] = T(l);
     else acc += l;
@@ -96,7 +95,12 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& logits, const at::
     const double wy = w ? double(w[y[n]]) : 1.0;
     const double S = (1 - eps) * wy + (eps / C) * sum_w;
     exp_shifted(zn, m[n], s[n], dn, C);  // softmax p = exp((z - m) - s)
-    for (int64_t c = 0; c < C; ++c) dn[c] = T(g * (dn[c] * S - (eps / C) * (w ? double(w[c]) : 1.0)));
+    if (eps == 0) {  // g w_y p: one scale, in T (the loop vectorises)
+      const T scale = T(g * S);
+      for (int64_t c = 0; c < C; ++c) dn[c] *= scale;
+    } else {
+      for (int64_t c = 0; c < C; ++c) dn[c] = T(g * (dn[c] * S - (eps / C) * (w ? double(w[c]) : 1.0)));
+    }
     // the target entry: p_y - 1 = expm1(log p_y), exact where p_y rounds to 1
     const double logp_y = double((zn[y[n]] - m[n]) - s[n]);
     const double p_y = std::exp(logp_y);

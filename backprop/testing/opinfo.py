@@ -218,7 +218,8 @@ def _linear_cross_entropy_gradcheck(case: Case) -> Case | None:
 
 # ---------------------------------------------------------------- the table
 
-# issue 16's bar, every op: our best public path (the faster of manual and manual-compiled) at
+# issue 16's bar, every op: our best public path (the fastest of manual, manual-compiled and
+# manual-cpp, backprop.cpp at the notebook's scale) at
 # least as fast as torch's fastest (autograd, autograd-compiled or native: "torch"), same run,
 # at the large shapes and at the notebook's scale, fwd+bwd and backward alone
 FASTEST: tuple[Target, ...] = tuple(
