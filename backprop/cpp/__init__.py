@@ -25,6 +25,8 @@ eager kernel, after one warning that says why.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -32,6 +34,7 @@ import shutil
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +120,7 @@ def _say(line: str) -> None:
 def kernels() -> Any:
     """torch.ops.backprop_cpp, built and loaded once per process; None (after one warning) where
     it cannot be: then every op runs its eager kernel."""
-    from backprop.makemore.aot import _record, usable_cache_dir
+    from backprop.makemore.aot import usable_cache_dir
 
     if shutil.which("g++") is None:
         _say("no C++ compiler (g++ is not on PATH): running the eager kernels")
@@ -125,22 +128,39 @@ def kernels() -> Any:
     directory, persistent = usable_cache_dir(_say, what="C++ kernel")
     path = library_path(directory)
     try:
-        if path.exists() or _record(path).exists():
-            try:
-                load(path)
-                return getattr(torch.ops, NAMESPACE)
-            except Exception as e:  # a bad digest, a foreign owner, a truncated file: rebuild once
-                aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-                os.replace(path, aside)
-                _record(path).unlink(missing_ok=True)
-                _say(f"loading the cached kernels {path} failed ({e}); moved it to {aside}; rebuilding")
-        where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
-        _say(f"building the C++ kernels (once; {where}): ~15 s")
-        build(path)
-        load(path)
+        with _exclusive(path.with_suffix(".lock")):  # one build at a time (pytest-xdist workers)
+            return _load_or_build(path, directory, persistent)
     except Exception as e:
         _say(f"the C++ kernels cannot be built or loaded ({type(e).__name__}: {e}): running the eager kernels")
         return None
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
+    from backprop.makemore.aot import _record
+
+    if path.exists() or _record(path).exists():
+        try:
+            load(path)
+            return getattr(torch.ops, NAMESPACE)
+        except Exception as e:  # a bad digest, a foreign owner, a truncated file: rebuild once
+            aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.replace(path, aside)
+            _record(path).unlink(missing_ok=True)
+            _say(f"loading the cached kernels {path} failed ({e}); moved it to {aside}; rebuilding")
+    where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
+    _say(f"building the C++ kernels (once; {where}): ~15 s")
+    build(path)
+    load(path)
     return getattr(torch.ops, NAMESPACE)
 
 

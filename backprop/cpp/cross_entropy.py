@@ -15,6 +15,7 @@ from backprop import cross_entropy as eager
 
 Cache = eager.Cache
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+_INT64 = 2**63  # a larger int cannot cross into C++: the eager op refuses it with its message
 
 
 def forward(
@@ -29,7 +30,8 @@ def forward(
     run = cpp.op("cross_entropy_forward")
     if (run is not None and type(logits) is Tensor and type(targets) is Tensor
             and (weight is None or type(weight) is Tensor) and type(reduction) is str
-            and reduction in _REDUCTIONS and type(ignore_index) is int and type(label_smoothing) is float
+            and reduction in _REDUCTIONS and type(ignore_index) is int and -_INT64 <= ignore_index < _INT64
+            and type(label_smoothing) is float
             and cpp.unwrapped()):
         found = run(logits, targets, weight, ignore_index, label_smoothing, _REDUCTIONS[reduction])
         if found:  # else not covered, or an error: the eager kernel decides
