@@ -30,6 +30,8 @@ NAMES = list(cpp.OPS)
 COVERED = {
     "cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
                       {"weight": "weight"}, {"weight": "weight", "label_smoothing": 0.2, "reduction": "none"}],
+    "embedding": [{}, {"padding_idx": 3}, {"padding_idx": -1}, {"scale_grad_by_freq": True},
+                  {"padding_idx": 0, "scale_grad_by_freq": True, "deterministic": False}],
 }
 
 
@@ -119,6 +121,26 @@ def test_caches_are_interchangeable(name):
                              (eager.backward(dout, cache_c), fast.backward(dout, cache_c))]:
             for a, b in zip(ours, theirs):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_cache_is_the_eager_ones(name):
+    """Field by field (the options as the eager kernel normalises them, e.g. embedding's wrapped
+    padding_idx), so that code reading a cache cannot tell the paths apart."""
+    for args, options in covered_cases(name):
+        _, cache = backprop.OPS[name].forward(*args, **options)
+        _, cache_c = cpp.OPS[name].forward(*args, **options)
+        for field, a, b in zip(cache._fields, cache_c, cache):
+            if isinstance(b, torch.Tensor):
+                torch.testing.assert_close(a, b, msg=field)
+            else:
+                assert type(a) is type(b) and a == b, (field, a, b)
+
+
+def test_embedding_padding_idx_beyond_int64_raises_the_eager_error():
+    """The C++ op cannot take such an int: the Python keeps it on the eager path."""
+    with pytest.raises(ValueError, match="padding_idx must lie in"):
+        cpp.embedding.forward(torch.tensor([0, 1]), torch.randn(4, 2), padding_idx=2**70)
 
 
 @pytest.mark.parametrize("name", NAMES)
