@@ -167,9 +167,9 @@ def unwrapped() -> bool:
                 or torch.compiler.is_compiling())
 
 
-from backprop.cpp import cross_entropy  # noqa: E402  (the op modules use the helpers above)
+from backprop.cpp import batch_norm, cross_entropy  # noqa: E402  (the op modules use the helpers above)
 
 # the ops with a C++ path; the others are not here (backprop.<op> is their fastest small path)
-OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (cross_entropy,)}
+OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (batch_norm, cross_entropy)}
 
 __all__ = ["OPS", "kernels", "op", "plain", "unwrapped", *OPS]
