@@ -70,7 +70,8 @@ from backprop.autograd import apply as adapter_apply
 from backprop.testing import random_dout
 from backprop.testing.opinfo import OPS as TABLE
 
-VARIANTS = ["manual", "manual-compiled", "manual-cpp", "custom-op", "autograd", "autograd-compiled", "native", "copy"]
+VARIANTS = ["manual", "manual-compiled", "manual-cpp", "custom-op", "autograd", "autograd-compiled", "native",
+            "copy"]
 OPT_IN = ["adapter"]  # run only for the ops whose OpInfo.bench_variants names them
 MODES = ["fwd+bwd", "bwd"]
 MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))

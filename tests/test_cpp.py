@@ -25,11 +25,16 @@ pytestmark = pytest.mark.skipif(not cpu_compiler_found(), reason="backprop.cpp i
 
 NAMES = list(cpp.OPS)
 
-# per op: (args, options) that the C++ covers, on the notebook's scale; each must not reach the
-# eager kernel (test_the_cpp_path_is_taken)
+# per op: options that the C++ covers, with the op's first fixed case's args, on the notebook's
+# scale; each must not reach the eager kernel (test_the_cpp_path_is_taken). "(C,)" stands for a
+# positive (C,) tensor, C = args[0].shape[1]
+POSITIVE = "(C,)"
+STATS = {"running_mean": POSITIVE, "running_var": POSITIVE}
 COVERED = {
     "cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
-                      {"weight": "weight"}, {"weight": "weight", "label_smoothing": 0.2, "reduction": "none"}],
+                      {"weight": POSITIVE}, {"weight": POSITIVE, "label_smoothing": 0.2, "reduction": "none"}],
+    "batch_norm": [{}, {"correction": 1}, {"eps": 0.1}, {**STATS}, {**STATS, "training": False},
+                   {**STATS, "momentum": None, "num_batches_tracked": 3, "correction": 1}],
     "embedding": [{}, {"padding_idx": 3}, {"padding_idx": -1}, {"scale_grad_by_freq": True},
                   {"padding_idx": 0, "scale_grad_by_freq": True, "deterministic": False}],
 }
@@ -45,7 +50,7 @@ def covered_cases(name):
     (args, _), = TABLE[name].fixed_cases("cpu")[:1]
     for options in COVERED[name]:
         options = {k: (torch.rand(args[0].shape[1], generator=torch.Generator().manual_seed(3)) + 0.5
-                       if v == "weight" else v) for k, v in options.items()}
+                       if v == POSITIVE else v) for k, v in options.items()}
         yield args, options
 
 
@@ -111,11 +116,17 @@ def test_the_cpp_path_is_taken(name, monkeypatch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_caches_are_interchangeable(name):
-    """A cache from either path works in the other's backward, with the same gradients."""
+    """A cache from either path works in the other's backward, with the same gradients; the two
+    hold the same fields (what else the cache returns, e.g. batch_norm's updated statistics)."""
     eager, fast = backprop.OPS[name], cpp.OPS[name]
     for args, options in covered_cases(name):
         out, cache = eager.forward(*args, **options)
         _, cache_c = fast.forward(*args, **options)
+        for field, a, b in zip(eager.Cache._fields, cache_c, cache, strict=True):
+            if isinstance(b, torch.Tensor):
+                torch.testing.assert_close(a, b, msg=lambda m, f=field: f"cache.{f}: {m}")
+            else:
+                assert type(a) is type(b) and a == b, f"cache.{field}: {a!r} != {b!r}"
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
         for ours, theirs in [(fast.backward(dout, cache), eager.backward(dout, cache)),
                              (eager.backward(dout, cache_c), fast.backward(dout, cache_c))]:
@@ -148,9 +159,47 @@ def test_an_edited_input_is_refused_as_by_the_eager_op(name):
     (args, options), = list(covered_cases(name))[:1]
     args = [a.clone() for a in args]
     out, cache = cpp.OPS[name].forward(*args, **options)
-    args[0].mul_(2)
+    getattr(cache, backprop.OPS[name].VERSIONED[0]).mul_(2)  # an input the cache keeps, not a copy
     with pytest.raises(RuntimeError, match="modified in place"):
         cpp.OPS[name].backward(torch.ones_like(out), cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(9, 4), (5, 4, 7), (3, 4, 5, 2)])
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("mode", ["train", "train+stats", "eval"])
+def test_batch_norm_layouts_and_modes_run_the_cpp(shape, dtype, affine, mode, monkeypatch):
+    """batch_norm's C++ reads x as (N, C, L) (L = 1: its channel loops over rows): every layout,
+    dtype, affine and mode it covers runs it, gives the eager kernel's results and cache (the
+    updated running statistics on it), and leaves the running statistics unwritten."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 50  # at an offset: the two-pass mean's case
+    w, b = (torch.randn(4, generator=g, dtype=dtype) if name in affine else None for name in ("weight", "bias"))
+    options = {"correction": len(shape) % 2, "eps": 1e-3}
+    if mode != "train":
+        stats = torch.randn(4, generator=g, dtype=dtype), torch.rand(4, generator=g, dtype=dtype) + 0.5
+        options.update(running_mean=stats[0].clone(), running_var=stats[1].clone(), training=mode == "train+stats",
+                       momentum=None if len(shape) == 3 else 0.3, num_batches_tracked=2)
+    out, cache = backprop.batch_norm.forward(x, w, b, **options)
+    dout = torch.randn(shape, generator=g, dtype=dtype)
+    grads = backprop.batch_norm.backward(dout, cache)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager kernel ran")
+
+    monkeypatch.setattr(backprop.batch_norm, "forward", refuse)
+    monkeypatch.setattr(backprop.batch_norm, "backward", refuse)
+    out_c, cache_c = cpp.batch_norm.forward(x, w, b, **options)
+    torch.testing.assert_close(out_c, out)
+    for field, a, e in zip(cache._fields, cache_c, cache, strict=True):
+        if isinstance(e, torch.Tensor):
+            torch.testing.assert_close(a, e, msg=lambda m, f=field: f"cache.{f}: {m}")
+        else:
+            assert a == e, field
+    for g_c, g_e in zip(cpp.batch_norm.backward(dout, cache_c), grads, strict=True):
+        torch.testing.assert_close(g_c, g_e)
+    if mode != "train":
+        assert torch.equal(options["running_mean"], stats[0]) and torch.equal(options["running_var"], stats[1])
 
 
 def test_under_vmap_through_the_adapter():
