@@ -115,6 +115,23 @@ def test_the_cpp_path_is_taken(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_parameters_take_the_cpp_path(name, monkeypatch):
+    """A model's weights are nn.Parameters (embedding's table, batch_norm's weight and bias,
+    cross_entropy's class weights): plain tensors underneath, so the C++ reads them too."""
+    eager, fast = backprop.OPS[name], cpp.OPS[name]
+    cases = []
+    for args, options in covered_cases(name):
+        args = [torch.nn.Parameter(a) if i and a.is_floating_point() else a for i, a in enumerate(args)]
+        options = {k: torch.nn.Parameter(v) if k in ("weight", "bias") else v for k, v in options.items()}
+        if any(type(t) is torch.nn.Parameter for t in [*args, *options.values()]):
+            cases.append((args, options, eager.forward(*args, **options)[0]))
+    assert cases, f"no covered case of {name} has a weight"
+    monkeypatch.setattr(eager, "forward", lambda *a, **k: pytest.fail("the eager kernel ran"))
+    for args, options, out in cases:
+        torch.testing.assert_close(fast.forward(*args, **options)[0], out)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_caches_are_interchangeable(name):
     """A cache from either path works in the other's backward, with the same gradients; the two
     hold the same fields (what else the cache returns, e.g. batch_norm's updated statistics)."""

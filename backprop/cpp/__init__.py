@@ -164,6 +164,11 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
     return getattr(torch.ops, NAMESPACE)
 
 
+# the tensor types whose memory the C++ may read: a Parameter (a model's weight) is a plain tensor
+# underneath (no __torch_dispatch__, its __torch_function__ disabled); other subclasses are not
+TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 @functools.cache
 def op(name: str) -> Any:
     """torch.ops.backprop_cpp.<name>.default's C++ callable (the overload resolved once, without
@@ -174,11 +179,11 @@ def op(name: str) -> Any:
 
 def plain(*tensors: Any) -> bool:
     """The C++ may read these tensors' memory (None stands for an absent optional tensor): each a
-    plain torch.Tensor (not a subclass: no fake, functional or other wrapper tensor), outside
+    plain torch.Tensor or a Parameter (no other subclass: no fake, functional or other wrapper tensor), outside
     torch.func's transforms (their tensors are plain Tensors that wrap others), dispatch modes and
     torch.compile's tracing. The op modules test their tensors' types inline (a call here costs
     a microsecond) and then call ``unwrapped()``."""
-    return all(t is None or type(t) is torch.Tensor for t in tensors) and unwrapped()
+    return all(t is None or type(t) in TENSORS for t in tensors) and unwrapped()
 
 
 _transforms = torch._C._are_functorch_transforms_active

@@ -34,8 +34,8 @@ def forward(
     num_batches_tracked: int = 0,
 ) -> tuple[Tensor, Cache]:
     run = cpp.op("batch_norm_forward")
-    if (run is not None and type(x) is Tensor and (weight is None or type(weight) is Tensor)
-            and (bias is None or type(bias) is Tensor)
+    if (run is not None and type(x) is Tensor and (weight is None or type(weight) in cpp.TENSORS)
+            and (bias is None or type(bias) in cpp.TENSORS)
             and (running_mean is None or type(running_mean) is Tensor)
             and (running_var is None or type(running_var) is Tensor) and type(training) is bool
             and (momentum is None or type(momentum) is float) and type(eps) is float
@@ -64,7 +64,7 @@ def backward(dout: Tensor, cache: Cache) -> tuple[Tensor, Tensor | None, Tensor 
         # the eager check_backward's: the weight unedited since forward (a cache built by hand,
         # versions=(), goes there); dout's shape and the cache's tensors in the C++
         if ((cache.versions == (None,) if weight is None
-             else type(weight) is Tensor and cache.versions == (weight._version,)) and cpp.unwrapped()):
+             else type(weight) in cpp.TENSORS and cache.versions == (weight._version,)) and cpp.unwrapped()):
             found = run(dout, cache.xhat, cache.rstd, weight, cache.has_bias, cache.correction, cache.training)
             if found:
                 return found[0], found[1], found[2]

@@ -29,7 +29,7 @@ def forward(
 ) -> tuple[Tensor, Cache]:
     run = cpp.op("cross_entropy_forward")
     if (run is not None and type(logits) is Tensor and type(targets) is Tensor
-            and (weight is None or type(weight) is Tensor) and type(reduction) is str
+            and (weight is None or type(weight) in cpp.TENSORS) and type(reduction) is str
             and reduction in _REDUCTIONS and type(ignore_index) is int and -_INT64 <= ignore_index < _INT64
             and type(label_smoothing) is float
             and cpp.unwrapped()):

@@ -30,7 +30,7 @@ def forward(
     deterministic: bool = True,
 ) -> tuple[Tensor, Cache]:
     run = cpp.op("embedding_forward")
-    if (run is not None and type(indices) is Tensor and type(weight) is Tensor
+    if (run is not None and type(indices) is Tensor and type(weight) in cpp.TENSORS
             and (padding_idx is None or (type(padding_idx) is int and -_BIG < padding_idx < _BIG))
             and max_norm is None and type(norm_type) is float and -_INF < norm_type < _INF
             and type(scale_grad_by_freq) is bool and sparse is False and type(deterministic) is bool
