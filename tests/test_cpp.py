@@ -37,6 +37,7 @@ COVERED = {
                    {**STATS, "momentum": None, "num_batches_tracked": 3, "correction": 1}],
     "embedding": [{}, {"padding_idx": 3}, {"padding_idx": -1}, {"scale_grad_by_freq": True},
                   {"padding_idx": 0, "scale_grad_by_freq": True, "deterministic": False}],
+    "tanh": [{}],  # no options: its shapes and dtypes in test_tanh_shapes_and_dtypes_run_the_cpp
 }
 
 
@@ -117,11 +118,14 @@ def test_the_cpp_path_is_taken(name, monkeypatch):
 @pytest.mark.parametrize("name", NAMES)
 def test_parameters_take_the_cpp_path(name, monkeypatch):
     """A model's weights are nn.Parameters (embedding's table, batch_norm's weight and bias,
-    cross_entropy's class weights): plain tensors underneath, so the C++ reads them too."""
+    cross_entropy's class weights, a weight put through tanh): plain tensors underneath, so the
+    C++ reads them too."""
     eager, fast = backprop.OPS[name], cpp.OPS[name]
     cases = []
     for args, options in covered_cases(name):
-        args = [torch.nn.Parameter(a) if i and a.is_floating_point() else a for i, a in enumerate(args)]
+        # the weights: every floating tensor after the first, or a one-input op's input (tanh)
+        args = [torch.nn.Parameter(a) if (i or len(args) == 1) and a.is_floating_point() else a
+                for i, a in enumerate(args)]
         options = {k: torch.nn.Parameter(v) if k in ("weight", "bias") else v for k, v in options.items()}
         if any(type(t) is torch.nn.Parameter for t in [*args, *options.values()]):
             cases.append((args, options, eager.forward(*args, **options)[0]))
@@ -217,6 +221,91 @@ def test_batch_norm_layouts_and_modes_run_the_cpp(shape, dtype, affine, mode, mo
         torch.testing.assert_close(g_c, g_e)
     if mode != "train":
         assert torch.equal(options["running_mean"], stats[0]) and torch.equal(options["running_var"], stats[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (2, 0, 3), (1,), (7,), (13,), (3, 5, 7), (32, 200), (2, 1, 3, 1, 5)])
+def test_tanh_shapes_and_dtypes_run_the_cpp(shape, dtype, monkeypatch):
+    """Any contiguous float32 or float64 tensor runs tanh's C++: 0-d, empty, and sizes that end in
+    a partial vector (7, 13, 105, 30 elements). The output is torch's to an ulp of 1 (Sleef's tanh
+    against torch.tanh's MKL); the backward is the eager kernel's bit for bit on either cache (the
+    same (1 - y)(1 + y) dout, in the same rounding order)."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g, dtype=dtype) * 4
+    dout = torch.randn(shape, generator=g, dtype=dtype)
+    out_e, cache_e = backprop.tanh.forward(x)
+    (grad_e,) = backprop.tanh.backward(dout, cache_e)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager kernel ran")
+
+    monkeypatch.setattr(backprop.tanh, "forward", refuse)
+    monkeypatch.setattr(backprop.tanh, "backward", refuse)
+    out, cache = cpp.tanh.forward(x)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and cache.out is out
+    torch.testing.assert_close(out, out_e, rtol=0, atol=torch.finfo(dtype).eps)
+    assert torch.equal(cpp.tanh.backward(dout, cache_e)[0], grad_e)
+    torch.testing.assert_close(cpp.tanh.backward(dout, cache)[0], grad_e)
+
+
+def test_tanh_strided_or_16_bit_inputs_run_the_eager_kernel():
+    """The forward's eager kernel, the same results; the backward runs whichever path covers the
+    cache's out (contiguous after x[:, ::2], transposed after x.t())."""
+    x = torch.randn(6, 8, dtype=torch.float64)
+    for t in (x.t(), x[:, ::2], x.half(), x.bfloat16()):
+        out, cache = cpp.tanh.forward(t)
+        assert torch.equal(out, backprop.tanh.forward(t)[0])
+        assert torch.equal(cpp.tanh.backward(torch.ones_like(out), cache)[0],
+                           backprop.tanh.backward(torch.ones_like(out), cache)[0])
+
+
+def floats_between(lo, hi):
+    """Every float32 in [lo, hi] (lo, hi > 0)."""
+    bits = torch.tensor([lo, hi], dtype=torch.float32).view(torch.int32).tolist()
+    return torch.arange(bits[0], bits[1] + 1, dtype=torch.int32).view(torch.float32)
+
+
+def test_tanh_is_correctly_rounded_where_sleef_is_not():
+    """Sleef's tanh (ATen's vector tanh) returns +-1 from |x| > ln(2^(p+1))/2, half an ulp early,
+    where the backward's (1 - y)(1 + y) is then 0 and not torch's; and for float32 x in
+    [2^-24, 2^-23] it is one ulp off on an eighth of the inputs. tanh.cpp rounds both bands
+    correctly: every float32 there, and the float64 band's ends."""
+    for lo, hi in [(8.5, 9.1), (2.0**-24, 2.0**-23)]:
+        x = floats_between(lo, hi)
+        for signed in (x, -x):
+            assert torch.equal(cpp.tanh.forward(signed)[0], torch.tanh(signed.double()).float())
+    below_one = 1 - 2.0**-53
+    x = torch.tensor([18.7, 18.8, 19.0, 19.061547465398494, 19.061547465398497, 30.0], dtype=torch.float64)
+    assert cpp.tanh.forward(x)[0].tolist() == [below_one] * 4 + [1.0] * 2
+    assert cpp.tanh.forward(-x)[0].tolist() == [-below_one] * 4 + [-1.0] * 2
+    for x in (floats_between(8.7, 9.0), torch.tensor([18.8, 19.0], dtype=torch.float64)):
+        out, cache = cpp.tanh.forward(x)
+        assert torch.equal(out, torch.tanh(x))  # MKL's torch.tanh rounds these correctly too
+        assert (cpp.tanh.backward(torch.ones_like(x), cache)[0] > 0).all()
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -1e-40])
+    out = cpp.tanh.forward(special)[0]
+    torch.testing.assert_close(out, torch.tanh(special), rtol=0, atol=0, equal_nan=True)
+    assert torch.signbit(out).tolist()[:4] == [False, True, False, True]
+
+
+def test_tanh_under_vmap_the_eager_kernel_runs(monkeypatch):
+    """Under torch.func.vmap the op sees BatchedTensors: plain torch.Tensors to Python's eye, but
+    wrappers whose memory the C++ must not read (torch has no batching rule for the op: it raises).
+    cpp.unwrapped() sends both directions to the eager kernel."""
+    ran = []
+    for direction in ("forward", "backward"):
+        kernel = getattr(backprop.tanh, direction)
+        monkeypatch.setattr(backprop.tanh, direction,
+                            lambda *a, kernel=kernel, d=direction: ran.append(d) or kernel(*a))
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    dout = torch.randn(4, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(lambda v: cpp.tanh.forward(v)[0])(x), torch.tanh(x))
+    torch.testing.assert_close(torch.vmap(lambda v: cpp.tanh.forward(v)[0], in_dims=1)(x),
+                               torch.tanh(x).transpose(0, 1))
+    y = torch.tanh(x)
+    grads = torch.vmap(lambda d, y: cpp.tanh.backward(d, cpp.tanh.Cache(y))[0])(dout, y)
+    torch.testing.assert_close(grads, (1 - y) * (1 + y) * dout)
+    assert ran == ["forward", "forward", "backward"]
 
 
 def test_under_vmap_through_the_adapter():
