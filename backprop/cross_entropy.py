@@ -206,10 +206,11 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
     total = count
     if y.is_floating_point():
         qw = _target_weights(y, weight, eps)  # (N, C, *)
-        # -sum_c qw_c log p_c = s sum_c qw_c + sum_c qw_c (m - z_c): non-negative terms for qw >= 0
-        loss = (qw * shifted).sum(1, keepdim=True).neg_()  # (N, 1, *) before exp_
-        logsum = shifted.exp_().sum(1, keepdim=True).log_()  # (N, 1, *)
-        loss.addcmul_(logsum, qw.sum(1, keepdim=True))
+        logsum = shifted.exp().sum(1, keepdim=True).log_()  # (N, 1, *) its temporary freed here
+        # -sum_c qw_c log p_c = sum_c qw_c (s + (m - z_c)): non-negative terms for qw >= 0. One
+        # product per class, as torch's -q log p: an infinite q_c meets log p_c (never 0 with two or
+        # more classes), not m - z_c, which is 0 at the max (inf * 0 = nan where torch gives inf)
+        loss = shifted.neg_().add_(logsum).mul_(qw).sum(1, keepdim=True)  # (N, 1, *)
     else:
         # -sum_c w_c log p[c] = sum_c w_c (m - z_c) + s sum_c w_c: two non-negative terms (w >= 0)
         smooth = None

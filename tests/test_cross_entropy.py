@@ -197,3 +197,14 @@ def test_jvp_floor_counts_the_cancellation_inside_the_gradient():
     targets = torch.tensor([[0.1478, 0.1230, 0.1019, 0.1341, 0.1136, 0.1101, 0.1319, 0.1377]])
     check_jvp("cross_entropy", cross_entropy, REFERENCES["cross_entropy"],
               ((logits, targets), {"reduction": "mean", "label_smoothing": 1.0}))
+
+
+def test_an_infinite_probability_target_gives_torchs_inf():
+    """Found by hypothesis (the bad-input fuzz, through backprop.cpp's): q = [inf, -0.88]. The loss
+    was s sum_c q_c + sum_c q_c (m - z_c), whose second sum has inf * 0 = nan at the max class,
+    where torch's -sum_c q_c log p_c is inf. Now one product per class, q_c (s + m - z_c)."""
+    from backprop.testing.fuzz import check_bad_input
+
+    logits, targets = torch.tensor([[0.5, -0.3]]), torch.tensor([[float("inf"), -0.88]])
+    for reduction in cross_entropy.REDUCTIONS:
+        check_bad_input("cross_entropy", cross_entropy, ((logits, targets), {"reduction": reduction}))
