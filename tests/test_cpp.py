@@ -366,3 +366,50 @@ def test_without_a_compiler_the_eager_kernels_run(tmp_path):
     assert "warned: backprop.cpp: no C++ compiler (g++ is not on PATH): running the eager kernels" in done.stdout
     assert "torch.Size([4, 1]) None" in done.stdout
     assert shutil.which("g++") is not None  # this process's PATH untouched
+
+
+def test_a_hand_built_cache_with_targets_out_of_range_is_the_eager_ops_error():
+    """The backward reads the cache's targets as indices: a cache whose targets were replaced (a
+    fresh tensor passes the version check) must get the eager op's error, not an out-of-bounds
+    read (found by review: 10**12 crashed the process)."""
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    _, cache = cpp.cross_entropy.forward(z, y)
+    for bad in ([7, 1, 2, 0], [-1, 1, 2, 0], [10**12, 1, 2, 0]):
+        tampered = cache._replace(targets=torch.tensor(bad))
+        with pytest.raises(Exception) as eager_error:
+            backprop.cross_entropy.backward(torch.tensor(1.0), tampered)
+        with pytest.raises(eager_error.type):
+            cpp.cross_entropy.backward(torch.tensor(1.0), tampered)
+
+
+def test_no_rows_with_reduction_none():
+    """An empty 'none' loss has an empty dout: the C++ must not read dout[0] (found by review)."""
+    z, y = torch.randn(0, 4), torch.zeros(0, dtype=torch.long)
+    out, cache = cpp.cross_entropy.forward(z, y, reduction="none")
+    (dz, _), (dz_eager, _) = (op.backward(torch.ones_like(out), cache) for op in (cpp.cross_entropy,
+                                                                                  backprop.cross_entropy))
+    assert dz.shape == dz_eager.shape == (0, 4)
+
+
+def test_a_digest_record_left_without_its_library_is_rebuilt(tmp_path, monkeypatch):
+    """A build killed between its two renames leaves the .sha256 alone: the next process must
+    rebuild, not give up on the C++ for good (found by review)."""
+    from backprop.makemore.aot import _record
+
+    lib = tmp_path / "kernels-x.so"
+    _record(lib).write_text("0" * 64 + "\n")
+    built = []
+
+    def build(path):
+        built.append(path)
+        path.write_bytes(b"built")
+
+    def load(path):
+        if path.read_bytes() != b"built":
+            raise ValueError("not what build wrote")
+
+    monkeypatch.setattr(cpp, "build", build)
+    monkeypatch.setattr(cpp, "load", load)
+    with pytest.warns(UserWarning, match="rebuilding"):
+        assert cpp._load_or_build(lib, tmp_path, True) is not None
+    assert built == [lib]

@@ -154,7 +154,8 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
             return getattr(torch.ops, NAMESPACE)
         except Exception as e:  # a bad digest, a foreign owner, a truncated file: rebuild once
             aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-            os.replace(path, aside)
+            if path.exists():  # else a digest record left without its library (a killed build)
+                os.replace(path, aside)
             _record(path).unlink(missing_ok=True)
             _say(f"loading the cached kernels {path} failed ({e}); moved it to {aside}; rebuilding")
     where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"

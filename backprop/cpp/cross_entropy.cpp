@@ -87,7 +87,8 @@ at::Tensor backward(const at::Tensor& dout, const at::Tensor& logits, const at::
   }
   at::Tensor dlogits = at::empty({N, C}, logits.options());
   T* dz = dlogits.data_ptr<T>();
-  const T g_all = reduction == kMean ? T(double(d[0]) / total) : d[0];  // dout / total, rounded once
+  // dout / total, rounded once; with 'none' dout has one entry a row, maybe none at all
+  const T g_all = reduction == kNone ? T(0) : reduction == kMean ? T(double(d[0]) / total) : d[0];
   for (int64_t n = 0; n < N; ++n) {
     const T* zn = z + n * C;
     T* dn = dz + n * C;
@@ -121,6 +122,10 @@ Tensors backward_cpu(const at::Tensor& dout, const at::Tensor& logits, const at:
       reduction < kMean || reduction > kNone || dout.numel() != (reduction == kNone ? logits.size(0) : 1) || dout.dim() != (reduction == kNone ? 1 : 0))
     return {};
   if (w && (!raw(*w) || w->scalar_type() != dtype || w->numel() != logits.size(1))) return {};
+  // the cache's targets are read as indices: range-checked again, as a cache may be built by hand
+  const int64_t* y = targets.data_ptr<int64_t>();
+  for (int64_t n = 0, C = logits.size(1); n < logits.size(0); ++n)
+    if (y[n] < 0 || y[n] >= C) return {};
   if (dtype == at::kFloat) return {backward<float>(dout, logits, shift, logsum, targets, w, total, eps, reduction)};
   return {backward<double>(dout, logits, shift, logsum, targets, w, total, eps, reduction)};
 }
