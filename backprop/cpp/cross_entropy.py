@@ -47,7 +47,8 @@ def forward(
 
 def backward(dout: Tensor, cache: Cache) -> tuple[Tensor, Tensor | None]:
     run = cpp.op("cross_entropy_backward")
-    if (run is not None and type(cache) is Cache and cache.valid is None and cache.reduction in _REDUCTIONS
+    if (run is not None and type(cache) is Cache and cache.valid is None and type(cache.reduction) is str
+            and cache.reduction in _REDUCTIONS
             and cpp.plain(dout, cache.logits, cache.targets, cache.weight)
             and cache.versions == (cache.logits._version, cache.targets._version,
                                    None if cache.weight is None else cache.weight._version)):
