@@ -81,6 +81,16 @@ def test_fixed_and_small_cases(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_drop_in_stages(name):
+    """jvp, second order and vmap through the adapter (the eager op's contract pieces, on the C++
+    path's caches) on the notebook-scale case, as test_dropin runs them for backprop.<op>."""
+    from backprop.testing.stages import applicable
+
+    assert applicable(name, cpp.OPS[name]) >= {"jvp", "second-order", "vmap"}
+    check_case(name, cpp.OPS[name], TABLE[name].fixed_cases("cpu")[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
 def test_drawn_cases(name, data):
     check_case(name, cpp.OPS[name], data.draw(TABLE[name].cases(), label="case"), checks=())

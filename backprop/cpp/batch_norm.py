@@ -15,6 +15,10 @@ from backprop import batch_norm as eager
 from backprop import cpp
 
 Cache = eager.Cache
+# the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
+# adapter (backprop.autograd) recomputes for a double backward or torch.func
+Args, prepare, forward_math, check_backward, backward_math, jvp = (
+    eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
 RunningStats, updated_stats = eager.RunningStats, eager.updated_stats
 # correction and num_batches_tracked past int64 cannot reach the C++'s int: the eager kernel refuses them
 _INT64 = 2**63

@@ -14,6 +14,10 @@ from backprop import cpp
 from backprop import cross_entropy as eager
 
 Cache = eager.Cache
+# the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
+# adapter (backprop.autograd) recomputes for a double backward or torch.func
+Args, prepare, forward_math, check_backward, backward_math, jvp = (
+    eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 _INT64 = 2**63  # a larger int cannot cross into C++: the eager op refuses it with its message
 
