@@ -196,6 +196,24 @@ def test_an_edited_input_is_refused_as_by_the_eager_op(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(33, 150), (6, 192), (40, 1)])
+@pytest.mark.parametrize("correction", [0, 1])
+def test_batch_norm_rows_backward_every_channel(shape, dtype, correction, monkeypatch):
+    """The C++ training backward for (N, C) x: every channel's gradients are the eager kernel's, for
+    C many vectors wide, not a multiple of one, or one channel (a channel-blocked loop's full blocks,
+    a partial one: a wrong block boundary leaves channels unwritten or summed twice)."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 50
+    w, b = torch.randn(shape[1], generator=g, dtype=dtype), torch.randn(shape[1], generator=g, dtype=dtype)
+    dout = torch.randn(shape, generator=g, dtype=dtype) + torch.linspace(-2, 2, shape[1], dtype=dtype)
+    out, cache = backprop.batch_norm.forward(x, w, b, correction=correction)
+    grads = backprop.batch_norm.backward(dout, cache)
+    monkeypatch.setattr(backprop.batch_norm, "backward", lambda *a, **k: pytest.fail("the eager kernel ran"))
+    for g_c, g_e in zip(cpp.batch_norm.backward(dout, cache), grads, strict=True):
+        torch.testing.assert_close(g_c, g_e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(9, 4), (5, 4, 7), (3, 4, 5, 2)])
 @pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
 @pytest.mark.parametrize("mode", ["train", "train+stats", "eval"])
