@@ -165,6 +165,10 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
     return getattr(torch.ops, NAMESPACE)
 
 
+# an int option crosses into C++ as int64: one outside [-INT64, INT64) stays on the eager path, whose
+# checks refuse it with their message
+INT64 = 2**63
+
 # the tensor types whose memory the C++ may read: a Parameter (a model's weight) is a plain tensor
 # underneath (no __torch_dispatch__, its __torch_function__ disabled); other subclasses are not
 TENSORS = (torch.Tensor, torch.nn.Parameter)

@@ -20,8 +20,6 @@ Cache = eager.Cache
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
     eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
 RunningStats, updated_stats = eager.RunningStats, eager.updated_stats
-# correction and num_batches_tracked past int64 cannot reach the C++'s int: the eager kernel refuses them
-_INT64 = 2**63
 
 
 def forward(
@@ -43,8 +41,8 @@ def forward(
             and (running_mean is None or type(running_mean) is Tensor)
             and (running_var is None or type(running_var) is Tensor) and type(training) is bool
             and (momentum is None or type(momentum) is float) and type(eps) is float
-            and type(correction) is int and 0 <= correction < _INT64
-            and type(num_batches_tracked) is int and 0 <= num_batches_tracked < _INT64 and cpp.unwrapped()):
+            and type(correction) is int and 0 <= correction < cpp.INT64
+            and type(num_batches_tracked) is int and 0 <= num_batches_tracked < cpp.INT64 and cpp.unwrapped()):
         found = run(x, weight, bias, running_mean, running_var, training, momentum, eps, correction,
                     num_batches_tracked)
         if found:  # else not covered, or an error: the eager kernel decides
@@ -63,7 +61,7 @@ def backward(dout: Tensor, cache: Cache) -> tuple[Tensor, Tensor | None, Tensor 
     if (run is not None and type(cache) is Cache and type(dout) is Tensor and type(cache.xhat) is Tensor
             and type(cache.rstd) is Tensor and dout.dtype is cache.dtype
             and type(cache.has_bias) is bool and type(cache.training) is bool
-            and type(cache.correction) is int and 0 <= cache.correction < _INT64):
+            and type(cache.correction) is int and 0 <= cache.correction < cpp.INT64):
         weight = cache.weight
         # the eager check_backward's: the weight unedited since forward (a cache built by hand,
         # versions=(), goes there); dout's shape and the cache's tensors in the C++

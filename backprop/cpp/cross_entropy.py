@@ -19,7 +19,6 @@ Cache = eager.Cache
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
     eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
-_INT64 = 2**63  # a larger int cannot cross into C++: the eager op refuses it with its message
 
 
 def forward(
@@ -34,9 +33,8 @@ def forward(
     run = cpp.op("cross_entropy_forward")
     if (run is not None and type(logits) is Tensor and type(targets) is Tensor
             and (weight is None or type(weight) in cpp.TENSORS) and type(reduction) is str
-            and reduction in _REDUCTIONS and type(ignore_index) is int and -_INT64 <= ignore_index < _INT64
-            and type(label_smoothing) is float
-            and cpp.unwrapped()):
+            and reduction in _REDUCTIONS and type(ignore_index) is int
+            and -cpp.INT64 <= ignore_index < cpp.INT64 and type(label_smoothing) is float and cpp.unwrapped()):
         found = run(logits, targets, weight, ignore_index, label_smoothing, _REDUCTIONS[reduction])
         if found:  # else not covered, or an error: the eager kernel decides
             loss, shift, logsum, *weight_sum = found

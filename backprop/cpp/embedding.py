@@ -19,7 +19,6 @@ Cache = eager.Cache
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
     eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
 _INF = float("inf")
-_BIG = 1 << 62  # padding_idx beyond int64 cannot reach the C++ op; the eager kernel refuses it
 
 
 def forward(
@@ -35,7 +34,7 @@ def forward(
 ) -> tuple[Tensor, Cache]:
     run = cpp.op("embedding_forward")
     if (run is not None and type(indices) is Tensor and type(weight) in cpp.TENSORS
-            and (padding_idx is None or (type(padding_idx) is int and -_BIG < padding_idx < _BIG))
+            and (padding_idx is None or (type(padding_idx) is int and -cpp.INT64 <= padding_idx < cpp.INT64))
             and max_norm is None and type(norm_type) is float and -_INF < norm_type < _INF
             and type(scale_grad_by_freq) is bool and sparse is False and type(deterministic) is bool
             and cpp.unwrapped()):
