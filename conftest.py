@@ -9,7 +9,9 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>):
 
 import os
 import random
+import shutil
 import signal
+import threading
 
 import pytest
 import torch
@@ -44,6 +46,19 @@ DEVICES = [
 @pytest.fixture(params=DEVICES, scope="session")
 def device(request):
     return request.param
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpp_kernels_building():
+    """backprop.cpp's kernels take ~20 s to build cold (g++ parsing torch's headers, once per
+    machine; cached after): start that build with the session, in a thread, so that g++ runs while
+    this worker goes on with the tests that do not need it. A test that does waits in
+    backprop.cpp.kernels() (its file lock) until the build is done."""
+    from backprop import cpp
+
+    if shutil.which("g++") is not None:  # (its one-line notice lands in whichever test is running)
+        threading.Thread(target=cpp.kernels, daemon=True).start()
+    yield
 
 
 @pytest.fixture(scope="session")
