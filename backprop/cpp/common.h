@@ -32,6 +32,14 @@ inline bool real(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
+// every entry of i (n of them) lies in [0, V): an index the loops may use (else the eager kernel
+// raises its error)
+inline bool in_range(const int64_t* i, int64_t n, int64_t V) {
+  for (int64_t p = 0; p < n; ++p)
+    if (i[p] < 0 || i[p] >= V) return false;
+  return true;
+}
+
 // the row maximum, as torch's amax followed by nan_to_num(0, inf, 0): a nan propagates and is then
 // shifted by 0, a -inf maximum (a row of -inf) is shifted by 0 so that z - m stays -inf, not nan
 template <typename T>

@@ -123,9 +123,7 @@ Tensors backward_cpu(const at::Tensor& dout, const at::Tensor& logits, const at:
     return {};
   if (w && (!raw(*w) || w->scalar_type() != dtype || w->numel() != logits.size(1))) return {};
   // the cache's targets are read as indices: range-checked again, as a cache may be built by hand
-  const int64_t* y = targets.data_ptr<int64_t>();
-  for (int64_t n = 0, C = logits.size(1); n < logits.size(0); ++n)
-    if (y[n] < 0 || y[n] >= C) return {};
+  if (!in_range(targets.data_ptr<int64_t>(), logits.size(0), logits.size(1))) return {};
   if (dtype == at::kFloat) return {backward<float>(dout, logits, shift, logsum, targets, w, total, eps, reduction)};
   return {backward<double>(dout, logits, shift, logsum, targets, w, total, eps, reduction)};
 }

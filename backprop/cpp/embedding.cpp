@@ -15,13 +15,6 @@
 
 namespace backprop_cpp::embedding {
 
-// every entry of i (n of them) lies in [0, V): else the eager kernel raises its error
-inline bool in_range(const int64_t* i, int64_t n, int64_t V) {
-  for (int64_t p = 0; p < n; ++p)
-    if (i[p] < 0 || i[p] >= V) return false;
-  return true;
-}
-
 template <typename T>
 void gather(const int64_t* i, int64_t P, const T* W, int64_t E, T* out) {
   for (int64_t p = 0; p < P; ++p) {
