@@ -5,7 +5,8 @@ Variants (the ``variant`` fixture):
   manual             backprop.<op>: our eager kernels
   manual-compiled    backprop.compiled.<op>: the same kernels fused by torch.compile
   manual-cpp         backprop.cpp.<op>: the notebook-scale path, one C++ call a direction; for the
-                     ops it has, at the small shapes, on the CPU (its loops are single-threaded)
+                     ops it has, on the CPU, at the small shapes (and at the large ones for an op
+                     whose module sets LARGE_SHAPES = True: loops written for them, threaded)
   custom-op          torch.ops.backprop.<op> (backprop.library) under torch.autograd: the custom-op
                      path a user takes (its forward op, then autograd calls <op>_backward), against
                      manual it is the path's cost over calling the kernel directly
@@ -180,6 +181,12 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
     return step
 
 
+def _cpp_at(name: str, size: str) -> bool:
+    """Whether backprop.cpp's op is a contender at this size: the notebook's, or any for an op whose
+    module says its loops are written for large shapes too (LARGE_SHAPES)."""
+    return size == "small" or getattr(backprop.cpp.OPS.get(name), "LARGE_SHAPES", False)
+
+
 def peak_bytes(step: Callable, device: str) -> int:
     """Peak bytes allocated during one call of step, above what was allocated before it."""
     if device.startswith("cuda"):
@@ -271,8 +278,8 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
             pytest.skip("the memory pass measures each variant on its own")
         if size != "small" and variant != "paired" and not memory_pass:
             pytest.skip("timed by this group's paired test (seconds a call: no second timing)")
-        if size != "small" and variant == "manual-cpp":
-            pytest.skip("backprop.cpp is the notebook-scale path (single-threaded loops)")
+        if variant == "manual-cpp" and not _cpp_at(name, size):
+            pytest.skip(f"backprop.cpp's {name} is timed at the notebook scale only (its loops)")
         options = options or {}
         key = (name, shape_label, device)
         if key not in inputs_cache:
@@ -285,7 +292,7 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                                     bytes=nbytes, flops=flops(*args, mode=mode, **options) if flops else None,
                                     threads=threads(size))
         if variant == "paired":
-            contenders = [v for v in PAIRED if v != "manual-cpp" or size == "small"]
+            contenders = [v for v in PAIRED if v != "manual-cpp" or _cpp_at(name, size)]
             return run_paired(benchmark, name, mode, args, dout, options, device, contenders,
                               native=native, traffic=traffic)
         step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
