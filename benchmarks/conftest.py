@@ -26,10 +26,13 @@ Variants (the ``variant`` fixture):
 Modes (the ``mode`` fixture): ``fwd+bwd`` times forward then backward; ``bwd`` times the
 backward alone, on a cache (or autograd graph, kept with retain_graph) built outside the timing.
 
-Sizes: "small" (the notebook's scale), "large" (well above the L3 cache) and "gpu" (larger
-still, CUDA only). Large and gpu shapes run only when timing (--benchmark-enable); the default test
-run executes every small case once with --benchmark-disable so that the suite cannot rot. Timing
-never gates CI.
+Sizes: "small" (the notebook's scale), "large" (well above the L3 cache), "xl" (larger CPU shapes
+and option variants of a large one: only with BACKPROP_BENCH_FULL=1) and "gpu" (larger still, CUDA
+only). Large, xl and gpu shapes run only when timing (--benchmark-enable); the default test run
+executes every small case once with --benchmark-disable so that the suite cannot rot. Timing never
+gates CI. The default timing run (backprop bench) fits 10 minutes on two cores; BACKPROP_BENCH_FULL=1
+(backprop bench --full) adds the xl shapes, the custom-op contender above the notebook's scale, and
+each notebook-scale contender's own pytest-benchmark table beside its paired group.
 
 Paired rounds (the ``paired`` variant; backprop/bench.py has the runner and the statistics): one
 test per group builds the inputs once, warms every contender up, then runs rounds in which each
@@ -37,20 +40,28 @@ contender is timed once, in a shuffled order (a measurement averages enough call
 Rounds: as many as fit BACKPROP_BENCH_BUDGET seconds (default 2) per group, at least
 BACKPROP_BENCH_ROUNDS (default 5), at most 50. BACKPROP_BENCH_CONTENDERS (comma-separated, default
 every variant) narrows the paired tests to some contenders. Its per-round times go to extra_info["paired"]: the
-report's ratios, intervals and flags come from them. The per-variant tests keep pytest-benchmark's
-own per-variant tables at notebook scale (calibrated rounds); at the large shapes, where one call
-takes up to seconds, they are timed only by the paired test. Threads: backprop.bench.thread_count.
+report's ratios, intervals and flags come from them. The per-variant tests give pytest-benchmark's
+own per-variant tables at notebook scale (calibrated rounds; timed with BACKPROP_BENCH_FULL=1); at
+the large shapes, where one call takes up to seconds, they are timed only by the paired test (the
+memory pass runs each once at every size). Threads: backprop.bench.thread_count.
 
 Size sweep (``sweep`` fixture, fwd+bwd, manual against autograd and native): SWEEP_POINTS shapes
-from each op's small to its large benchmark shape, each dimension interpolated geometrically; only
-when timing, and with BACKPROP_BENCH_QUICK=1 only the lower half.
+from each op's small to its (first) large benchmark shape, each dimension interpolated
+geometrically; only when timing, and with BACKPROP_BENCH_QUICK=1 only the lower half. The top point
+is not timed twice: it is the large shape's fwd+bwd paired group (marked sweep_top), whose
+contenders include the sweep's.
 
 Peak memory (extra_info["peak_bytes"]): the most bytes one call holds beyond what exists before
 it, the returned gradients included. On CUDA, in the timing run: torch.cuda.max_memory_allocated
-after reset_peak_memory_stats. On the CPU, in a separate pass (BACKPROP_BENCH=memory, one call
-per case, no timing), because the profiler slows every later op of its process by 2x:
-torch.profiler with profile_memory=True records each allocation and free with its time; the
-running sum of those in time order, and its maximum, is the peak (backprop.bench.cpu_peak_bytes).
+after reset_peak_memory_stats. On the CPU above the notebook's scale, also in the timing run, one
+more call of each contender after its group's rounds: the resident peak (free heap memory returned
+by malloc_trim, the kernel's high-water mark reset, VmHWM after less VmRSS before;
+backprop.bench.resident_peak_bytes, Linux and glibc; it agrees with the profiler's to a page). At
+the notebook's scale (KiB, where pages say nothing), and where the resident peak cannot be read, in
+a separate pass (BACKPROP_BENCH=memory, one call per case, no timing), because the profiler slows
+every later op of its process by 2x: torch.profiler with profile_memory=True records each
+allocation and free with its time; the running sum of those in time order, and its maximum, is the
+peak (backprop.bench.cpu_peak_bytes).
 """
 
 from __future__ import annotations
@@ -81,12 +92,19 @@ BUDGET = float(os.environ.get("BACKPROP_BENCH_BUDGET", "2"))  # seconds of paire
 SWEEP_POINTS = 5
 SWEEP_CONTENDERS = ["manual", "autograd", "native"]  # no compiled paths: a recompile per size
 QUICK = os.environ.get("BACKPROP_BENCH_QUICK") == "1"
+# BACKPROP_BENCH_FULL=1 (backprop bench --full) adds what the default run leaves out to fit 10 minutes
+# on two cores: the "xl" shapes, the custom-op contender above the notebook's scale, and each
+# notebook-scale contender's own pytest-benchmark table beside its paired group
+FULL = os.environ.get("BACKPROP_BENCH_FULL") == "1"
 # the paired tests' contenders: BACKPROP_BENCH_CONTENDERS=manual,custom-op times only those (a run
 # about one comparison, at the large shapes where every contender costs seconds a call)
 PAIRED = [v for v in os.environ.get("BACKPROP_BENCH_CONTENDERS", ",".join(VARIANTS + OPT_IN)).split(",") if v]
 if not set(PAIRED) <= set(VARIANTS + OPT_IN):
     raise ValueError(f"BACKPROP_BENCH_CONTENDERS: {sorted(set(PAIRED) - set(VARIANTS + OPT_IN))} not among "
                      f"{VARIANTS + OPT_IN}")
+# the CPU's peak memory above the notebook's scale: the resident peak, in the timing pass (Linux,
+# glibc), measured cheaply; else, and always at the notebook's scale, the profiler's memory pass
+RESIDENT = stats.resident_peak_bytes(lambda: None) is not None
 _COMPILED_REFERENCES: dict[str, Callable] = {}
 # torch.ops.backprop.<op> for every op the library registers (backprop.library.TABLE)
 CUSTOM_OPS: dict[str, Callable] = {name: getattr(torch.ops.backprop, name) for name in backprop.library.TABLE}
@@ -105,26 +123,21 @@ def _floating(args) -> list[torch.Tensor]:
     return [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
 
-def _kernel_steps(op, args, options, dout):
-    out, cache = op.forward(*args, **options)
-
-    def fwd_bwd():
-        out, cache = op.forward(*args, **options)
-        return op.backward(dout, cache)
-
-    return fwd_bwd, lambda: op.backward(dout, cache)
+def _kernel_step(op, args, options, dout, mode):
+    if mode == "fwd+bwd":
+        return lambda: op.backward(dout, op.forward(*args, **options)[1])
+    _, cache = op.forward(*args, **options)  # built once, outside the timing
+    return lambda: op.backward(dout, cache)
 
 
-def _autograd_steps(fn, args, options, dout):
+def _autograd_step(fn, args, options, dout, mode):
     leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor)
               and a.is_floating_point() else a for a in args]
     wrt = _floating(leaves)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(*leaves, **options), wrt, dout)
     out = fn(*leaves, **options)  # a graph kept for the backward-only mode
-
-    def fwd_bwd():
-        return torch.autograd.grad(fn(*leaves, **options), wrt, dout)
-
-    return fwd_bwd, lambda: torch.autograd.grad(out, wrt, dout, retain_graph=True)
+    return lambda: torch.autograd.grad(out, wrt, dout, retain_graph=True)
 
 
 def make_inputs(name: str, make_args: Callable, options: dict, device: str) -> tuple[tuple, torch.Tensor]:
@@ -138,40 +151,40 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
               device: str, native: Callable | None, traffic: Callable | None) -> Callable:
     """A zero-argument callable running the chosen variant once, synchronised."""
     if variant == "manual":
-        steps = _kernel_steps(backprop.OPS[name], args, options, dout)
+        run = _kernel_step(backprop.OPS[name], args, options, dout, mode)
     elif variant.endswith("compiled") and device == "cpu" and not compiled.cpu_compiler_found():
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++)")
     elif variant == "manual-compiled":
-        steps = _kernel_steps(compiled.OPS[name], args, options, dout)
+        run = _kernel_step(compiled.OPS[name], args, options, dout, mode)
     elif variant == "manual-cpp":
         if name not in backprop.cpp.OPS or device != "cpu" or backprop.cpp.kernels() is None:
             pytest.skip(f"backprop.cpp has no {name} on {device} here (the ops: {sorted(backprop.cpp.OPS)}; "
                         "built with g++)")
-        steps = _kernel_steps(backprop.cpp.OPS[name], args, options, dout)
+        run = _kernel_step(backprop.cpp.OPS[name], args, options, dout, mode)
     elif variant == "custom-op":  # forward op, then autograd runs <op>_backward (graph kept in bwd)
-        steps = _autograd_steps(CUSTOM_OPS[name], args, options, dout)
+        run = _autograd_step(CUSTOM_OPS[name], args, options, dout, mode)
     elif variant == "autograd":
-        steps = _autograd_steps(TABLE[name].reference, args, options, dout)
+        run = _autograd_step(TABLE[name].reference, args, options, dout, mode)
     elif variant == "adapter":
         if variant not in TABLE[name].bench_variants:
             pytest.skip(f"{name}: the adapter path is the kernel's (not in its OpInfo.bench_variants)")
-        steps = _autograd_steps(functools.partial(adapter_apply, backprop.OPS[name]), args, options, dout)
+        run = _autograd_step(functools.partial(adapter_apply, backprop.OPS[name]), args, options, dout, mode)
     elif variant == "autograd-compiled":
         fn = _COMPILED_REFERENCES.setdefault(name, torch.compile(TABLE[name].reference))
-        steps = _autograd_steps(fn, args, options, dout)
+        run = _autograd_step(fn, args, options, dout, mode)
     elif variant == "native":
         steps = native(*args, dout=dout, **options) if native else None
         if steps is None:
             pytest.skip(f"torch has no aten backward op for {name} with these options")
+        run = steps[MODES.index(mode)]
     elif variant == "copy":
         if traffic is None:
             pytest.skip(f"{name} is not memory-bound: no bandwidth comparison")
         nbytes = traffic(*args, mode=mode, **options)
         src = torch.empty(nbytes // (2 * dout.element_size()), dtype=dout.dtype, device=device).normal_()
-        steps = (src.clone,) * 2  # allocates its output, as every contender does
+        run = src.clone  # allocates its output, as every contender does
     else:
         raise ValueError(f"variant must be one of {VARIANTS + OPT_IN}, got {variant!r}")
-    run = steps[MODES.index(mode)]
 
     def step():
         result = run()
@@ -232,10 +245,12 @@ def threads(request):
 
 
 def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *, native=None,
-               traffic=None):
+               traffic=None, memory=False):
     """Time the contenders in interleaved rounds (backprop.bench.PairedRunner); the per-round
     times go to extra_info["paired"]. Contenders this case lacks (no native op, no compiler) are
-    left out. pytest-benchmark times whole rounds: its row is one round of every contender."""
+    left out. pytest-benchmark times whole rounds: its row is one round of every contender.
+    memory: after the rounds, one more call of each measures its peak (CUDA's allocator statistics,
+    or on the CPU the resident peak; the CPU's notebook scale is the memory pass's)."""
     steps = {}
     for v in contenders:
         try:
@@ -250,8 +265,11 @@ def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *
     rounds = stats.rounds_for(runner.calibrate(), BUDGET, MIN_ROUNDS, MAX_ROUNDS)
     done = len(next(iter(runner.times.values())))  # the calibration round, when it was kept
     result = benchmark.pedantic(runner.round, rounds=max(1, rounds - done), iterations=1)
-    peaks = ({v: peak_bytes(step, device) for v, step in steps.items()} if device.startswith("cuda")
-             else None)  # on the CPU the memory pass measures them (the profiler slows what follows)
+    peaks = None
+    if device.startswith("cuda"):
+        peaks = {v: peak_bytes(step, device) for v, step in steps.items()}
+    elif memory and RESIDENT:  # no profiler: it would slow every later op of this process
+        peaks = {v: stats.resident_peak_bytes(step) for v, step in steps.items()}
     benchmark.extra_info["paired"] = {"times": runner.times, "loops": runner.loops,
                                       "threads": torch.get_num_threads(),
                                       "load": [load_before, stats.load()], "peak_bytes": peaks}
@@ -274,10 +292,18 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
             pytest.skip("large shapes run only when timing (--benchmark-enable)")
         if size == "gpu" and device == "cpu":
             pytest.skip("a GPU-only shape")
+        if size == "xl" and not FULL:
+            pytest.skip("an xl shape: timed by backprop bench --full (BACKPROP_BENCH_FULL=1)")
+        if size == "small" and variant != "paired" and not (FULL or memory_pass or benchmark.disabled):
+            pytest.skip("timed in its paired group; its own table with backprop bench --full")
         if variant == "paired" and memory_pass:
             pytest.skip("the memory pass measures each variant on its own")
         if size != "small" and variant != "paired" and not memory_pass:
             pytest.skip("timed by this group's paired test (seconds a call: no second timing)")
+        if size != "small" and memory_pass and RESIDENT and device == "cpu":
+            pytest.skip("above the notebook's scale the timing pass measures the resident peak")
+        if size != "small" and variant == "custom-op" and not FULL:
+            pytest.skip("the custom-op path above the notebook's scale: backprop bench --full")
         if variant == "manual-cpp" and not _cpp_at(name, size):
             pytest.skip(f"backprop.cpp's {name} is timed at the notebook scale only (its loops)")
         options = options or {}
@@ -292,9 +318,13 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                                     bytes=nbytes, flops=flops(*args, mode=mode, **options) if flops else None,
                                     threads=threads(size))
         if variant == "paired":
-            contenders = [v for v in PAIRED if v != "manual-cpp" or _cpp_at(name, size)]
+            contenders = [v for v in PAIRED if (v != "manual-cpp" or _cpp_at(name, size))
+                          and (v != "custom-op" or size == "small" or FULL)]
+            if mode == "fwd+bwd" and shape_label == _large(name)[0]:  # also the top point of its sweep
+                benchmark.extra_info.update(sweep_top=True, size=sum(
+                    a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)))
             return run_paired(benchmark, name, mode, args, dout, options, device, contenders,
-                              native=native, traffic=traffic)
+                              native=native, traffic=traffic, memory=size != "small")
         step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
         step()  # warm-up (and compilation) outside the timing
         if memory_pass:  # one profiled call
@@ -306,6 +336,12 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
         return result
 
     return run
+
+
+def _large(name: str) -> tuple[str, tuple]:
+    """(label, dims) of the op's first large shape: its headline, and the top of its size sweep."""
+    shapes = TABLE[name].benchmark_shapes.items()
+    return next((label, dims) for label, (dims, size) in shapes if size == "large")
 
 
 def sweep_dims(small, large, points: int = SWEEP_POINTS) -> list:
@@ -339,9 +375,10 @@ def sweep(request, benchmark, device, inputs_cache, threads):
         point = request.param
         if QUICK and point > (SWEEP_POINTS - 1) // 2:
             pytest.skip("BACKPROP_BENCH_QUICK: the lower half of the sweep only")
-        shapes = TABLE[name].benchmark_shapes.values()
-        small = next(dims for dims, size in shapes if size == "small")
-        large = next(dims for dims, size in shapes if size == "large")
+        if point == SWEEP_POINTS - 1:  # manual, autograd and native are among that group's contenders
+            pytest.skip("the top of the sweep is the op's large shape: its fwd+bwd paired group")
+        small = next(dims for dims, size in TABLE[name].benchmark_shapes.values() if size == "small")
+        large = _large(name)[1]
         dims = sweep_dims(small, large)[point]
         options = options or {}
         label = f"sweep{point} " + "x".join(map(str, _flat(dims)))

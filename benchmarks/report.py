@@ -264,12 +264,22 @@ def chart(gs: Groups, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_chart(gs: Groups, path: Path) -> bool:
-    """A panel per op: manual's speedup over autograd and over native against input size (log x)."""
+def sweep_points(gs: Groups) -> dict[tuple[str, str], list[Group]]:
+    """(device, op) -> its size sweep's groups by input bytes: the sweep's points below the large
+    shape, then the op's large fwd+bwd group (the same contenders among its own) as the top point."""
     sweeps: dict[tuple[str, str], list[Group]] = {}
     for g in gs.values():
         if g.sweep:
             sweeps.setdefault((g.device, g.op), []).append(g)
+    for g in gs.values():
+        if g.sweep_top and (g.device, g.op) in sweeps:
+            sweeps[g.device, g.op].append(g)
+    return {key: sorted(points, key=lambda g: g.size or 0) for key, points in sweeps.items()}
+
+
+def sweep_chart(gs: Groups, path: Path) -> bool:
+    """A panel per op: manual's speedup over autograd and over native against input size (log x)."""
+    sweeps = sweep_points(gs)
     if not sweeps:
         return False
     import matplotlib
@@ -282,7 +292,6 @@ def sweep_chart(gs: Groups, path: Path) -> bool:
     nrows = math.ceil(len(sweeps) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, ((device, op), points) in zip(axes.flat, sorted(sweeps.items())):
-        points.sort(key=lambda g: g.size or 0)
         for baseline in ("autograd", "native"):
             rs = [(g.size, g.ratio("manual", baseline)) for g in points]
             rs = [(x, r) for x, r in rs if r is not None]

@@ -252,3 +252,37 @@ def test_memory_targets_judge_the_memory_pass():
     text, _ = report.report([timing], None)
     assert "| — | — | — |" in text.split("### Memory targets (cpu)")[1]
     assert "### Memory targets" not in report.report([run(entry("tanh", "large 16M", "bwd", times))], None)[0]
+
+
+def test_the_large_group_is_the_top_of_its_ops_size_sweep():
+    """The sweep times its points below the large shape; the large fwd+bwd group (marked sweep_top
+    by benchmarks/conftest.py) is its top point, after them by size. An op without a sweep (no
+    sweep points) gets no panel from its large group alone, and other groups join no sweep."""
+    times = {"manual": steady(1e-3), "autograd": steady(2e-3, seed=1)}
+    points = [entry("tanh", f"sweep{i} {i}", "fwd+bwd", times, sweep=True, size=10 ** (i + 1)) for i in range(4)]
+    top = entry("tanh", "large 16M", "fwd+bwd", times, sweep_top=True, size=10 ** 6)
+    lone = entry("linear_cross_entropy", "large 2048x512->32768", "fwd+bwd", times, sweep_top=True, size=10)
+    other = entry("tanh", "large 16M", "bwd", times, size=10 ** 7)
+    gs = bench.groups(run(top, *points, lone, other)["benchmarks"])
+    sweeps = report.sweep_points(gs)
+    assert list(sweeps) == [("cpu", "tanh")]
+    assert [g.shape for g in sweeps["cpu", "tanh"]] == [f"sweep{i} {i}" for i in range(4)] + ["large 16M"]
+
+
+def test_resident_peak_sees_what_is_alive_at_once():
+    """The in-process peak of the large shapes (no profiler): 64 MiB then 32 MiB alive together
+    with a kept 32 MiB (96 MiB), 64 MiB freed before 32 more are made; and a step that only
+    reuses memory freed before the call adds its new pages only. Agrees with the profiler's."""
+
+    def step():
+        a, b = torch.ones(16 << 20), torch.ones(8 << 20)  # 64 MiB, 32 MiB
+        del a
+        return b, torch.ones(8 << 20)
+
+    resident = bench.resident_peak_bytes(step)
+    if resident is None:
+        pytest.skip("no /proc/self/clear_refs or glibc here: the profiler measures")
+    assert abs(resident - 96 * 2**20) < 2**20
+    assert abs(resident - bench.cpu_peak_bytes(step)) < 2**20
+    step()  # freed heap pages from earlier calls are given back before the next measurement
+    assert abs(bench.resident_peak_bytes(lambda: torch.ones(4 << 20)) - 16 * 2**20) < 2**20

@@ -214,3 +214,28 @@ def test_progress_off_a_terminal_is_a_line_every_tenth(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 10 and lines[-1].startswith("100%") and "loss=2.5000" in lines[-1]
     assert all("step" in line for line in lines)
+
+
+@pytest.mark.parametrize("flags, full, quick, select", [
+    ((), None, None, None),
+    (("--full",), "1", None, None),
+    (("--quick", "--no-sweep"), None, "1", "(notebook or train_step) and (not sweep)"),
+])
+def test_bench_passes_its_run_to_pytest(cli, tmp_path, monkeypatch, flags, full, quick, select):
+    """backprop bench's options reach the benchmark run: --full (BACKPROP_BENCH_FULL: the xl
+    shapes, the custom-op path at the large ones, the per-contender tables), --quick, the -k
+    selection; a timing pass, a memory pass, then the report. No benchmark runs here."""
+    import subprocess
+
+    from backprop.cli import bench
+
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda argv, env=None, stdout=None: calls.append(
+        (argv, env)) or subprocess.CompletedProcess(argv, 0))
+    code, _, err = cli("bench", "--out", tmp_path, *flags)
+    assert code == 0, err
+    (timing, env), (memory, memory_env), (report, _) = calls
+    assert [env.get("BACKPROP_BENCH_FULL"), env.get("BACKPROP_BENCH_QUICK")] == [full, quick]
+    assert memory_env["BACKPROP_BENCH"] == "memory" and memory_env.get("BACKPROP_BENCH_FULL") == full
+    assert (timing[timing.index("-k") + 1] if "-k" in timing else None) == select
+    assert "--benchmark-enable" in timing and report[1].endswith("report.py")

@@ -30,7 +30,7 @@ def groups(benchmarks: list[dict], memory: list[dict] | None = None) -> dict[tup
                              load=tuple(paired["load"]) if paired.get("load") else None,
                              bytes=info.get("bytes"), flops=info.get("flops"),
                              peak=paired.get("peak_bytes"), sweep=bool(info.get("sweep")),
-                             size=info.get("size"))
+                             size=info.get("size"), sweep_top=bool(info.get("sweep_top")))
         elif key not in out or not out[key].paired:
             g = out.setdefault(key, Group(*key, times={}, paired=False, threads=info.get("threads"),
                                           bytes=info.get("bytes"), flops=info.get("flops"), peak={}))

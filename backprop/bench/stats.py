@@ -214,6 +214,7 @@ class Group:
     peak: dict[str, int | None] | None = None
     sweep: bool = False
     size: int | None = None  # the sweep's x: bytes of the inputs
+    sweep_top: bool = False  # the large fwd+bwd group, also the top point of its op's size sweep
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -273,3 +274,29 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int:
         running += nbytes
         peak = max(peak, running)
     return peak
+
+
+def resident_peak_bytes(step: Callable[[], object]) -> int | None:
+    """Peak resident bytes one call of step adds (Linux, glibc), without the profiler, so in the
+    timing process itself: free heap memory goes back to the system first (malloc_trim), the
+    kernel's high-water mark is reset to the present (/proc/self/clear_refs, "5"), and the peak is
+    VmHWM after the call less VmRSS before it. Counted in pages that are touched, so only for
+    large shapes (MiB and up; a few KiB of allocations may come from pages already resident).
+    None where it cannot be read (another OS or libc, or no permission): the profiler measures."""
+    import ctypes
+
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+        result = step()
+        peak = status("VmHWM") - before
+    except (OSError, StopIteration, AttributeError):
+        return None
+    del result
+    return max(peak, 0)

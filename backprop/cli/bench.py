@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="directory for times.json, memory.json, report.md, the charts and history.csv")
     parser.add_argument("--quick", action="store_true",
                         help="notebook-scale shapes, the train step and a short size sweep only")
+    parser.add_argument("--full", action="store_true",
+                        help="also the xl shapes, the custom-op path above the notebook's scale and each "
+                             "notebook-scale contender's own table (the default fits 10 minutes on 2 cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory pass")
     parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
     parser.add_argument("-k", dest="keyword", default=None,
@@ -69,6 +72,8 @@ def bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         env["BACKPROP_BENCH_THREADS"] = str(args.threads)
     if quick:
         env["BACKPROP_BENCH_QUICK"] = "1"
+    if getattr(args, "full", False):
+        env["BACKPROP_BENCH_FULL"] = "1"
     pytest = [sys.executable, "-m", "pytest", str(BENCHMARKS), "-q", "-p", "no:cacheprovider",
               "--benchmark-enable", "--benchmark-sort=name", "--benchmark-group-by=group",
               *(["-k", select] if select else [])]

@@ -48,7 +48,8 @@ class OpInfo:
     reference: Callable[..., torch.Tensor]  # the torch twin, with the op's exact signature
     cases: Callable[..., st.SearchStrategy[Case]]  # cases(dtype=None): hypothesis draws a Case
     fixed_cases: Callable[[str], list[Case]]  # seeded, on a device: notebook scale, then other sizes/options
-    # label -> (sizes, "small" | "large" | "gpu"): the shapes benchmarks/bench_<name>.py times
+    # label -> (sizes, "small" | "large" | "xl" | "gpu"): the shapes benchmarks/bench_<name>.py times;
+    # "xl", larger CPU shapes and option variants of a large one, only in `backprop bench --full`
     benchmark_shapes: Mapping[str, tuple[tuple[Any, ...], str]]
     # where the formula cancels internally, the size of its terms for the rounding floor:
     # magnitude(*args64, dout=dout64, **options) -> {"out": ..., "d<arg>": ...} (see compare.py)
@@ -221,13 +222,13 @@ def _linear_cross_entropy_gradcheck(case: Case) -> Case | None:
 # issue 16's bar, every op: our best public path (the fastest of manual, manual-compiled and
 # manual-cpp, backprop.cpp at the notebook's scale) at
 # least as fast as torch's fastest (autograd, autograd-compiled or native: "torch"), same run,
-# at the large shapes and at the notebook's scale, fwd+bwd and backward alone
+# at the large (and xl) shapes and at the notebook's scale, fwd+bwd and backward alone
 FASTEST: tuple[Target, ...] = tuple(
     (f"^{size}", mode, "best", "torch", 1.0, f"best >= 1x torch fastest ({size}, {mode})")
-    for size in ("large", "notebook") for mode in ("fwd+bwd", "bwd"))
+    for size in ("large", "xl", "notebook") for mode in ("fwd+bwd", "bwd"))
 # backward of the memory-bound ops against a copy of the bytes it must move, same run
 BANDWIDTH: tuple[Target, ...] = (
-    ("^large", "bwd", "best", "copy", 0.7, "backward >= 70% of copy bandwidth"),
+    ("^(large|xl)", "bwd", "best", "copy", 0.7, "backward >= 70% of copy bandwidth"),
     ("gpu", "bwd", "best", "copy", 0.7, "GPU backward >= 70% of copy (HBM) bandwidth"),
 )
 
@@ -239,15 +240,18 @@ OP_DB: tuple[OpInfo, ...] = (
     OpInfo(
         "cross_entropy", references.cross_entropy, strategies.cross_entropy_cases, _cross_entropy_fixed,
         # (logits' shape, with class weights?): the K-dim case moves the 2-D large case's bytes
-        {"notebook 32x27": (((32, 27), False), "small"), "large 8192x32768": (((8192, 32768), False), "large"),
-         "large 8192x32768 weight": (((8192, 32768), True), "large"),
-         "large 8x32768x1024 d1": (((8, 32768, 1024), False), "large"),
+        {"notebook 32x27": (((32, 27), False), "small"), "large 2048x32768": (((2048, 32768), False), "large"),
+         "xl 8192x32768": (((8192, 32768), False), "xl"),
+         "xl 8192x32768 weight": (((8192, 32768), True), "xl"),
+         "xl 8x32768x1024 d1": (((8, 32768, 1024), False), "xl"),
          "gpu 16384x65536": (((16384, 65536), False), "gpu")},
         magnitude=references.cross_entropy_magnitude,
         gradcheck_inputs=_cross_entropy_gradcheck,
         speed_targets=(
-            ("large 8192x32768$", "fwd+bwd", "best", "autograd", 3.0, "best path >= 3x F.cross_entropy"),
-            ("large 8192x32768$", "fwd+bwd", "manual", "autograd", 1.3, "eager >= 1.3x F.cross_entropy"),
+            ("^(large|xl) [0-9]+x32768$",
+             "fwd+bwd", "best", "autograd", 3.0, "best path >= 3x F.cross_entropy"),
+            ("^(large|xl) [0-9]+x32768$",
+             "fwd+bwd", "manual", "autograd", 1.3, "eager >= 1.3x F.cross_entropy"),
             *FASTEST, *BANDWIDTH),
         bad_options=st.fixed_dictionaries({}, optional={
             "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
@@ -257,9 +261,10 @@ OP_DB: tuple[OpInfo, ...] = (
     ),
     OpInfo(
         "logsumexp", references.logsumexp, strategies.logsumexp_cases, _logsumexp_fixed,
-        {"notebook 32x27": ((32, 27), "small"), "large 8192x32768": ((8192, 32768), "large")},
+        {"notebook 32x27": ((32, 27), "small"), "large 2048x32768": ((2048, 32768), "large"),
+         "xl 8192x32768": ((8192, 32768), "xl")},
         gradcheck_inputs=_logsumexp_gradcheck,
-        speed_targets=(("large", "fwd+bwd", "best", "autograd", 1.5, ">= 1.5x torch.logsumexp"),
+        speed_targets=(("^(large|xl)", "fwd+bwd", "best", "autograd", 1.5, ">= 1.5x torch.logsumexp"),
                        *FASTEST, *BANDWIDTH),
         bad_options=st.fixed_dictionaries({}, optional={
             "dim": st.one_of(st.integers(-4, 4),
