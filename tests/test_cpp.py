@@ -254,6 +254,58 @@ def test_batch_norm_layouts_and_modes_run_the_cpp(shape, dtype, affine, mode, mo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["train", "train+stats", "eval"])
+@pytest.mark.parametrize("shape", [(1031, 1001), (2, 19, 127, 131)])
+def test_batch_norm_threads_give_the_same_results(shape, mode, dtype, monkeypatch):
+    """batch_norm's C++ on torch's threads: at 2 threads its results are the ones at 1, bit for bit
+    (a fixed split: rows in blocks, here of 261, 261, 261 and 248 rows, two a thread, each summed
+    kRows = 4 rows at a time with 1 left over, into its own partial sums; planes by channel; float64
+    shows a different order of the double sums), and the eager kernel's in float64 to x's rounding
+    (for float32 the eager float32 sums are the less accurate ones: dweight sums 1031 products that
+    cancel). C = 1001 and 19, L = 16637 end in a partial vector; at x ~ 50 the shifted sums'
+    accuracy shows."""
+    g = torch.Generator().manual_seed(shape[1])
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype) * 2 + 50
+    w, b = torch.randn(C, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)
+    dout = torch.randn(shape, generator=g, dtype=dtype) + 0.5
+    options = {"correction": len(shape) % 2}
+    if mode != "train":
+        options.update(running_mean=torch.randn(C, generator=g, dtype=dtype) + 50,
+                       running_var=torch.rand(C, generator=g, dtype=dtype) + 3, training=mode == "train+stats")
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    out, cache = backprop.batch_norm.forward(x.double(), w.double(), b.double(), **wide)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager kernel ran")
+
+    threads = torch.get_num_threads()
+    found = []
+    with monkeypatch.context() as m:
+        m.setattr(backprop.batch_norm, "forward", refuse)
+        m.setattr(backprop.batch_norm, "backward", refuse)
+        try:
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                out_c, cache_c = cpp.batch_norm.forward(x, w, b, **options)
+                found.append([out_c, *cache_c, *cpp.batch_norm.backward(dout, cache_c)])
+        finally:
+            torch.set_num_threads(threads)
+    for one, two in zip(*found, strict=True):
+        assert torch.equal(one, two) if isinstance(one, torch.Tensor) else one == two
+    torch.testing.assert_close(out_c, out.to(dtype))
+    for field, a, e in zip(cache._fields, cache_c, cache, strict=True):
+        if isinstance(e, torch.Tensor) and field != "weight":
+            torch.testing.assert_close(a, e.to(dtype), msg=lambda m, f=field: f"cache.{f}: {m}")
+    # the backward of the C++ cache's own xhat and rstd, in float64
+    wide_cache = cache_c._replace(xhat=cache_c.xhat.double(), rstd=cache_c.rstd.double(), weight=w.double(),
+                                  dtype=torch.float64, versions=())
+    grads = backprop.batch_norm.backward(dout.double(), wide_cache)
+    for g_c, g_e in zip(found[0][-3:], grads, strict=True):
+        torch.testing.assert_close(g_c, g_e.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(), (0,), (2, 0, 3), (1,), (7,), (13,), (3, 5, 7), (32, 200), (2, 1, 3, 1, 5)])
 def test_tanh_shapes_and_dtypes_run_the_cpp(shape, dtype, monkeypatch):
     """Any contiguous float32 or float64 tensor runs tanh's C++: 0-d, empty, and sizes that end in

@@ -8,7 +8,8 @@ Python and one dispatch per aten op. The eager kernels spell their maths out in 
 torch's twins call one fused native kernel per direction (docs/benchmarks.md, "Notebook scale").
 Here each direction is one call into C++ (an op of ``torch.ops.backprop_cpp``) that reads its
 inputs, loops and allocates its outputs. The loops are written for small inputs: one thread, no
-blocking. At large shapes use ``backprop.<op>`` or ``backprop.compiled.<op>``.
+blocking (batch_norm's also run on torch's threads, at::parallel_for: batch_norm.cpp). At large
+shapes use ``backprop.<op>`` or ``backprop.compiled.<op>``.
 
 The contract is backprop.<op>'s: the same signature, the same ``Cache`` type (a cache from either
 path works in the other's backward), the same errors, no mutation, no autograd history. The C++
@@ -56,7 +57,9 @@ def compile_command(source: Path, output: Path) -> list[str]:
     """g++ on one translation unit, against this torch's headers and libraries."""
     root = Path(torch.__file__).resolve().parent
     lib = root / "lib"
-    return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", *_isa_flags(),
+    # -fopenmp: at::parallel_for (ATen/Parallel.h) runs on torch's OpenMP threads (libgomp.so.1,
+    # loaded by torch already), else inline on one
+    return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-fopenmp", *_isa_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-isystem", str(root / "include"), str(source), "-o", str(output),
             f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]

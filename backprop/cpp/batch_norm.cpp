@@ -1,9 +1,11 @@
 // batch_norm: the maths of backprop/batch_norm.py as loops over channels.
 //
 //   x (N, C, L...) read as (N, C, L): the n = N * L values of channel c; d = n - correction
-//   training: corrected two-pass mean and variance (accurate at a large offset, x ~ 50 +- 0.01):
-//             m1 = sum(x) / n,  xc = x - m1,  m2 = sum(xc) / n (m1's rounding error),
-//             S = sum(xc^2) - n m2^2 = sum((x - mu)^2),  mu = m1 + m2,  var = S / d
+//   training: shifted sums, K = the channel's first value (accurate at a large offset, x ~ 50 +- 0.01):
+//             s1 = sum(x - K),  s2 = sum((x - K)^2),  mu = K + s1 / n,
+//             S = s2 - s1^2 / n = sum((x - mu)^2),  var = S / d
+//             (s2 = S + n (mu - K)^2 and (mu - K)^2 <= S, K being one of the values: the subtraction
+//             cancels at most a factor n + 1, log2(n + 1) of double's 53 bits)
 //   eval:     mu = running_mean,  var = running_var
 //   rstd = 1 / sqrt(var + eps),  xhat = (x - mu) rstd,  out = w xhat + b
 //   training with running statistics r (returned, never written): lerp(r, stat, m), stat = mu for the
@@ -15,96 +17,184 @@
 //             dx = w rstd (g - dbias / n - xhat dweight / d)   (the mean's path, the variance's)
 //   eval:     dx = w rstd g   (the statistics are constants)
 //
-// Sums per channel run in double, the elementwise maths too, rounded once to x's dtype.
+// The sums per channel run in double. The elementwise maths runs in x's dtype, as the eager kernel's,
+// from per-channel coefficients rounded once: mu = hi + lo (hi = mu rounded, lo the rest),
+// xhat = ((x - hi) - lo) rstd (x - hi exact near the mean), out = xhat w + b; dx = k (g - (a + xhat v))
+// with k = w rstd, a = dbias / n, v = dweight / d.
+// Two layouts, each a pass for the sums and a pass for the elementwise maths, on torch's threads
+// (at::parallel_for), split so that the results are the same at any thread count:
+//   planes (L > 1): threads split the channels; a channel's sums, then its elementwise pass while its
+//     N runs of L values are still in cache; a run is summed across the vector unit's lanes
+//   rows (N, C): a channel's values are C apart, so the loops go row by row, over c (they vectorise),
+//     kRows rows at a time; threads split the rows in blocks of about kBlock values, a fixed split
+//     whatever the thread count, each block summed into its own partial sums, added in block order
 // Covered: float32/float64 contiguous CPU x of 2 or more dims with values (n > correction; n > 1
 // with running statistics), weight, bias, running statistics, eval, any correction, momentum (or
 // None) and eps. Not covered (the eager kernel runs): other dtypes and layouts, empty inputs, every
 // bad argument.
+#include <ATen/Parallel.h>
+
 #include "common.h"
 
 namespace backprop_cpp::batch_norm {
 
-// kL = 1: x is (N, C) and a channel's values are one per row, C apart (the loops over c then
-// vectorise); kL = 0: L = prod(x.shape[2:]), runs of L contiguous values per (row, channel)
+constexpr int64_t kRows = 4, kBlock = 1 << 18;
+
+// s1 += sum(u - k), s2 += sum((u - k) (v - k)) over a run of L values, the sums split across the
+// vector unit's lanes (omp simd: g++ vectorises the reduction, lanes added at the end)
+template <typename T>
+inline void run_sums(const T* u, const T* v, double k, int64_t L, double& s1, double& s2) {
+  double a = 0, q = 0;
+#pragma omp simd reduction(+ : a, q)
+  for (int64_t l = 0; l < L; ++l) {
+    const double d = u[l] - k;
+    a += d;
+    q += d * (v[l] - k);
+  }
+  s1 += a, s2 += q;
+}
+
+// s1[c] += u[c] - k[c], s2[c] += (u[c] - k[c]) (v[c] - k[c]) for each channel c of R rows (C apart),
+// a channel's running sums kept in registers across the R rows (read and written once, not R times)
+template <int64_t R, typename T>
+inline void row_sums(const T* __restrict__ u, const T* __restrict__ v, const double* __restrict__ k, int64_t C,
+                     double* __restrict__ s1, double* __restrict__ s2) {
+  for (int64_t c = 0; c < C; ++c) {
+    double a = s1[c], q = s2[c];
+    for (int64_t i = 0; i < R; ++i) {
+      const double d = u[i * C + c] - k[c];
+      a += d;
+      q += d * (v[i * C + c] - k[c]);
+    }
+    s1[c] = a, s2[c] = q;
+  }
+}
+
+// one row of the forward's elementwise pass: h = ((x - hi) - lo) r, o = h w + b, per channel c
+template <typename T>
+inline void normalise_row(const T* __restrict__ x, const T* __restrict__ hi, const T* __restrict__ lo,
+                          const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ b, int64_t C,
+                          T* __restrict__ h, T* __restrict__ o) {
+  for (int64_t c = 0; c < C; ++c) {
+    h[c] = ((x[c] - hi[c]) - lo[c]) * r[c];
+    o[c] = h[c] * w[c] + b[c];
+  }
+}
+
+// one row of the backward's: dx = k (g - (a + h v)) (training), k g (eval), per channel c
+template <typename T>
+inline void dx_row(const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ k, const T* __restrict__ a,
+                   const T* __restrict__ v, int64_t C, bool training, T* __restrict__ dx) {
+  if (training)
+    for (int64_t c = 0; c < C; ++c) dx[c] = k[c] * (g[c] - (a[c] + h[c] * v[c]));
+  else
+    for (int64_t c = 0; c < C; ++c) dx[c] = k[c] * g[c];
+}
+
+// (N, C): per-channel s1, s2 over all rows (u and v rows C apart), from partial sums per block of
+// B rows (one task each), added in block order
+template <typename T>
+void column_sums(const T* u, const T* v, const double* k, int64_t N, int64_t C, double* s1, double* s2) {
+  const int64_t B = std::max<int64_t>(1, kBlock / C), blocks = (N + B - 1) / B;
+  std::vector<double> part(2 * blocks * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      double *p1 = &part[2 * blk * C], *p2 = p1 + C;
+      int64_t i = blk * B;
+      for (const int64_t end = std::min(N, (blk + 1) * B); i + kRows <= end; i += kRows)
+        row_sums<kRows>(u + i * C, v + i * C, k, C, p1, p2);
+      for (; i < std::min(N, (blk + 1) * B); ++i) row_sums<1>(u + i * C, v + i * C, k, C, p1, p2);
+    }
+  });
+  for (int64_t blk = 0; blk < blocks; ++blk)
+    for (int64_t c = 0; c < C; ++c) s1[c] += part[2 * blk * C + c], s2[c] += part[(2 * blk + 1) * C + c];
+}
+
+// f(i0, i1) over the rows [i0, i1) of (N, C), threads taking blocks of rows as column_sums does
+template <typename F>
+void over_rows(int64_t N, int64_t C, const F& f) {
+  const int64_t B = std::max<int64_t>(1, kBlock / C);
+  at::parallel_for(0, (N + B - 1) / B, 1, [&](int64_t b0, int64_t b1) { f(b0 * B, std::min(N, b1 * B)); });
+}
+
+// f(c0, c1) over the channels [c0, c1), at least kBlock / n channels a task (small x: one task)
+template <typename F>
+void over_channels(int64_t C, int64_t n, const F& f) {
+  at::parallel_for(0, C, std::max<int64_t>(1, kBlock / n), f);
+}
+
+// kL = 1: x is (N, C), rows; kL = 0: L = prod(x.shape[2:]), planes
 template <typename T, int64_t kL>
 Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias, const at::Tensor* running_mean,
                 const at::Tensor* running_var, bool training, double momentum, double eps, int64_t correction) {
   const int64_t N = x.size(0), C = x.size(1), L = kL ? kL : x.numel() / (N * C);
   const double n = double(N * L);
   const T* __restrict__ px = x.data_ptr<T>();
-  std::vector<double> buf(6 * C, 0.0);
-  double *__restrict__ mu = buf.data(), *__restrict__ r = mu + C, *__restrict__ s = r + C;
-  double *__restrict__ q = s + C, *__restrict__ w = q + C, *__restrict__ b = w + C;
+  std::vector<double> sums(3 * C, 0.0);
+  double *__restrict__ s1 = sums.data(), *__restrict__ s2 = s1 + C, *__restrict__ K = s2 + C;
+  std::vector<T> coefs(4 * C);  // mu = hi + lo (hi = mu rounded to T, lo the rest, rounded), w, b
+  T *__restrict__ hi = coefs.data(), *__restrict__ lo = hi + C, *__restrict__ w = lo + C, *__restrict__ b = w + C;
   auto opts = x.options();
   at::Tensor out = at::empty(x.sizes(), opts), xhat = at::empty(x.sizes(), opts), rstd = at::empty({C}, opts);
   Tensors result = {out, xhat, rstd};
-  if (training) {
-    for (int64_t i = 0; i < N; ++i)  // first pass: m1 = sum(x) / n
-      for (int64_t c = 0; c < C; ++c) {
-        const T* p = px + (i * C + c) * L;
-        double acc = p[0];
-        for (int64_t l = 1; l < L; ++l) acc += p[l];
-        mu[c] += acc;
-      }
-    for (int64_t c = 0; c < C; ++c) mu[c] /= n;
-    for (int64_t i = 0; i < N; ++i)  // second pass, on xc = x - m1: sum(xc) and sum(xc^2)
-      for (int64_t c = 0; c < C; ++c) {
-        const T* p = px + (i * C + c) * L;
-        double acc = 0, acc2 = 0;
-        for (int64_t l = 0; l < L; ++l) {
-          const double xc = p[l] - mu[c];
-          acc += xc;
-          acc2 += xc * xc;
-        }
-        s[c] += acc;
-        q[c] += acc2;
-      }
-    const T *rm = running_mean ? running_mean->data_ptr<T>() : nullptr;
-    const T *rv = running_var ? running_var->data_ptr<T>() : nullptr;
-    T *new_mean = nullptr, *new_var = nullptr;
-    if (rm) {
-      result.push_back(at::empty({C}, opts));
-      result.push_back(at::empty({C}, opts));
-      new_mean = result[3].data_ptr<T>(), new_var = result[4].data_ptr<T>();
-    }
-    // torch.lerp's formula: the nearer end plus a fraction of the difference
-    auto lerp = [momentum](double a, double z) {
-      return std::abs(momentum) < 0.5 ? a + momentum * (z - a) : z - (z - a) * (1 - momentum);
-    };
-    for (int64_t c = 0; c < C; ++c) {
-      const double m2 = s[c] / n, S = q[c] - n * m2 * m2;
-      mu[c] += m2;
-      r[c] = 1 / std::sqrt(S / (n - correction) + eps);
+  const T *rm = running_mean ? running_mean->data_ptr<T>() : nullptr;
+  const T *rv = running_var ? running_var->data_ptr<T>() : nullptr;
+  T *new_mean = nullptr, *new_var = nullptr, *__restrict__ r = rstd.data_ptr<T>();
+  if (training && rm) {
+    result.push_back(at::empty({C}, opts));
+    result.push_back(at::empty({C}, opts));
+    new_mean = result[3].data_ptr<T>(), new_var = result[4].data_ptr<T>();
+  }
+  // torch.lerp's formula: the nearer end plus a fraction of the difference
+  auto lerp = [momentum](double a, double z) {
+    return std::abs(momentum) < 0.5 ? a + momentum * (z - a) : z - (z - a) * (1 - momentum);
+  };
+  // channel c's mu and rstd: from its sums (training) or the running statistics (eval)
+  auto settle = [&](int64_t c) {
+    double mu = rm ? rm[c] : 0, var = rv ? rv[c] : 0;
+    if (training) {
+      const double S = s2[c] - s1[c] * s1[c] / n;
+      mu = K[c] + s1[c] / n, var = S / (n - correction);
       if (rm) {
-        new_mean[c] = T(lerp(rm[c], mu[c]));
+        new_mean[c] = T(lerp(rm[c], mu));
         new_var[c] = T(lerp(rv[c], S / (n - 1)));
       }
     }
-  } else {
-    const T *rm = running_mean->data_ptr<T>(), *rv = running_var->data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) {
-      mu[c] = rm[c];
-      r[c] = 1 / std::sqrt(double(rv[c]) + eps);
-    }
-  }
+    hi[c] = T(mu), lo[c] = T(mu - hi[c]), r[c] = T(1 / std::sqrt(var + eps));
+  };
   const T* pw = weight ? weight->data_ptr<T>() : nullptr;
   const T* pb = bias ? bias->data_ptr<T>() : nullptr;
-  T* pr = rstd.data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) {
-    pr[c] = T(r[c]);
-    w[c] = pw ? double(pw[c]) : 1.0;  // w xhat + b with 1 and 0 is xhat exactly
-    b[c] = pb ? double(pb[c]) : 0.0;
+    K[c] = px[c * L];  // the first value of channel c, in row 0
+    w[c] = pw ? pw[c] : T(1);  // w xhat + b with 1 and 0 is xhat exactly
+    b[c] = pb ? pb[c] : T(0);
   }
+  // in T, as the eager kernel: xhat = ((x - hi) - lo) rstd (x - hi exact near the mean), out = w xhat + b
   T *__restrict__ po = out.data_ptr<T>(), *__restrict__ ph = xhat.data_ptr<T>();
-  for (int64_t i = 0; i < N; ++i)  // xhat = (x - mu) rstd, out = w xhat + b
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t at = (i * C + c) * L;
-      for (int64_t l = 0; l < L; ++l) {
-        const double h = (px[at + l] - mu[c]) * r[c];
-        ph[at + l] = T(h);
-        po[at + l] = T(h * w[c] + b[c]);
+  if (kL == 1) {
+    if (training) column_sums(px, px, K, N, C, s1, s2);
+    for (int64_t c = 0; c < C; ++c) settle(c);
+    over_rows(N, C, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0 * C; i < i1 * C; i += C) normalise_row(px + i, hi, lo, r, w, b, C, ph + i, po + i);
+    });
+  } else {
+    over_channels(C, N * L, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t i = 0; training && i < N; ++i) {
+          const T* p = px + (i * C + c) * L;
+          run_sums(p, p, K[c], L, s1[c], s2[c]);
+        }
+        settle(c);
+        const T m1 = hi[c], m2 = lo[c], s = r[c], wc = w[c], bc = b[c];
+        for (int64_t i = (c * L); i < N * C * L; i += C * L)  // channel c's runs, still in cache
+          for (int64_t l = i; l < i + L; ++l) {
+            const T h = ((px[l] - m1) - m2) * s;
+            ph[l] = h;
+            po[l] = h * wc + bc;
+          }
       }
-    }
+    });
+  }
   return result;
 }
 
@@ -147,40 +237,39 @@ Tensors backward(const at::Tensor& dout, const at::Tensor& xhat, const at::Tenso
   const double n = double(N * L);
   const T *__restrict__ pg = dout.data_ptr<T>(), *__restrict__ ph = xhat.data_ptr<T>();
   const T *pr = rstd.data_ptr<T>(), *pw = weight ? weight->data_ptr<T>() : nullptr;
-  std::vector<double> buf(5 * C, 0.0);
-  double *__restrict__ db = buf.data(), *__restrict__ dw = db + C, *__restrict__ k = dw + C;
-  double *__restrict__ a = k + C, *__restrict__ v = a + C;
-  if (training || weight || has_bias)
-    for (int64_t i = 0; i < N; ++i)  // dbias = sum(g), dweight = sum(g xhat)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (i * C + c) * L;
-        double acc = pg[at], acc2 = double(pg[at]) * ph[at];
-        for (int64_t l = 1; l < L; ++l) {
-          acc += pg[at + l];
-          acc2 += double(pg[at + l]) * ph[at + l];
-        }
-        db[c] += acc;
-        dw[c] += acc2;
-      }
-  for (int64_t c = 0; c < C; ++c) k[c] = (pw ? double(pw[c]) : 1.0) * pr[c];  // w rstd
+  std::vector<double> sums(3 * C, 0.0);
+  double *__restrict__ db = sums.data(), *__restrict__ dw = db + C, *__restrict__ zero = dw + C;
+  std::vector<T> coefs(3 * C);
+  T *__restrict__ k = coefs.data(), *__restrict__ a = k + C, *__restrict__ v = a + C;
+  const bool sum = training || weight || has_bias;
+  // channel c's coefficients, from its sums: dx = k (g - (a + xhat v)) in T, as the eager kernel
+  // (training); k g (eval)
+  auto settle = [&](int64_t c) {
+    k[c] = T((pw ? double(pw[c]) : 1.0) * pr[c]);  // w rstd
+    a[c] = T(db[c] / n);
+    v[c] = T(dw[c] / (n - correction));
+  };
   at::Tensor dx = at::empty(xhat.sizes(), xhat.options());
   T* __restrict__ px = dx.data_ptr<T>();
-  if (training) {
-    for (int64_t c = 0; c < C; ++c) {
-      a[c] = db[c] / n;
-      v[c] = dw[c] / (n - correction);
-    }
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (i * C + c) * L;
-        for (int64_t l = 0; l < L; ++l) px[at + l] = T(k[c] * ((pg[at + l] - a[c]) - ph[at + l] * v[c]));
-      }
+  if (kL == 1) {
+    if (sum) column_sums(pg, ph, zero, N, C, db, dw);  // dbias = sum(g), dweight = sum(g xhat)
+    for (int64_t c = 0; c < C; ++c) settle(c);
+    over_rows(N, C, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0 * C; i < i1 * C; i += C) dx_row(pg + i, ph + i, k, a, v, C, training, px + i);
+    });
   } else {
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t at = (i * C + c) * L;
-        for (int64_t l = 0; l < L; ++l) px[at + l] = T(k[c] * pg[at + l]);
+    over_channels(C, N * L, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t i = c * L; sum && i < N * C * L; i += C * L) run_sums(pg + i, ph + i, 0.0, L, db[c], dw[c]);
+        settle(c);
+        const T kc = k[c], ac = a[c], vc = v[c];
+        for (int64_t i = c * L; i < N * C * L; i += C * L)  // channel c's runs, still in cache
+          if (training)
+            for (int64_t l = i; l < i + L; ++l) px[l] = kc * (pg[l] - (ac + ph[l] * vc));
+          else
+            for (int64_t l = i; l < i + L; ++l) px[l] = kc * pg[l];
       }
+    });
   }
   at::Tensor dweight, dbias;  // undefined: None in Python
   if (weight) {
