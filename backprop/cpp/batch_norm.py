@@ -15,6 +15,11 @@ from backprop import batch_norm as eager
 from backprop import cpp
 
 Cache = eager.Cache
+# its loops are written for large shapes too (threaded over channels or row blocks, vectorised, one
+# read of x for the statistics): benchmarks/conftest.py times it there as well (manual-cpp). Measured
+# (docs/benchmarks.md, session 10): ahead of torch's fastest in the backward at 4096x1024 and NCHW
+# 32x64x56x56, at parity for (N, C) fwd+bwd (the cache's x-hat is one more output than aten writes)
+LARGE_SHAPES = True
 # the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
