@@ -278,7 +278,8 @@ def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *
 
 @pytest.fixture
 def bench(benchmark, device, variant, mode, inputs_cache, threads):
-    """bench(name, shape_label, make_args, options, size=, native=, traffic=, flops=): time one case.
+    """bench(name, shape_label, make_args, options, size=, native=, traffic=, flops=, sweep_top=):
+    time one case.
 
     native(*args, dout=, **options) -> (fwd_bwd, bwd) closures over aten ops, or None;
     traffic(*args, mode=, **options) -> the minimal bytes the mode must move (read + write),
@@ -286,7 +287,7 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
     operations, for compute-bound ops."""
 
     def run(name, shape_label, make_args, options=None, *, size="small", native=None, traffic=None,
-            flops=None):
+            flops=None, sweep_top=None):
         memory_pass = os.environ.get("BACKPROP_BENCH") == "memory"
         if size != "small" and benchmark.disabled:
             pytest.skip("large shapes run only when timing (--benchmark-enable)")
@@ -320,7 +321,9 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
         if variant == "paired":
             contenders = [v for v in PAIRED if (v != "manual-cpp" or _cpp_at(name, size))
                           and (v != "custom-op" or size == "small" or FULL)]
-            if mode == "fwd+bwd" and shape_label == _large(name)[0]:  # also the top point of its sweep
+            # also the top point of its size sweep: the op's first large shape, with the sweep's
+            # options (sweep_top=: the bench file says which group that is, when its label differs)
+            if mode == "fwd+bwd" and (shape_label == _large(name)[0] if sweep_top is None else sweep_top):
                 benchmark.extra_info.update(sweep_top=True, size=sum(
                     a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)))
             return run_paired(benchmark, name, mode, args, dout, options, device, contenders,
