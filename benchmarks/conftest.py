@@ -104,7 +104,7 @@ if not set(PAIRED) <= set(VARIANTS + OPT_IN):
                      f"{VARIANTS + OPT_IN}")
 # the CPU's peak memory above the notebook's scale: the resident peak, in the timing pass (Linux,
 # glibc), measured cheaply; else, and always at the notebook's scale, the profiler's memory pass
-RESIDENT = stats.resident_peak_bytes(lambda: None) is not None
+RESIDENT = stats.resident_peaks_readable()
 _COMPILED_REFERENCES: dict[str, Callable] = {}
 # torch.ops.backprop.<op> for every op the library registers (backprop.library.TABLE)
 CUSTOM_OPS: dict[str, Callable] = {name: getattr(torch.ops.backprop, name) for name in backprop.library.TABLE}
@@ -125,7 +125,11 @@ def _floating(args) -> list[torch.Tensor]:
 
 def _kernel_step(op, args, options, dout, mode):
     if mode == "fwd+bwd":
-        return lambda: op.backward(dout, op.forward(*args, **options)[1])
+        def fwd_bwd():  # out stays alive through the backward, as it does under autograd
+            out, cache = op.forward(*args, **options)
+            return op.backward(dout, cache)
+
+        return fwd_bwd
     _, cache = op.forward(*args, **options)  # built once, outside the timing
     return lambda: op.backward(dout, cache)
 
@@ -378,7 +382,7 @@ def sweep(request, benchmark, device, inputs_cache, threads):
         point = request.param
         if QUICK and point > (SWEEP_POINTS - 1) // 2:
             pytest.skip("BACKPROP_BENCH_QUICK: the lower half of the sweep only")
-        if point == SWEEP_POINTS - 1:  # manual, autograd and native are among that group's contenders
+        if point == SWEEP_POINTS - 1 and set(SWEEP_CONTENDERS) <= set(PAIRED):  # among that group's
             pytest.skip("the top of the sweep is the op's large shape: its fwd+bwd paired group")
         small = next(dims for dims, size in TABLE[name].benchmark_shapes.values() if size == "small")
         large = _large(name)[1]

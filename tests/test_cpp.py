@@ -495,3 +495,18 @@ def test_a_digest_record_left_without_its_library_is_rebuilt(tmp_path, monkeypat
     with pytest.warns(UserWarning, match="rebuilding"):
         assert cpp._load_or_build(lib, tmp_path, True) is not None
     assert built == [lib]
+
+
+@pytest.mark.parametrize("shape", [(1 << 18, 2), (4, 2, 1 << 16)])
+def test_batch_norm_float64_statistics_keep_their_bits_whatever_the_first_value(shape):
+    """float64 batch_norm through C++ against the eager kernel's corrected two-pass, at float64's
+    own rounding: data at 1e4 +- 1e-3 whose first value (the one-pass sums' shift) sits 1 away from
+    the mean, 1000 spreads out. Sums about that first value alone cancel log2(n + 1) bits (18 here):
+    rstd came out 2e-9 off (a review's measurement at n = 4M), so float64 sums again about the mean."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 1e-3 + 1e4
+    x.view(shape[0], shape[1], -1)[0, :, 0] += 1.0  # the first value of each channel
+    out_c, cache_c = cpp.batch_norm.forward(x, eps=1e-15)
+    out_e, cache_e = backprop.batch_norm.forward(x, eps=1e-15)
+    torch.testing.assert_close(cache_c.rstd, cache_e.rstd, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-9, atol=1e-9)

@@ -5,7 +5,8 @@
 //             s1 = sum(x - K),  s2 = sum((x - K)^2),  mu = K + s1 / n,
 //             S = s2 - s1^2 / n = sum((x - mu)^2),  var = S / d
 //             (s2 = S + n (mu - K)^2 and (mu - K)^2 <= S, K being one of the values: the subtraction
-//             cancels at most a factor n + 1, log2(n + 1) of double's 53 bits)
+//             cancels at most a factor n + 1, log2(n + 1) of double's 53 bits: enough for float32;
+//             float64 sums a second time with K = that mu, the eager kernel's corrected two-pass)
 //   eval:     mu = running_mean,  var = running_var
 //   rstd = 1 / sqrt(var + eps),  xhat = (x - mu) rstd,  out = w xhat + b
 //   training with running statistics r (returned, never written): lerp(r, stat, m), stat = mu for the
@@ -34,11 +35,14 @@
 // bad argument.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "common.h"
 
 namespace backprop_cpp::batch_norm {
 
-constexpr int64_t kRows = 4, kBlock = 1 << 18;
+constexpr int64_t kRows = 4, kBlock = 1 << 18, kMaxBlocks = 64;
 
 // s1 += sum(u - k), s2 += sum((u - k) (v - k)) over a run of L values, the sums split across the
 // vector unit's lanes (omp simd: g++ vectorises the reduction, lanes added at the end)
@@ -92,10 +96,11 @@ inline void dx_row(const T* __restrict__ g, const T* __restrict__ h, const T* __
 }
 
 // (N, C): per-channel s1, s2 over all rows (u and v rows C apart), from partial sums per block of
-// B rows (one task each), added in block order
+// B rows (one task each), added in block order; at most kMaxBlocks blocks, so that the partial sums
+// stay small beside x when C is large (one row a block would hold 4x a float32 x)
 template <typename T>
 void column_sums(const T* u, const T* v, const double* k, int64_t N, int64_t C, double* s1, double* s2) {
-  const int64_t B = std::max<int64_t>(1, kBlock / C), blocks = (N + B - 1) / B;
+  const int64_t B = std::max({int64_t(1), kBlock / C, (N + kMaxBlocks - 1) / kMaxBlocks}), blocks = (N + B - 1) / B;
   std::vector<double> part(2 * blocks * C, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -153,7 +158,7 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
   auto settle = [&](int64_t c) {
     double mu = rm ? rm[c] : 0, var = rv ? rv[c] : 0;
     if (training) {
-      const double S = s2[c] - s1[c] * s1[c] / n;
+      const double S = std::max(0.0, s2[c] - s1[c] * s1[c] / n);  // >= 0 (it may round below)
       mu = K[c] + s1[c] / n, var = S / (n - correction);
       if (rm) {
         new_mean[c] = T(lerp(rm[c], mu));
@@ -169,10 +174,19 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
     w[c] = pw ? pw[c] : T(1);  // w xhat + b with 1 and 0 is xhat exactly
     b[c] = pb ? pb[c] : T(0);
   }
+  // float64: the sums again about the first pass's mean (the corrected two-pass of the eager kernel):
+  // K = the first value can cancel log2(n + 1) bits, which float32's output never sees and float64's
+  // would (measured: rstd 2e-9 off at n = 1M with a first value 3e3 from the mean)
+  constexpr bool refine = std::is_same_v<T, double>;
+  auto recentre = [&](int64_t c) { K[c] += s1[c] / n, s1[c] = 0, s2[c] = 0; };
   // in T, as the eager kernel: xhat = ((x - hi) - lo) rstd (x - hi exact near the mean), out = w xhat + b
   T *__restrict__ po = out.data_ptr<T>(), *__restrict__ ph = xhat.data_ptr<T>();
   if (kL == 1) {
     if (training) column_sums(px, px, K, N, C, s1, s2);
+    if (training && refine) {
+      for (int64_t c = 0; c < C; ++c) recentre(c);
+      column_sums(px, px, K, N, C, s1, s2);
+    }
     for (int64_t c = 0; c < C; ++c) settle(c);
     over_rows(N, C, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0 * C; i < i1 * C; i += C) normalise_row(px + i, hi, lo, r, w, b, C, ph + i, po + i);
@@ -180,9 +194,12 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
   } else {
     over_channels(C, N * L, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t i = 0; training && i < N; ++i) {
-          const T* p = px + (i * C + c) * L;
-          run_sums(p, p, K[c], L, s1[c], s2[c]);
+        for (int pass = 0; training && pass < (refine ? 2 : 1); ++pass) {
+          if (pass) recentre(c);
+          for (int64_t i = 0; i < N; ++i) {
+            const T* p = px + (i * C + c) * L;
+            run_sums(p, p, K[c], L, s1[c], s2[c]);
+          }
         }
         settle(c);
         const T m1 = hi[c], m2 = lo[c], s = r[c], wc = w[c], bc = b[c];

@@ -220,7 +220,7 @@ def _linear_cross_entropy_gradcheck(case: Case) -> Case | None:
 # ---------------------------------------------------------------- the table
 
 # issue 16's bar, every op: our best public path (the fastest of manual, manual-compiled and
-# manual-cpp, backprop.cpp at the notebook's scale) at
+# manual-cpp, backprop.cpp: at the notebook's scale, and at the large shapes for batch_norm) at
 # least as fast as torch's fastest (autograd, autograd-compiled or native: "torch"), same run,
 # at the large (and xl) shapes and at the notebook's scale, fwd+bwd and backward alone
 FASTEST: tuple[Target, ...] = tuple(
