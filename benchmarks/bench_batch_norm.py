@@ -49,7 +49,7 @@ def test_batch_norm(bench, correction, shape):
     dims, size = SHAPES[shape]
     bench("batch_norm", f"{shape} correction={correction}", lambda: make_args(dims),
           {"correction": correction}, size=size, native=native, traffic=traffic,
-          sweep_top=shape == next(iter(s for s in SHAPES if SHAPES[s][1] == "large")) and correction == 0)
+          sweep_top=shape == OPS["batch_norm"].large_shape and correction == 0)
 
 
 def test_batch_norm_sweep(sweep):

@@ -327,7 +327,8 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                           and (v != "custom-op" or size == "small" or FULL)]
             # also the top point of its size sweep: the op's first large shape, with the sweep's
             # options (sweep_top=: the bench file says which group that is, when its label differs)
-            if mode == "fwd+bwd" and (shape_label == _large(name)[0] if sweep_top is None else sweep_top):
+            top = shape_label == TABLE[name].large_shape if sweep_top is None else sweep_top
+            if mode == "fwd+bwd" and top:
                 benchmark.extra_info.update(sweep_top=True, size=sum(
                     a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)))
             return run_paired(benchmark, name, mode, args, dout, options, device, contenders,
@@ -343,12 +344,6 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
         return result
 
     return run
-
-
-def _large(name: str) -> tuple[str, tuple]:
-    """(label, dims) of the op's first large shape: its headline, and the top of its size sweep."""
-    shapes = TABLE[name].benchmark_shapes.items()
-    return next((label, dims) for label, (dims, size) in shapes if size == "large")
 
 
 def sweep_dims(small, large, points: int = SWEEP_POINTS) -> list:
@@ -385,7 +380,7 @@ def sweep(request, benchmark, device, inputs_cache, threads):
         if point == SWEEP_POINTS - 1 and set(SWEEP_CONTENDERS) <= set(PAIRED):  # among that group's
             pytest.skip("the top of the sweep is the op's large shape: its fwd+bwd paired group")
         small = next(dims for dims, size in TABLE[name].benchmark_shapes.values() if size == "small")
-        large = _large(name)[1]
+        large = TABLE[name].benchmark_shapes[TABLE[name].large_shape][0]
         dims = sweep_dims(small, large)[point]
         options = options or {}
         label = f"sweep{point} " + "x".join(map(str, _flat(dims)))

@@ -85,6 +85,11 @@ class OpInfo:
     def bench_file(self) -> Path:
         return ROOT / "benchmarks" / f"bench_{self.name}.py"
 
+    @property
+    def large_shape(self) -> str:
+        """The label of the first large benchmark shape: the op's headline, and the top of its size sweep."""
+        return next(label for label, (_, size) in self.benchmark_shapes.items() if size == "large")
+
 
 def _rng(device: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
     """Seeded randn(*shape) and randint(high, *shape), drawn on the CPU and moved to device."""
