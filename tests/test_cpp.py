@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,6 +473,44 @@ def test_no_rows_with_reduction_none():
     (dz, _), (dz_eager, _) = (op.backward(torch.ones_like(out), cache) for op in (cpp.cross_entropy,
                                                                                   backprop.cross_entropy))
     assert dz.shape == dz_eager.shape == (0, 4)
+
+
+@pytest.mark.parametrize("openmp_works", [True, False])
+def test_a_compiler_without_openmp_still_builds_every_op(tmp_path, monkeypatch, openmp_works):
+    """One translation unit: a g++ that refuses -fopenmp (no libgomp development files, clang as
+    g++) failed the whole build, and all four ops ran eager. It builds again without -fopenmp,
+    after a warning; with a working -fopenmp, one build and no warning."""
+    from backprop.makemore.aot import _record
+
+    commands = []
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        if "-fopenmp" in cmd and not openmp_works:
+            return subprocess.CompletedProcess(cmd, 1, "", "g++: error: unrecognized option '-fopenmp'")
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"a library")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(cpp.subprocess, "run", run)
+    lib = tmp_path / "kernels-x.so"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cpp.build(lib)
+    assert lib.read_bytes() == b"a library" and _record(lib).exists()
+    assert [("-fopenmp" in c) for c in commands] == ([True] if openmp_works else [True, False])
+    said = [str(w.message) for w in seen]
+    assert said == ([] if openmp_works else [said[0]])
+    assert openmp_works or "built without OpenMP" in said[0] and "-fopenmp" in said[0]
+
+
+def test_a_build_failing_without_openmp_too_raises_the_first_error(tmp_path, monkeypatch):
+    def run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "first" if "-fopenmp" in cmd else "second")
+
+    monkeypatch.setattr(cpp.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match="g\\+\\+ failed \\(exit 1\\): first"):
+        cpp.build(tmp_path / "kernels-x.so")
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_a_digest_record_left_without_its_library_is_rebuilt(tmp_path, monkeypatch):

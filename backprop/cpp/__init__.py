@@ -54,13 +54,14 @@ def _isa_flags() -> list[str]:
             }.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
-def compile_command(source: Path, output: Path) -> list[str]:
+def compile_command(source: Path, output: Path, openmp: bool = True) -> list[str]:
     """g++ on one translation unit, against this torch's headers and libraries."""
     root = Path(torch.__file__).resolve().parent
     lib = root / "lib"
     # -fopenmp: at::parallel_for (ATen/Parallel.h) runs on torch's OpenMP threads (libgomp.so.1,
     # loaded by torch already), else inline on one
-    return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-fopenmp", *_isa_flags(),
+    return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", *(["-fopenmp"] if openmp else []),
+            *_isa_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-isystem", str(root / "include"), str(source), "-o", str(output),
             f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
@@ -84,7 +85,10 @@ def library_path(directory: Path) -> Path:
 
 def build(path: Path) -> None:
     """Compile every .cpp file here as one translation unit into path: under a temporary name,
-    renamed into place after its digest record, so a concurrent process never loads half a file."""
+    renamed into place after its digest record, so a concurrent process never loads half a file.
+    A compiler without OpenMP (no libgomp development files, or clang as g++) fails on -fopenmp:
+    then once more without it, so that every op keeps its C++ and only the threaded loops
+    (at::parallel_for) run on one thread, after a warning."""
     from backprop.makemore.aot import _digest, _record
 
     tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
@@ -93,7 +97,12 @@ def build(path: Path) -> None:
         unity.write_text("".join(f'#include "{p}"\n' for p in sources() if p.suffix == ".cpp"))
         done = subprocess.run(compile_command(unity, tmp), capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise RuntimeError(f"g++ failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+            plain = subprocess.run(compile_command(unity, tmp, openmp=False), capture_output=True, text=True,
+                                   timeout=600)
+            if plain.returncode != 0:  # not OpenMP's fault: the first error is the one to read
+                raise RuntimeError(f"g++ failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+            _say(f"g++ -fopenmp failed ({done.stderr.strip()[-300:]}); built without OpenMP: "
+                 "the threaded loops (batch_norm's) run on one thread")
         record = _record(tmp)
         record.write_text(_digest(tmp) + "\n")
         os.replace(record, _record(path))
