@@ -48,19 +48,6 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-def _nobody_can_run_python() -> bool:
-    if os.geteuid() != 0:
-        return False
-    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True,
-                           preexec_fn=_as_nobody)
-    return probe.returncode == 0
-
-
-def _as_nobody() -> None:
-    os.setgid(65534)
-    os.setuid(65534)
-
-
 # ----------------------------------------------------------------------------- §1 data loss
 
 
