@@ -537,6 +537,33 @@ def test_a_digest_record_left_without_its_library_is_rebuilt(tmp_path, monkeypat
     assert built == [lib]
 
 
+def test_a_corrupt_library_is_set_aside_once_and_rebuilt(tmp_path, monkeypatch):
+    """A library that fails its digest is moved aside under a dated name (the warning gives it) and
+    rebuilt; an older copy set aside by an earlier run is removed, so a file corrupted on every run
+    keeps one copy on disk."""
+    from backprop.makemore.aot import _record
+
+    lib = tmp_path / "kernels-x.so"
+    lib.write_bytes(b"corrupt")
+    _record(lib).write_text("0" * 64 + "\n")
+    older = tmp_path / "kernels-x.so.bad-20260101-000000-1"
+    older.write_bytes(b"older")
+    real_load = cpp.load
+
+    def build(path):
+        path.write_bytes(b"built")
+
+    def load(path):
+        if path.read_bytes() != b"built":
+            real_load(path)  # the digest check raises
+    monkeypatch.setattr(cpp, "build", build)
+    monkeypatch.setattr(cpp, "load", load)
+    with pytest.warns(UserWarning, match="digest differs.*moved it to .*rebuilding") as said:
+        assert cpp._load_or_build(lib, tmp_path, True) is not None
+    (aside,) = tmp_path.glob("*.bad-*")
+    assert aside != older and aside.read_bytes() == b"corrupt" and str(aside) in str(said[0].message)
+
+
 @pytest.mark.parametrize("shape", [(1 << 18, 2), (4, 2, 1 << 16)])
 def test_batch_norm_float64_statistics_keep_their_bits_whatever_the_first_value(shape):
     """float64 batch_norm through C++ against the eager kernel's corrected two-pass, at float64's

@@ -329,14 +329,16 @@ def test_a_corrupt_package_is_moved_aside_and_rebuilt_once(damage, tmp_path, mon
         pkg.with_suffix(".sha256").unlink()
     else:
         pkg.write_bytes(b"PK fake packagf")
+    older = pkg.with_name(f"{pkg.name}.bad-20260101-000000-1")  # set aside by an earlier run
+    older.write_bytes(b"PK older")
     said = []
     compile_with(step_args, said)
     assert fake.builds == 2 and len(said) == 2
     assert said[0].startswith(f"loading the cached compiled step {pkg} failed (")
     assert "moved it to" in said[0] and said[0].endswith("rebuilding it once")
     assert "building" not in said[0].split(";")[0]
-    (aside,) = tmp_path.glob("*.bad-*")
-    assert str(aside) in said[0]
+    (aside,) = tmp_path.glob("*.bad-*")  # the newest only: a file corrupted each run keeps one copy
+    assert str(aside) in said[0] and aside != older
     assert pkg.read_bytes() == b"PK fake package"
 
 

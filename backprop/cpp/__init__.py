@@ -34,7 +34,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,18 +158,19 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 
 def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
-    from backprop.makemore.aot import _record
+    from backprop.makemore.aot import _record, set_aside
 
     if path.exists() or _record(path).exists():
         try:
             load(path)
             return getattr(torch.ops, NAMESPACE)
         except Exception as e:  # a bad digest, a foreign owner, a truncated file: rebuild once
-            aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            aside = None
             if path.exists():  # else a digest record left without its library (a killed build)
-                os.replace(path, aside)
+                aside = set_aside(path)
             _record(path).unlink(missing_ok=True)
-            _say(f"loading the cached kernels {path} failed ({e}); moved it to {aside}; rebuilding")
+            where = f"moved it to {aside}" if aside else "its digest record was there, the library not"
+            _say(f"loading the cached kernels {path} failed ({e}); {where}; rebuilding")
     where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
     _say(f"building the C++ kernels (once; {where}): ~20 s")
     build(path)

@@ -15,7 +15,9 @@ The graph's inputs are flat: the parameters and the optimizer state in the order
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -159,6 +161,19 @@ def _record(path: Path) -> Path:
     return path.with_suffix(".sha256")
 
 
+def set_aside(path: Path) -> Path:
+    """Move an unusable cached file aside, under a dated name that the message gives, so it can be
+    inspected; the older ones set aside for the same name are removed, so that a file corrupted
+    again and again keeps one copy on disk, not one a run. Raises OSError if path cannot move."""
+    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    for old in path.parent.glob(f"{glob.escape(path.name)}.bad-*"):
+        if old != aside:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return aside
+
+
 def _load(path: Path) -> Callable:
     """The package's runner, after checking its owner, its mode and its recorded digest."""
     for p in (path, _record(path)):
@@ -208,9 +223,8 @@ def _cpu_step(path: Path, persistent: bool, optimizer: str, args: tuple[torch.Te
         try:
             return _load(path)
         except Exception as e:  # a bad digest, a corrupt zip, a foreign owner: many kinds
-            aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
             try:
-                os.replace(path, aside)
+                aside = set_aside(path)
                 _record(path).unlink(missing_ok=True)
                 where = f"moved it to {aside}"
             except OSError as move:
