@@ -27,8 +27,9 @@ NAMES = list(cpp.OPS)
 
 # per op: options that the C++ covers, with the op's first fixed case's args, on the notebook's
 # scale; each must not reach the eager kernel (test_the_cpp_path_is_taken). "(C,)" stands for a
-# positive (C,) tensor, C = args[0].shape[1]
-POSITIVE = "(C,)"
+# positive (C,) tensor, C = args[0].shape[1], "(V,)" for a positive (V,) tensor, V = args[1].shape[0]
+# (linear_cross_entropy's classes); an option naming a positional parameter replaces that argument
+POSITIVE, CLASSES = "(C,)", "(V,)"
 STATS = {"running_mean": POSITIVE, "running_var": POSITIVE}
 COVERED = {
     "cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
@@ -37,6 +38,10 @@ COVERED = {
                    {**STATS, "momentum": None, "num_batches_tracked": 3, "correction": 1}],
     "embedding": [{}, {"padding_idx": 3}, {"padding_idx": -1}, {"scale_grad_by_freq": True},
                   {"padding_idx": 0, "scale_grad_by_freq": True, "deterministic": False}],
+    "linear_cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
+                             {"weight": CLASSES}, {"linear_bias": None}, {"chunk_size": 5},
+                             {"linear_bias": None, "weight": CLASSES, "label_smoothing": 0.2, "reduction": "none",
+                              "chunk_size": 7}],
     "tanh": [{}],  # no options: its shapes and dtypes in test_tanh_shapes_and_dtypes_run_the_cpp
 }
 
@@ -48,10 +53,13 @@ def built():
 
 
 def covered_cases(name):
-    (args, _), = TABLE[name].fixed_cases("cpu")[:1]
+    (first, _), = TABLE[name].fixed_cases("cpu")[:1]
+    positional = list(inspect.signature(cpp.OPS[name].forward).parameters)[:len(first)]  # eager may be patched
+    sizes = {POSITIVE: lambda: first[0].shape[1], CLASSES: lambda: first[1].shape[0]}
     for options in COVERED[name]:
-        options = {k: (torch.rand(args[0].shape[1], generator=torch.Generator().manual_seed(3)) + 0.5
-                       if v == POSITIVE else v) for k, v in options.items()}
+        options = {k: (torch.rand(sizes[v](), generator=torch.Generator().manual_seed(3)) + 0.5
+                       if isinstance(v, str) and v in sizes else v) for k, v in options.items()}
+        args = [options.pop(p, a) for p, a in zip(positional, first)]
         yield args, options
 
 
@@ -135,8 +143,9 @@ def test_parameters_take_the_cpp_path(name, monkeypatch):
     eager, fast = backprop.OPS[name], cpp.OPS[name]
     cases = []
     for args, options in covered_cases(name):
-        # the weights: every floating tensor after the first, or a one-input op's input (tanh)
-        args = [torch.nn.Parameter(a) if (i or len(args) == 1) and a.is_floating_point() else a
+        # the weights: every floating tensor after the first (linear_cross_entropy's linear_weight and
+        # linear_bias), or a one-input op's input (tanh)
+        args = [torch.nn.Parameter(a) if (i or len(args) == 1) and a is not None and a.is_floating_point() else a
                 for i, a in enumerate(args)]
         options = {k: torch.nn.Parameter(v) if k in ("weight", "bias") else v for k, v in options.items()}
         if any(type(t) is torch.nn.Parameter for t in [*args, *options.values()]):
