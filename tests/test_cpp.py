@@ -595,7 +595,7 @@ def test_linear_cross_entropy_confident_rows_keep_the_target_gradient():
 
 def test_linear_cross_entropy_release_and_the_eager_fallbacks(monkeypatch):
     """release=True scales the C++ cache's gradients in place and hands them over (no copy); an
-    ignored row, a strided x and a float16 x run the eager kernel, with its results; an out-of-range
+    ignored row (ignore_index -100, or a class), a strided x and a float16 x run the eager kernel, with its results; an out-of-range
     target and a hand-built 'none' cache whose targets lie outside [0, V) get the eager op's errors,
     not an out-of-bounds read."""
     x, W, y, b, cw, d = _lce_inputs(6, 3, 4, torch.float64, seed=9)
@@ -605,16 +605,16 @@ def test_linear_cross_entropy_release_and_the_eager_fallbacks(monkeypatch):
     assert dx is cache.dx and dW is cache.dlinear_weight and db is cache.dlinear_bias
     for a, e in zip((dx, dW, db), grads_e[:2] + grads_e[3:]):
         torch.testing.assert_close(a, e)
-    ignored = y.clone()
-    ignored[2] = -100
+    ignored, ignored_in_range = y.clone(), y.clone()
+    ignored[2], ignored_in_range[3] = -100, 1  # an ignore_index that is a class: the row is still ignored
     ran = []
     forward = backprop.linear_cross_entropy.forward
     monkeypatch.setattr(backprop.linear_cross_entropy, "forward", lambda *a, **k: ran.append(1) or forward(*a, **k))
-    for args, options in [((x, W, ignored, b), {"label_smoothing": 0.2}), ((x.t().contiguous().t(), W, y), {}),
-                          ((x.half(), W.half(), y), {"reduction": "sum"})]:
+    for args, options in [((x, W, ignored, b), {"label_smoothing": 0.2}), ((x, W, ignored_in_range), {"ignore_index": 1}),
+                          ((x.t().contiguous().t(), W, y), {}), ((x.half(), W.half(), y), {"reduction": "sum"})]:
         out, cache = cpp.linear_cross_entropy.forward(*args, **options)
         torch.testing.assert_close(out, forward(*args, **options)[0])
-    assert len(ran) == 3  # the eager kernel ran for each
+    assert len(ran) == 4  # the eager kernel ran for each
     with pytest.raises(ValueError, match="targets must lie in"):
         cpp.linear_cross_entropy.forward(x, W, torch.tensor([0, 1, 4, 0, 1, 2]))
     _, cache = cpp.linear_cross_entropy.forward(x, W, y, reduction="none")
