@@ -1,4 +1,6 @@
-// linear_cross_entropy: the maths of backprop/linear_cross_entropy.py, one call a direction.
+// linear_cross_entropy: the maths of backprop/linear_cross_entropy.py in one call: the forward, and
+// the backward of reduction 'none' (a scalar loss's backward scales the cached gradients: the eager
+// kernel's three muls, in Python, cheaper than a call into C++: linear_cross_entropy.py).
 //
 //   x (N, D), W (V, D), b (V,) or none, targets y (N,) int64, class weights w (V,) or none,
 //   eps = label_smoothing.  Rows in chunks of c: z = x[chunk] W^T + b (at::mm / at::addmm into one
@@ -8,7 +10,8 @@
 //              + eps/V (S p_y - w_y)),  a_n = (1 - eps) w_y + eps/V S,  S = sum_c w_c (V unweighted)
 //   g_n = 1 / sum_n w_{y_n} ('mean'), 1 ('sum'): the gradients at dloss = 1, computed by the forward;
 //   g_n = dout[n] ('none'): in the backward, which recomputes the chunk's logits
-//   dx[chunk] = dz W,  dW += dz^T x[chunk],  db += sum_rows dz   (dz written over the chunk's logits)
+//   dx[chunk] = dz W,  dW += dz^T x[chunk],  db += sum_rows dz   (dz written over the chunk's logits;
+//   dW in x's dtype, its own opmath; db and the loss's sum in double, rounded once)
 //
 // The matmuls are ATen's (BLAS at every size); the row loops are written for the notebook's V.
 // Covered: 2-D float32/float64 contiguous CPU x and W, bias, class weights, every reduction,
@@ -49,9 +52,9 @@ bool covered(const at::Tensor& x, const at::Tensor& W, const at::Tensor& y, cons
   return in_range(i, y.size(0), W.size(0));
 }
 
-// the chunks' logits and their row maths; g == nullptr: the loss rows only (the 'none' forward);
-// else dz = g (a p - q) written over the logits and consumed by the three gradient matmuls.
-// loss (N,) or nullptr; dx (N, D), dW (V, D), db (V,) or undefined
+// the chunks' logits and their row maths: loss (N,) rows, or nullptr; with dx defined (else the loss
+// rows only: the 'none' forward) dz = g (a p - q), g_n = g[n] (g given) or g_all, is written over the
+// logits and consumed by the gradient matmuls into dx (N, D), dW (V, D) and db (V,) (nullptr: no bias)
 template <typename T>
 void chunks(const Problem& P, const T* g, double g_all, T* loss, at::Tensor dx, at::Tensor dW, double* db) {
   const int64_t N = P.x.size(0), V = P.W.size(0);
