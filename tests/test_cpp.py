@@ -29,8 +29,9 @@ NAMES = list(cpp.OPS)
 
 # per op: options that the C++ covers, with the op's first fixed case's args, on the notebook's
 # scale; each must not reach the eager kernel (test_the_cpp_path_is_taken). "(C,)" stands for a
-# positive (C,) tensor, C = args[0].shape[1]
-POSITIVE = "(C,)"
+# positive (C,) tensor, C = args[0].shape[1], "(V,)" for a positive (V,) tensor, V = args[1].shape[0]
+# (linear_cross_entropy's classes); an option naming a positional parameter replaces that argument
+POSITIVE, CLASSES = "(C,)", "(V,)"
 STATS = {"running_mean": POSITIVE, "running_var": POSITIVE}
 COVERED = {
     "cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
@@ -39,6 +40,9 @@ COVERED = {
                    {**STATS, "momentum": None, "num_batches_tracked": 3, "correction": 1}],
     "embedding": [{}, {"padding_idx": 3}, {"padding_idx": -1}, {"scale_grad_by_freq": True},
                   {"padding_idx": 0, "scale_grad_by_freq": True, "deterministic": False}],
+    "linear_cross_entropy": [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
+                             {"weight": CLASSES}, {"linear_bias": None, "weight": CLASSES, "label_smoothing": 0.2,
+                                                   "reduction": "none", "chunk_size": 7}],
     "tanh": [{}],  # no options: its shapes and dtypes in test_tanh_shapes_and_dtypes_run_the_cpp
 }
 
@@ -50,10 +54,13 @@ def built():
 
 
 def covered_cases(name):
-    (args, _), = TABLE[name].fixed_cases("cpu")[:1]
+    (first, _), = TABLE[name].fixed_cases("cpu")[:1]
+    positional = list(inspect.signature(cpp.OPS[name].forward).parameters)[:len(first)]  # eager may be patched
+    sizes = {POSITIVE: lambda: first[0].shape[1], CLASSES: lambda: first[1].shape[0]}
     for options in COVERED[name]:
-        options = {k: (torch.rand(args[0].shape[1], generator=torch.Generator().manual_seed(3)) + 0.5
-                       if v == POSITIVE else v) for k, v in options.items()}
+        options = {k: (torch.rand(sizes[v](), generator=torch.Generator().manual_seed(3)) + 0.5
+                       if isinstance(v, str) and v in sizes else v) for k, v in options.items()}
+        args = [options.pop(p, a) for p, a in zip(positional, first)]
         yield args, options
 
 
@@ -137,8 +144,9 @@ def test_parameters_take_the_cpp_path(name, monkeypatch):
     eager, fast = backprop.OPS[name], cpp.OPS[name]
     cases = []
     for args, options in covered_cases(name):
-        # the weights: every floating tensor after the first, or a one-input op's input (tanh)
-        args = [torch.nn.Parameter(a) if (i or len(args) == 1) and a.is_floating_point() else a
+        # the weights: every floating tensor after the first (linear_cross_entropy's linear_weight and
+        # linear_bias), or a one-input op's input (tanh)
+        args = [torch.nn.Parameter(a) if (i or len(args) == 1) and a is not None and a.is_floating_point() else a
                 for i, a in enumerate(args)]
         options = {k: torch.nn.Parameter(v) if k in ("weight", "bias") else v for k, v in options.items()}
         if any(type(t) is torch.nn.Parameter for t in [*args, *options.values()]):
@@ -577,3 +585,108 @@ def test_batch_norm_float64_statistics_keep_their_bits_whatever_the_first_value(
     out_e, cache_e = backprop.batch_norm.forward(x, eps=1e-15)
     torch.testing.assert_close(cache_c.rstd, cache_e.rstd, rtol=1e-12, atol=0)
     torch.testing.assert_close(out_c, out_e, rtol=1e-9, atol=1e-9)
+
+
+def _refuse_eager(monkeypatch, module):
+    for direction in ("forward", "backward"):
+        monkeypatch.setattr(module, direction, lambda *a, d=direction, **k: pytest.fail(f"the eager {d} ran"))
+
+
+def _lce_inputs(N, D, V, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, D, generator=g, dtype=dtype) * scale, torch.randn(V, D, generator=g, dtype=dtype) * 0.5,
+            torch.randint(0, V, (N,), generator=g), torch.randn(V, generator=g, dtype=dtype),
+            torch.rand(V, generator=g, dtype=dtype) + 0.25, torch.randn(N, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_chunks_and_options_run_the_cpp(dtype, reduction, monkeypatch):
+    """linear_cross_entropy's C++ in chunks of 1 row, of 5 (13 = 5 + 5 + 3: an uneven tail, dW and db
+    summed over chunks) and the default (one chunk), with and without bias, class weights and smoothing:
+    both directions run the C++ (the 'none' backward recomputes the chunks there), give the loss and
+    gradients of torch's F.linear + F.cross_entropy under autograd in float64 (to the dtype's
+    rounding), the eager kernel's cache field by field, and the eager backward's gradients on it."""
+    import torch.nn.functional as F
+
+    x, W, y, b, cw, d = _lce_inputs(13, 6, 9, dtype, seed=len(reduction))
+    dout = d if reduction == "none" else d[0]
+    cases = [(None, {}), (b, {"weight": cw, "label_smoothing": 0.3}), (b, {"label_smoothing": 0.1}),
+             (None, {"weight": cw})]
+    expected = []
+    for chunk in (1, 5, None):
+        for bias, options in cases:
+            options = {**options, "reduction": reduction, "chunk_size": chunk}
+            out, cache = backprop.linear_cross_entropy.forward(x, W, y, bias, **options)
+            expected.append((cache, backprop.linear_cross_entropy.backward(dout, cache)))
+            wide = [t.double().requires_grad_() for t in (x, W, *([] if bias is None else [bias]))]
+            loss = F.cross_entropy(F.linear(*wide), y, weight=None if "weight" not in options else cw.double(),
+                                   reduction=reduction, label_smoothing=options.get("label_smoothing", 0.0))
+            expected[-1] += ((loss, *torch.autograd.grad(loss, wide, dout.double())),)
+    _refuse_eager(monkeypatch, backprop.linear_cross_entropy)
+    for i, (chunk, (bias, options)) in enumerate((c, o) for c in (1, 5, None) for o in cases):
+        cache_e, grads_e, (loss, *grads) = expected[i]
+        options = {**options, "reduction": reduction, "chunk_size": chunk}
+        out_c, cache_c = cpp.linear_cross_entropy.forward(x, W, y, bias, **options)
+        torch.testing.assert_close(out_c, loss.to(dtype))
+        for field, a, e in zip(cache_e._fields, cache_c, cache_e, strict=True):
+            if isinstance(e, torch.Tensor):
+                torch.testing.assert_close(a, e, msg=lambda m, f=field: f"cache.{f}: {m}")
+            else:
+                assert type(a) is type(e) and a == e, (field, a, e)
+        dx, dW, none, db = cpp.linear_cross_entropy.backward(dout, cache_c)
+        assert none is None and (db is None) == (bias is None)
+        for ours, eager, wide in zip([dx, dW, db], [grads_e[0], grads_e[1], grads_e[3]], [*grads, None]):
+            if eager is not None:
+                torch.testing.assert_close(ours, eager)
+                torch.testing.assert_close(ours, wide.to(dtype))
+
+
+def test_linear_cross_entropy_confident_rows_keep_the_target_gradient():
+    """A row whose target holds almost all the probability (p_y = 1 - 1e-8: 1 in float32): the target
+    entry of dz is -(1 - p_y) w_y g, from expm1(log p_y), not p_y - 1 = 0. dW's target row, summed
+    from those entries alone (no other row has that target), is the eager kernel's to float32's
+    relative rounding, not 0."""
+    x, W, y, b, cw, _ = _lce_inputs(8, 4, 5, torch.float32, seed=5)
+    y = torch.arange(8) % 4  # class 4 is no row's target: its logits are pushed down
+    W[4] = -W[:4].sum(0)
+    x = x * 0 + W[y] * 12  # z_y dominates each row by far
+    for options in ({}, {"weight": cw, "reduction": "sum", "label_smoothing": 1e-9}):
+        (_, cache), (_, cache_c) = (op.forward(x, W, y, **options) for op in (backprop.linear_cross_entropy,
+                                                                             cpp.linear_cross_entropy))
+        assert (cache.dlinear_weight[:4].abs() > 0).all()
+        torch.testing.assert_close(cache_c.dlinear_weight, cache.dlinear_weight, rtol=1e-4, atol=0)
+        torch.testing.assert_close(cache_c.dx, cache.dx, rtol=1e-4, atol=0)
+
+
+def test_linear_cross_entropy_release_and_the_eager_fallbacks(monkeypatch):
+    """release=True scales the C++ cache's gradients in place and hands them over (no copy); an
+    ignored row (ignore_index -100, or a class), a strided x and a float16 x run the eager kernel, with its results; an out-of-range
+    target and a hand-built 'none' cache whose targets lie outside [0, V) get the eager op's errors,
+    not an out-of-bounds read."""
+    x, W, y, b, cw, d = _lce_inputs(6, 3, 4, torch.float64, seed=9)
+    out, cache = cpp.linear_cross_entropy.forward(x, W, y, b, weight=cw)
+    grads_e = backprop.linear_cross_entropy.backward(d[0], cache)
+    dx, dW, _, db = cpp.linear_cross_entropy.backward(d[0], cache, release=True)
+    assert dx is cache.dx and dW is cache.dlinear_weight and db is cache.dlinear_bias
+    for a, e in zip((dx, dW, db), grads_e[:2] + grads_e[3:]):
+        torch.testing.assert_close(a, e)
+    ignored, ignored_in_range = y.clone(), y.clone()
+    ignored[2], ignored_in_range[3] = -100, 1  # an ignore_index that is a class: the row is still ignored
+    ran = []
+    forward = backprop.linear_cross_entropy.forward
+    monkeypatch.setattr(backprop.linear_cross_entropy, "forward", lambda *a, **k: ran.append(1) or forward(*a, **k))
+    for args, options in [((x, W, ignored, b), {"label_smoothing": 0.2}), ((x, W, ignored_in_range), {"ignore_index": 1}),
+                          ((x.t().contiguous().t(), W, y), {}), ((x.half(), W.half(), y), {"reduction": "sum"})]:
+        out, cache = cpp.linear_cross_entropy.forward(*args, **options)
+        torch.testing.assert_close(out, forward(*args, **options)[0])
+    assert len(ran) == 4  # the eager kernel ran for each
+    with pytest.raises(ValueError, match="targets must lie in"):
+        cpp.linear_cross_entropy.forward(x, W, torch.tensor([0, 1, 4, 0, 1, 2]))
+    _, cache = cpp.linear_cross_entropy.forward(x, W, y, reduction="none")
+    for bad in ([7, 1, 2, 0, 1, 1], [-1, 1, 2, 0, 1, 1], [10**12, 1, 2, 0, 1, 1]):
+        tampered = cache._replace(targets=torch.tensor(bad), versions=())
+        with pytest.raises(Exception) as eager_error:
+            backprop.linear_cross_entropy.backward(d, tampered)
+        with pytest.raises(eager_error.type):
+            cpp.linear_cross_entropy.backward(d, tampered)
