@@ -64,7 +64,9 @@ def backward(dout: Tensor, cache: Cache, release: bool = False) -> eager.Grads:
             and cache.versions == (cache.x._version, cache.linear_weight._version, cache.targets._version,
                                    None if cache.linear_bias is None else cache.linear_bias._version,
                                    None if cache.weight is None else cache.weight._version)
-            and dout.dtype is cache.x.dtype and dout.is_floating_point() and dout.is_cpu and cache.x.is_cpu):
+            and dout.dtype is cache.x.dtype and dout.is_floating_point() and dout.is_cpu and cache.x.is_cpu
+            and cpp.unwrapped()):
+        # (no torch.func transform, dispatch mode or tracing: the eager kernel, as every op)
         # the eager check_backward's: the cache's type, its inputs unedited (a cache built by hand,
         # versions=(), goes there), dout's dtype and device; its shape below or in the C++
         if cache.reduction in ("mean", "sum"):
