@@ -206,8 +206,9 @@ def unwrapped() -> bool:
 
 
 from backprop.cpp import batch_norm, cross_entropy, embedding, tanh  # noqa: E402  (the op modules use the helpers above)
+from backprop.cpp import logsumexp  # noqa: E402
 
 # the ops with a C++ path; the others are not here (backprop.<op> is their fastest small path)
-OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (cross_entropy, embedding, batch_norm, tanh)}
+OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (cross_entropy, embedding, batch_norm, tanh, logsumexp)}
 
 __all__ = ["OPS", "kernels", "op", "plain", "unwrapped", *OPS]
