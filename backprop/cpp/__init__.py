@@ -205,8 +205,7 @@ def unwrapped() -> bool:
     return not (_transforms() or _modes() or _compiling())
 
 
-from backprop.cpp import batch_norm, cross_entropy, embedding, tanh  # noqa: E402  (the op modules use the helpers above)
-from backprop.cpp import logsumexp  # noqa: E402
+from backprop.cpp import batch_norm, cross_entropy, embedding, logsumexp, tanh  # noqa: E402  (the op modules use the helpers above)
 
 # the ops with a C++ path; the others are not here (backprop.<op> is their fastest small path)
 OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (cross_entropy, embedding, batch_norm, tanh, logsumexp)}

@@ -6,11 +6,11 @@
 //             sumexp = sum_c exp(x[r, c] - m)   out = log(sumexp) + m   (C = 0: m = 0, out = -inf)
 //   backward: dx[r, c] = exp(x[r, c] - m) (dout[r] / sumexp)
 //
-// Passes: the forward reads a row twice (its max, then its sum of exps), the second time from the
-// cache (a 32768-value float32 row is 128 KiB, inside L2); the backward reads x and writes dx once.
-// exp is ATen's vector exp (Sleef's, 1 ulp), the eager kernel's torch.exp; the sum of a row runs in
-// T lanes over blocks of kBlock values (kBlock / (4 W) terms a lane), each block's lanes then added
-// into double ones, so a float32 sum of 32768 exps rounds as torch's cascade sum does or better.
+// Passes: the forward reads x once: a row block by block (kBlock values), each block's max, then
+// its exps from L1 against the running max, the sum so far rescaled when the max grows; the
+// backward reads x and writes dx once. exp is ATen's vector exp (Sleef's, 1 ulp), the eager
+// kernel's torch.exp; a block's exps are summed in T lanes (kBlock / (4 W) terms a lane), the
+// blocks' lanes in double, so a float32 sum of 32768 exps rounds as torch's cascade sum or better.
 // Threads (at::parallel_for, torch's): rows split in contiguous ranges, each row reduced by one
 // thread in a fixed order, so the results are the same bits at any thread count.
 //
@@ -31,15 +31,6 @@ constexpr int64_t kGrain = 1 << 15;
 template <typename T>
 constexpr int64_t kBlock = 16 * 4 * at::vec::Vectorized<T>::size();
 
-// the row's shift: its max, 0 where that is +-inf or nan (so x - m is never inf - inf)
-template <typename T>
-inline T shift_of(const T* z, int64_t C) {
-  using V = at::vec::Vectorized<T>;
-  if (C == 0) return T(0);
-  const T m = at::vec::reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, z, C);
-  return std::isfinite(m) ? m : T(0);
-}
-
 // add v's lanes into the double lanes acc
 template <typename T>
 inline void add_lanes(const at::vec::Vectorized<T>& v, double* acc) {
@@ -49,40 +40,74 @@ inline void add_lanes(const at::vec::Vectorized<T>& v, double* acc) {
   for (int64_t l = 0; l < V::size(); ++l) acc[l] += lane[l];
 }
 
-// sum_c exp(z[c] - m): four vector accumulators in T over a block, added into double lanes a block
+// acc (double lanes) += exp(z[i] - m), i < n (n <= kBlock): four vector accumulators in T
 template <typename T>
-inline double sum_exp(const T* z, T m, int64_t C) {
+inline void add_exps(const T* z, int64_t n, const at::vec::Vectorized<T>& vm, double* acc) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = V::size();
-  const V vm(m);
-  double acc[W] = {};
-  int64_t i = 0;
-  for (; i + kBlock<T> <= C; i += kBlock<T>) {
-    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-    for (int64_t j = i; j < i + kBlock<T>; j += 4 * W) {
-      a0 += (V::loadu(z + j) - vm).exp();
-      a1 += (V::loadu(z + j + W) - vm).exp();
-      a2 += (V::loadu(z + j + 2 * W) - vm).exp();
-      a3 += (V::loadu(z + j + 3 * W) - vm).exp();
-    }
-    add_lanes((a0 + a1) + (a2 + a3), acc);
+  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    a0 += (V::loadu(z + j) - vm).exp();
+    a1 += (V::loadu(z + j + W) - vm).exp();
+    a2 += (V::loadu(z + j + 2 * W) - vm).exp();
+    a3 += (V::loadu(z + j + 3 * W) - vm).exp();
   }
-  V a(T(0));
-  for (; i + W <= C; i += W) a += (V::loadu(z + i) - vm).exp();
-  // the tail: its n lanes only (loadu fills the others with 0, whose exp(0 - m) is not 0)
-  if (i < C) a = V::set(a, a + (V::loadu(z + i, C - i) - vm).exp(), C - i);
-  add_lanes(a, acc);
+  for (; j + W <= n; j += W) a0 += (V::loadu(z + j) - vm).exp();
+  // the tail: its n - j lanes only (loadu fills the others with 0, whose exp(0 - m) is not 0)
+  if (j < n) a1 = V::set(a1, a1 + (V::loadu(z + j, n - j) - vm).exp(), n - j);
+  add_lanes((a0 + a1) + (a2 + a3), acc);
+}
+
+template <typename T>
+inline double lanes_sum(const double* acc) {
   double s = 0;
-  for (int64_t l = 0; l < W; ++l) s += acc[l];
+  for (int64_t l = 0; l < at::vec::Vectorized<T>::size(); ++l) s += acc[l];
   return s;
+}
+
+// a row whose max is not finite: shifted by 0, sum(exp(z)) (inf or nan where it holds +inf or nan,
+// 0 for a row of -inf or an empty one)
+template <typename T>
+inline std::pair<T, double> special_row(const T* z, int64_t C) {
+  using V = at::vec::Vectorized<T>;
+  double acc[V::size()] = {};
+  for (int64_t i = 0; i < C; i += kBlock<T>) add_exps(z + i, std::min(kBlock<T>, C - i), V(T(0)), acc);
+  return {T(0), lanes_sum<T>(acc)};
+}
+
+// (shift, sumexp) of a row in one read: block by block (kBlock values, in L1 after their max), the
+// running max M and the sum of exp(z - M), rescaled (in double) when M grows; a finite row's M ends
+// as its max, the eager kernel's shift. A row whose max is +inf or nan, or -inf (all -inf, or
+// empty), is shifted by 0, as the eager kernel's nan_to_num(0, 0, 0) does: a second pass.
+template <typename T>
+inline std::pair<T, double> reduce_row(const T* z, int64_t C) {
+  using V = at::vec::Vectorized<T>;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  double acc[V::size()] = {};
+  T M = -kInf;
+  for (int64_t i = 0; i < C; i += kBlock<T>) {
+    const int64_t n = std::min(kBlock<T>, C - i);
+    const T bm = at::vec::reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, z + i, n);
+    if (!(bm <= M)) {  // a larger max, or nan
+      if (!(bm < kInf)) return special_row(z, C);  // nan or +inf
+      if (M > -kInf) {
+        const double f = std::exp(double(M) - double(bm));
+        for (int64_t l = 0; l < V::size(); ++l) acc[l] *= f;
+      }
+      M = bm;
+    }
+    if (M > -kInf) add_exps(z + i, n, V(M), acc);  // else every value so far is -inf: exp(-inf - M) = 0
+  }
+  return M > -kInf ? std::make_pair(M, lanes_sum<T>(acc)) : special_row(z, C);
 }
 
 template <typename T>
 void forward(const T* x, int64_t R, int64_t C, T* out, T* shift, T* sumexp) {
   at::parallel_for(0, R, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* z = x + r * C;
-      const T m = shift_of(z, C), s = T(sum_exp(z, m, C));
+      const auto [m, sum] = reduce_row(x + r * C, C);
+      const T s = T(sum);
       shift[r] = m, sumexp[r] = s;
       out[r] = std::log(s) + m;  // in T, as the eager kernel's sumexp.log().add_(shift)
     }
