@@ -8,8 +8,8 @@
 //
 // Passes: the forward reads x once: a row block by block (kBlock values), each block's max, then
 // its exps from L1 against the running max, the sum so far rescaled when the max grows; the
-// backward reads x and writes dx once. exp is ATen's vector exp (Sleef's, 1 ulp), the eager
-// kernel's torch.exp; a block's exps are summed in T lanes (kBlock / (4 W) terms a lane), the
+// backward reads x and writes dx once. exp is Sleef's (1 ulp: ATen's vector exp, as Inductor's loops;
+// torch.exp, the eager kernel's, is MKL's here, also within 1 ulp: vexp below); a block's exps are summed in T lanes (kBlock / (4 W) terms a lane), the
 // blocks' lanes in double, so a float32 sum of 32768 exps rounds as torch's cascade sum or better.
 // Threads (at::parallel_for, torch's): rows split in contiguous ranges, each row reduced by one
 // thread in a fixed order, so the results are the same bits at any thread count.
@@ -31,6 +31,38 @@ constexpr int64_t kGrain = 1 << 15;
 template <typename T>
 constexpr int64_t kBlock = 16 * 4 * at::vec::Vectorized<T>::size();
 
+// exp on this CPU's lanes: ATen's vector exp (Sleef's expf/exp, u10: 1 ulp), and for float32 on AVX2
+// Sleef's own algorithm inline (the same operations in the same order, so the same bits): the call
+// into libtorch's Sleef spills every vector register it holds, and the inline one takes ~0.7x the time
+template <typename T>
+inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& d) {
+  return d.exp();
+}
+#if defined(CPU_CAPABILITY_AVX2) && defined(__FMA__)
+template <>
+inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& v) {
+  const __m256 d = v;  // Sleef's xexpf: q = rint(d / ln 2), s = d - q ln 2 (in two parts), a degree-6
+  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681f)));
+  const __m256 qf = _mm256_cvtepi32_ps(q);  // polynomial in s, scaled by 2^q in two steps (subnormals)
+  __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
+  s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
+  __m256 u = _mm256_set1_ps(0.000198527617612853646278381f);
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00139304355252534151077271f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.00833336077630519866943359f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.0416664853692054748535156f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.166666671633720397949219f));
+  u = _mm256_fmadd_ps(u, s, _mm256_set1_ps(0.5f));
+  u = _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s), u, s));
+  const __m256i h = _mm256_srai_epi32(q, 1), bias = _mm256_set1_epi32(0x7f);
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(q, h), bias), 23));
+  u = _mm256_mul_ps(_mm256_mul_ps(u, p1), p2);
+  u = _mm256_andnot_ps(_mm256_cmp_ps(d, _mm256_set1_ps(-104.0f), _CMP_LT_OQ), u);  // 0 below -104
+  u = _mm256_blendv_ps(u, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(_mm256_set1_ps(100.0f), d, _CMP_LT_OQ));
+  return _mm256_or_ps(_mm256_cmp_ps(d, d, _CMP_UNORD_Q), u);  // nan stays nan
+}
+#endif
+
 // add v's lanes into the double lanes acc
 template <typename T>
 inline void add_lanes(const at::vec::Vectorized<T>& v, double* acc) {
@@ -48,14 +80,14 @@ inline void add_exps(const T* z, int64_t n, const at::vec::Vectorized<T>& vm, do
   V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
   int64_t j = 0;
   for (; j + 4 * W <= n; j += 4 * W) {
-    a0 += (V::loadu(z + j) - vm).exp();
-    a1 += (V::loadu(z + j + W) - vm).exp();
-    a2 += (V::loadu(z + j + 2 * W) - vm).exp();
-    a3 += (V::loadu(z + j + 3 * W) - vm).exp();
+    a0 += vexp<T>(V::loadu(z + j) - vm);
+    a1 += vexp<T>(V::loadu(z + j + W) - vm);
+    a2 += vexp<T>(V::loadu(z + j + 2 * W) - vm);
+    a3 += vexp<T>(V::loadu(z + j + 3 * W) - vm);
   }
-  for (; j + W <= n; j += W) a0 += (V::loadu(z + j) - vm).exp();
+  for (; j + W <= n; j += W) a0 += vexp<T>(V::loadu(z + j) - vm);
   // the tail: its n - j lanes only (loadu fills the others with 0, whose exp(0 - m) is not 0)
-  if (j < n) a1 = V::set(a1, a1 + (V::loadu(z + j, n - j) - vm).exp(), n - j);
+  if (j < n) a1 = V::set(a1, a1 + vexp<T>(V::loadu(z + j, n - j) - vm), n - j);
   add_lanes((a0 + a1) + (a2 + a3), acc);
 }
 
@@ -125,8 +157,8 @@ void backward(const T* x, const T* shift, const T* sumexp, const T* dout, int64_
       T* d = dx + r * C;
       const V vm(shift[r]), vg(dout[r] / sumexp[r]);
       int64_t i = 0;
-      for (; i + W <= C; i += W) ((V::loadu(z + i) - vm).exp() * vg).store(d + i);
-      if (i < C) ((V::loadu(z + i, C - i) - vm).exp() * vg).store(d + i, C - i);
+      for (; i + W <= C; i += W) (vexp<T>(V::loadu(z + i) - vm) * vg).store(d + i);
+      if (i < C) (vexp<T>(V::loadu(z + i, C - i) - vm) * vg).store(d + i, C - i);
     }
   });
 }
