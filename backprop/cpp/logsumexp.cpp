@@ -150,7 +150,7 @@ void forward(const T* x, int64_t R, int64_t C, T* out, T* shift, T* sumexp) {
   });
 }
 
-#ifndef MADV_POPULATE_WRITE
+#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; an older kernel refuses it (EINVAL): the pages then fault one by one
 #endif
 
@@ -160,10 +160,12 @@ void forward(const T* x, int64_t R, int64_t C, T* out, T* shift, T* sumexp) {
 constexpr int64_t kPopulate = 1 << 18, kPopulateFrom = 4 << 20;
 
 inline void populate(void* p, int64_t bytes) {
+#ifdef MADV_POPULATE_WRITE  // Linux only: elsewhere the pages fault in as they are written
   static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
   const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
   const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(page - 1);
   if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_WRITE);  // advice: errors ignored
+#endif
 }
 
 // dx[r, c] = exp(x[r, c] - m[r]) g[r], g = dout / sumexp rounded in T as the eager kernel's
