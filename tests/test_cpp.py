@@ -44,6 +44,8 @@ COVERED = {
                              {"weight": CLASSES}, {"linear_bias": None, "weight": CLASSES, "label_smoothing": 0.2,
                                                    "reduction": "none", "chunk_size": 7}],
     "tanh": [{}],  # no options: its shapes and dtypes in test_tanh_shapes_and_dtypes_run_the_cpp
+    "logsumexp": [{}, {"keepdim": True}, {"dim": 1}, {"dim": -1, "keepdim": True}, {"dim": (1,)},
+                  {"dim": [0, 1]}, {"dim": (1, -2), "keepdim": True}],
 }
 
 
@@ -690,3 +692,147 @@ def test_linear_cross_entropy_release_and_the_eager_fallbacks(monkeypatch):
             backprop.linear_cross_entropy.backward(d, tampered)
         with pytest.raises(eager_error.type):
             cpp.linear_cross_entropy.backward(d, tampered)
+
+
+def refuse_eager(monkeypatch, module):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager kernel ran")
+
+    monkeypatch.setattr(module, "forward", refuse)
+    monkeypatch.setattr(module, "backward", refuse)
+
+
+def assert_same_logsumexp(found, expected, **tolerance):
+    """(out, cache, dx) of the C++ against the eager kernel's: shapes, dtypes, values (nan where
+    theirs is), the cache's fields."""
+    for a, e in zip(found, expected, strict=True):
+        if isinstance(e, tuple):  # the cache
+            for field, fa, fe in zip(e._fields, a, e, strict=True):
+                if isinstance(fe, torch.Tensor):
+                    assert fa.shape == fe.shape and fa.dtype == fe.dtype, field
+                    torch.testing.assert_close(fa, fe, equal_nan=True, msg=lambda m, f=field: f"cache.{f}: {m}",
+                                               **tolerance)
+                else:
+                    assert type(fa) is type(fe) and fa == fe, (field, fa, fe)
+        else:
+            assert a.shape == e.shape and a.dtype == e.dtype
+            torch.testing.assert_close(a, e, equal_nan=True, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "dim"), [
+    ((), -1), ((), 0), ((0,), -1), ((5, 0), -1), ((0, 4), -1), ((1, 7), -1), ((7,), 0), ((3, 1000), -1),
+    ((2, 513), -1), ((4, 3, 5), -1), ((4, 3, 5), (1, 2)), ((4, 3, 5), (2, 0, 1)), ((2, 3, 0), (1, 2)),
+])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_logsumexp_shapes_and_dtypes_run_the_cpp(shape, dim, keepdim, dtype, monkeypatch):
+    """Every covered shape runs logsumexp's C++ (a 0-d x, empty rows, no rows, one row, rows that
+    end in a partial vector or span several blocks and a partial one: 1000 = 512 + 488, 513 = 512
+    + 1) and gives the eager kernel's out, cache and dx (empty rows: -inf, shift 0)."""
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    x = torch.randn(shape, generator=g, dtype=dtype) * 5
+    out, cache = backprop.logsumexp.forward(x, dim=dim, keepdim=keepdim)
+    dout = torch.randn(out.shape, generator=g, dtype=dtype)
+    expected = (out, cache, *backprop.logsumexp.backward(dout, cache))
+    refuse_eager(monkeypatch, backprop.logsumexp)
+    out_c, cache_c = cpp.logsumexp.forward(x, dim=dim, keepdim=keepdim)
+    assert cache_c.x is x
+    assert_same_logsumexp((out_c, cache_c, *cpp.logsumexp.backward(dout, cache_c)), expected)
+    assert torch.equal(cache_c.shift, cache.shift)  # the row max: exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logsumexp_rows_of_inf_and_nan_are_shifted_as_the_eager_kernel(dtype, monkeypatch):
+    """Rows whose max is +inf, -inf (all -inf) or nan are shifted by 0 (nan_to_num(0, 0, 0)): out
+    +inf, -inf, nan; dx nan, as the eager kernel's. Placed in the first block, a later block
+    and the partial tail of a 1300-value row (blocks of 512 float32, 256 float64 values), and rows
+    whose -inf values fill the first blocks before finite ones, or whose max grows block by block
+    (the running max's rescaled sum)."""
+    C, inf, nan = 1300, float("inf"), float("nan")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(14, C, generator=g, dtype=dtype) * 3
+    for row, value in enumerate((inf, -inf, nan)):
+        for j, col in enumerate((3, 700, C - 2)):
+            x[3 * row + j, col] = value
+    x[9] = -inf
+    x[10, :600] = -inf
+    x[11, :] = torch.linspace(-40, 40, C, dtype=dtype)
+    x[12, :] = torch.linspace(40, -40, C, dtype=dtype)
+    x[13, 1100:] = -inf
+    out, cache = backprop.logsumexp.forward(x)
+    dout = torch.randn(out.shape, generator=g, dtype=dtype)
+    expected = (out, cache, *backprop.logsumexp.backward(dout, cache))
+    refuse_eager(monkeypatch, backprop.logsumexp)
+    out_c, cache_c = cpp.logsumexp.forward(x)
+    found = (out_c, cache_c, *cpp.logsumexp.backward(dout, cache_c))
+    assert_same_logsumexp(found, expected)
+    assert out_c[:3].eq(inf).all() and out_c[3:6].isfinite().all() and out_c[6:9].isnan().all()
+    assert out_c[9] == -inf and found[2][9].isnan().all()  # 0 * (dout / 0), as the eager kernel's
+    assert cache_c.shift[[0, 1, 2, 6, 7, 8, 9]].eq(0).all() and cache_c.shift[3:6].gt(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("shape", "dim"), [((261, 4099), -1), ((3, 5, 7, 601), (2, 3))])
+def test_logsumexp_threads_give_the_same_results(shape, dim, dtype, monkeypatch):
+    """logsumexp's C++ on torch's threads: at 2 threads its results are the ones at 1, bit for bit
+    (rows split between the threads, each row reduced by one in a fixed order), and the eager
+    kernel's in float64 to x's rounding: out, shift, sumexp, and dx (the float64 backward of the
+    C++ cache's own shift and sumexp). 261 x 4099 float32 is 4.1 MiB: its dx is populated 16 rows
+    at a time, each thread's last batch a partial one."""
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=g, dtype=dtype) * 4 + 20
+    dout = torch.randn(shape[:len(shape) - (1 if dim == -1 else len(dim))], generator=g, dtype=dtype)
+    out, cache = backprop.logsumexp.forward(x.double(), dim=dim)
+    refuse_eager(monkeypatch, backprop.logsumexp)
+    threads = torch.get_num_threads()
+    found = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out_c, cache_c = cpp.logsumexp.forward(x, dim=dim)
+            found.append([out_c, cache_c.shift, cache_c.sumexp, *cpp.logsumexp.backward(dout, cache_c)])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*found, strict=True):
+        assert torch.equal(one, two)
+    out_c, shift, sumexp, dx = found[0]
+    torch.testing.assert_close(out_c, out.to(dtype))
+    assert torch.equal(shift, cache.shift.to(dtype))
+    torch.testing.assert_close(sumexp, cache.sumexp.to(dtype))
+    wide = cache._replace(shift=shift.double(), sumexp=sumexp.double(), versions=())
+    torch.testing.assert_close(dx, backprop.logsumexp.backward_math(dout.double(), wide)[0].to(dtype))
+
+
+def test_logsumexp_uncovered_cases_run_the_eager_kernel():
+    """A reduction over dims that are not trailing, a strided x, 16-bit dtypes: the eager kernel's
+    results (the backward runs whichever path covers the cache)."""
+    x = torch.randn(6, 8, dtype=torch.float64)
+    for t, dim in [(x, 0), (x.t(), -1), (x[:, ::2], -1), (x.half(), -1), (x.bfloat16(), 1),
+                   (x.reshape(2, 3, 8), (0, 2))]:
+        out, cache = cpp.logsumexp.forward(t, dim=dim)
+        out_e, cache_e = backprop.logsumexp.forward(t, dim=dim)
+        assert torch.equal(out, out_e)
+        assert torch.equal(cpp.logsumexp.backward(torch.ones_like(out), cache)[0],
+                           backprop.logsumexp.backward(torch.ones_like(out), cache_e)[0])
+
+
+def test_logsumexp_exp_is_within_an_ulp():
+    """logsumexp's C++ exp (Sleef's algorithm, inline for float32 on AVX2: logsumexp.cpp's vexp),
+    read through the backward of a hand-built cache (shift 0, sumexp 1, dout 1: dx = exp(x)): within
+    1 ulp of exp in float64 for 1M float32 x spanning [-110, 95] (measured: 0.97), subnormal results
+    within one spacing, and the special values torch.exp's (overflow to inf past 88.72, 0 below
+    -103.97, inf, -inf, nan)."""
+    x = torch.cat([torch.linspace(-110, 95, 1 << 20), torch.tensor(
+        [0.0, -0.0, 1e-30, 88.72283, 88.72284, 88.7229, 100.5, -87.33654, -103.97, -103.973, -104.01,
+         float("inf"), -float("inf"), float("nan")])])
+    cache = cpp.logsumexp.Cache(x[None], torch.zeros(1, 1), torch.ones(1, 1), (1,), False, ())
+    dx = cpp.logsumexp.backward(torch.ones(1), cache)[0][0].double()
+    exact = torch.exp(x.double())
+    normal = exact.float().isfinite() & (exact >= 2.0**-126)
+    ulp = torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(exact[normal]))
+    assert ((dx[normal] - exact[normal]).abs() <= ulp).all()
+    tiny, huge = exact < 2.0**-126, exact.float() == float("inf")
+    assert ((dx[tiny] - exact[tiny]).abs() <= 2.0**-149).all()  # subnormal or 0
+    assert (dx[huge] == float("inf")).all() and dx[x.isnan()].isnan().all()
+    torch.testing.assert_close(dx[-14:].float(), torch.exp(x[-14:]), rtol=torch.finfo(torch.float32).eps, atol=0,
+                               equal_nan=True)

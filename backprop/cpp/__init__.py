@@ -215,10 +215,10 @@ def unwrapped() -> bool:
 
 
 # the op modules use the helpers above
-from backprop.cpp import batch_norm, cross_entropy, embedding, linear_cross_entropy, tanh  # noqa: E402
+from backprop.cpp import batch_norm, cross_entropy, embedding, linear_cross_entropy, logsumexp, tanh  # noqa: E402
 
 # the ops with a C++ path; the others are not here (backprop.<op> is their fastest small path)
 OPS = {op.__name__.rsplit(".", 1)[-1]: op for op in (cross_entropy, embedding, batch_norm, tanh,
-                                                     linear_cross_entropy)}
+                                                     linear_cross_entropy, logsumexp)}
 
 __all__ = ["OPS", "kernels", "op", "plain", "unwrapped", *OPS]
