@@ -20,7 +20,7 @@ lists. Anything else (another device or dtype, an option it does not cover, a ba
 tensor subclass, a torch.func transform, a dispatch mode, torch.compile's tracing) runs the eager
 kernel, which also raises every error, so each message is written once.
 
-The kernels are built on first use with g++ (~20 s, one translation unit from this folder's .cpp
+The kernels are built on first use with g++ (~30 s, one translation unit from this folder's .cpp
 files) and cached on disk, as the compiled train step is (a private directory, a sha256 digest
 checked before loading: docs/faults.md). Without g++, or when the build fails, every call runs the
 eager kernel, after one warning that says why.
@@ -173,7 +173,7 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
             where = f"moved it to {aside}" if aside else "its digest record was there, the library not"
             _say(f"loading the cached kernels {path} failed ({e}); {where}; rebuilding")
     where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
-    _say(f"building the C++ kernels (once; {where}): ~20 s")
+    _say(f"building the C++ kernels (once; {where}): ~30 s")
     build(path)
     load(path)
     return getattr(torch.ops, NAMESPACE)
