@@ -5,6 +5,7 @@ refuses a file it did not build."""
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -645,10 +646,11 @@ def test_linear_cross_entropy_chunks_and_options_run_the_cpp(dtype, reduction, m
 
 
 def test_linear_cross_entropy_confident_rows_keep_the_target_gradient():
-    """A row whose target holds almost all the probability (p_y = 1 - 1e-8: 1 in float32): the target
-    entry of dz is -(1 - p_y) w_y g, from expm1(log p_y), not p_y - 1 = 0. dW's target row, summed
-    from those entries alone (no other row has that target), is the eager kernel's to float32's
-    relative rounding, not 0."""
+    """Rows whose target holds most of the probability (1 - p_y from 1e-5 to 0.2 here), where the
+    target entry of dz, -(1 - p_y) w_y g, is small against p_y: the C++ gives the eager kernel's dW
+    and dx to float32's relative rounding, and dW's rows are not flushed to 0. (It does not single out
+    expm1: at these p_y, exp(log p_y) - 1 in float32 is as close, as the rounding of the log-sum
+    dominates both; where p_y rounds to 1, log p_y is 0 and every path, torch's too, gives 0.)"""
     x, W, y, b, cw, _ = _lce_inputs(8, 4, 5, torch.float32, seed=5)
     y = torch.arange(8) % 4  # class 4 is no row's target: its logits are pushed down
     W[4] = -W[:4].sum(0)
@@ -687,11 +689,24 @@ def test_linear_cross_entropy_release_and_the_eager_fallbacks(monkeypatch):
         cpp.linear_cross_entropy.forward(x, W, torch.tensor([0, 1, 4, 0, 1, 2]))
     _, cache = cpp.linear_cross_entropy.forward(x, W, y, reduction="none")
     for bad in ([7, 1, 2, 0, 1, 1], [-1, 1, 2, 0, 1, 1], [10**12, 1, 2, 0, 1, 1]):
-        tampered = cache._replace(targets=torch.tensor(bad), versions=())
+        # a fresh tensor has version 0, as the one forward saw: the cache reaches the C++ (versions=()
+        # would send it to the eager kernel first), which must refuse it, not read out of bounds
+        tampered = cache._replace(targets=torch.tensor(bad))
+        assert cpp.op("linear_cross_entropy_backward")(d, x, W, tampered.targets, None, None, 0.0, 7) == []
         with pytest.raises(Exception) as eager_error:
             backprop.linear_cross_entropy.backward(d, tampered)
-        with pytest.raises(eager_error.type):
+        with pytest.raises(eager_error.type, match=re.escape(str(eager_error.value))):
             cpp.linear_cross_entropy.backward(d, tampered)
+    # a hand-built cache holding something else than a tensor: the eager op's TypeError, not an
+    # AttributeError from reading its version (found by review)
+    for reduction in ("mean", "none"):
+        _, cache = cpp.linear_cross_entropy.forward(x, W, y, b, weight=cw, reduction=reduction)
+        for field, junk in (("linear_weight", None), ("targets", [0, 1]), ("weight", "w"), ("linear_bias", 1.0)):
+            tampered = cache._replace(**{field: junk})
+            with pytest.raises(TypeError) as eager_error:
+                backprop.linear_cross_entropy.backward(d if reduction == "none" else d[0], tampered)
+            with pytest.raises(TypeError, match=re.escape(str(eager_error.value))):
+                cpp.linear_cross_entropy.backward(d if reduction == "none" else d[0], tampered)
 
 
 def refuse_eager(monkeypatch, module):

@@ -179,7 +179,7 @@ Tensors backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tens
                      int64_t chunk) {
   const at::Tensor *b = given(bias), *w = given(weight);
   // the cache's targets are read as indices: range-checked again (a cache may be built by hand)
-  if (!raw(dout) || dout.scalar_type() != x.scalar_type() || !covered(x, W, y, b, w, int64_t(-1) << 62, eps, chunk))
+  if (!raw(dout) || dout.scalar_type() != x.scalar_type() || !covered(x, W, y, b, w, std::numeric_limits<int64_t>::min(), eps, chunk))
     return {};
   if (dout.dim() != 1 || dout.size(0) != x.size(0)) return {};
   at::NoGradGuard no_grad;

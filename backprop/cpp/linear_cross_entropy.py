@@ -61,6 +61,8 @@ def forward(
 
 def backward(dout: Tensor, cache: Cache, release: bool = False) -> eager.Grads:
     if (type(cache) is Cache and type(dout) in cpp.TENSORS and type(cache.x) in cpp.TENSORS
+            and type(cache.linear_weight) in cpp.TENSORS and type(cache.targets) in cpp.TENSORS
+            and all(t is None or type(t) in cpp.TENSORS for t in (cache.linear_bias, cache.weight))
             and cache.versions == (cache.x._version, cache.linear_weight._version, cache.targets._version,
                                    None if cache.linear_bias is None else cache.linear_bias._version,
                                    None if cache.weight is None else cache.weight._version)
