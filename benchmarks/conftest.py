@@ -403,6 +403,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "threads": {"small": stats.thread_count("small"), "large": stats.thread_count("large")},
         "cpus": stats.cores(),
         "load_start": stats.LOAD_AT_IMPORT,
+        "busy_start": stats.busy_at_start(),  # cores other processes kept busy at the start (or None)
         "load_end": stats.load(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

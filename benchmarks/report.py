@@ -114,7 +114,10 @@ def header(run: dict, gs: Groups) -> list[str]:
              f"Threads: {threads.get('small', '?')} at notebook scale, {threads.get('large', '?')} above it "
              f"(torch.set_num_threads; BACKPROP_BENCH_THREADS overrides); used: {', '.join(map(str, used))}",
              "Load (1-minute average): " + ", ".join(
-                 f"{k} {m[f'load_{k}']:.2f}" for k in ("start", "end") if m[f"load_{k}"] is not None), ""]
+                 f"{k} {m[f'load_{k}']:.2f}" for k in ("start", "end") if m[f"load_{k}"] is not None)
+             + ("" if m["busy_start"] is None else
+                f"; cores busy with other processes at the start (/proc/stat, 0.5 s): {m['busy_start']:.2f}"),
+             ""]
     warning = bench.busy_warning(run)
     if warning:
         lines += [f"> **Warning:** {warning}.", ""]

@@ -25,11 +25,12 @@ def entry(op, shape, mode, times, device="cpu", **extra):
                            **extra, "paired": {"times": times, "threads": 1, "load": [0.1, 0.2]}}}
 
 
-def run(*entries, load=(0.1, 1.2), cores=2, when="2025-01-01T00:00:00"):
+def run(*entries, load=(0.1, 1.2), cores=2, when="2025-01-01T00:00:00", busy_start=None):
     return {"datetime": when, "commit_info": {"id": "abc1234"},
             "machine_info": {"cpu": {"brand_raw": "Test CPU"},
                              "backprop": {"torch": "2.13.0", "cpus": cores, "load_start": load[0],
-                                          "load_end": load[1], "threads": {"small": 1, "large": 1}}},
+                                          "load_end": load[1], "busy_start": busy_start,
+                                          "threads": {"small": 1, "large": 1}}},
             "benchmarks": list(entries)}
 
 
@@ -94,6 +95,48 @@ def test_busy_machine_warns():
     assert "busy" in warning and "5.10" in warning
     text, _ = report.report([run(entry("tanh", "large", "bwd", {"manual": steady(1e-3)}), load=(5.1, 6.0))], None)
     assert "**Warning:** the machine was busy" in text
+
+
+def test_the_sampled_cores_decide_the_start_not_the_lagging_load():
+    """A load average of 1.12 on 2 cores from a test run that had just ended, an idle machine by
+    /proc/stat: no warning; busy by /proc/stat with a low load average: a warning."""
+    assert bench.busy_warning(run(load=(1.12, 1.0), busy_start=0.05)) is None
+    warning = bench.busy_warning(run(load=(0.3, 1.0), busy_start=1.4))
+    assert "busy" in warning and "cores busy with others at the start: 1.40" in warning
+    text, _ = report.report([run(entry("tanh", "large", "bwd", {"manual": steady(1e-3)}), busy_start=0.05)], None)
+    assert "cores busy with other processes at the start (/proc/stat, 0.5 s): 0.05" in text
+
+
+def test_busy_cores_now_reads_proc_stat(monkeypatch):
+    """(busy, total) ticks of all CPUs: a quarter busy on 4 CPUs is one core; unreadable: None, and
+    the policy falls back to the load average."""
+    from backprop.bench import stats
+
+    samples = iter([(1000, 4000), (1100, 4400)])
+    monkeypatch.setattr(stats, "_cpu_jiffies", lambda: next(samples))
+    monkeypatch.setattr(stats.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(stats.time, "sleep", lambda s: None)
+    assert stats.busy_cores_now() == 1.0
+    monkeypatch.setattr(stats, "_cpu_jiffies", lambda: None)
+    assert stats.busy_cores_now() is None
+    monkeypatch.setattr(stats, "busy_at_start", lambda: None)
+    monkeypatch.setattr(stats, "cores", lambda: 2)
+    monkeypatch.setattr(stats, "LOAD_AT_IMPORT", 1.5)
+    assert stats.busy()
+    monkeypatch.setattr(stats, "busy_at_start", lambda: 0.1)
+    assert not stats.busy()  # the sample wins over the lagging load average
+    monkeypatch.setattr(stats, "busy_at_start", lambda: 1.2)
+    assert stats.busy() and stats.thread_count("large") == 1
+
+
+def test_proc_stat_parses_here():
+    from backprop.bench import stats
+
+    ticks = stats._cpu_jiffies()
+    if ticks is None:
+        pytest.skip("no /proc/stat on this OS")
+    busy, total = ticks
+    assert 0 <= busy <= total and total > 0
 
 
 def _compare(old_manual, new_manual, threshold=1.25):

@@ -52,19 +52,24 @@ def machine(run: dict) -> dict:
     return {"cpu": m.get("cpu", {}).get("brand_raw") or m.get("processor") or "?",
             "cores": extra.get("cpus", "?"), "torch": extra.get("torch", "?"), "gpu": extra.get("gpu"),
             "load_start": extra.get("load_start"), "load_end": extra.get("load_end"),
+            "busy_start": extra.get("busy_start"),
             "threads": extra.get("threads"), "commit": (run.get("commit_info") or {}).get("id")}
 
 
 def busy_warning(run: dict) -> str | None:
-    """A warning when the machine was loaded before or after the run: 1-minute load average (at
-    the end, less the run's own threads) at or above half the cores."""
+    """A warning when the machine was loaded at the start or the end of the run, at or above half
+    the cores: at the start the cores other processes kept busy (sampled from /proc/stat; the
+    1-minute load average where the run has no sample: it still counts processes that just
+    ended), at the end the 1-minute load average less the run's own threads."""
     m = machine(run)
     n = m["cores"] if isinstance(m["cores"], int) else None
     own = max((m["threads"] or {}).values(), default=1)  # the run itself, in the load at its end
-    loads = [x for x in (m["load_start"], None if m["load_end"] is None else m["load_end"] - own)
-             if x is not None]
+    start = m["busy_start"] if m["busy_start"] is not None else m["load_start"]
+    loads = [x for x in (start, None if m["load_end"] is None else m["load_end"] - own) if x is not None]
     if n and loads and max(loads) >= n / 2:
-        return (f"the machine was busy: 1-minute load {m['load_start']:.2f} at the start and "
+        sampled = ("" if m["busy_start"] is None
+                   else f" (cores busy with others at the start: {m['busy_start']:.2f})")
+        return (f"the machine was busy: 1-minute load {m['load_start']:.2f} at the start{sampled} and "
                 f"{m['load_end']:.2f} at the end of the run, on {n} cores; other processes competed "
                 "for the cores, so absolute times are inflated and rounds disagree more (the flagged "
                 "ratios below are noise)")

@@ -11,8 +11,11 @@ shown as a headline number, when it is absurd (> ABSURD_RATIO either way) or its
 than WIDE_CI; a contender whose rounds disagree (p80 / p20 > UNSTABLE_SPREAD) is warned about.
 
 Threads: BACKPROP_BENCH_THREADS if set, else 1 for the notebook-scale ("small") shapes, and for
-the others torch's own default (the physical cores) on an idle machine, 1 on a busy one (1-minute
-load at or above half the cores when the run starts). Fixed for the run, in the report's header.
+the others torch's own default (the physical cores) on an idle machine, 1 on a busy one: other
+processes keep at least half the cores busy when the run starts, sampled from /proc/stat over half
+a second (the 1-minute load average where that cannot be read: it lags, a test run that ended 20 s
+before still counted 1.1 on 2 cores and cost an idle machine its second thread). Fixed for the
+run, in the report's header.
 Why: a notebook-scale call lasts microseconds, a second thread buys nothing there; and on a loaded
 machine every parallel region waits for a descheduled thread: torch's cross-entropy backward at
 32 x 27 took 16 ms with 2 threads under contention and 25 us with 1, and on this 2-core machine
@@ -24,9 +27,11 @@ Needs numpy (the statistics) and, for the charts, matplotlib: ``pip install -e '
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
@@ -59,9 +64,43 @@ def cores() -> int:
 LOAD_AT_IMPORT = load()  # the benchmark run's start: the thread policy is decided once, here
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all the machine's CPUs since boot (/proc/stat's first line:
+    user nice system idle iowait irq softirq steal); None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 5:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def busy_cores_now(interval: float = 0.5) -> float | None:
+    """How many cores other processes keep busy now: the CPUs' busy share over interval seconds,
+    while this process sleeps, times the machine's CPUs; None where /proc/stat cannot be read."""
+    before = _cpu_jiffies()
+    time.sleep(interval)
+    after = _cpu_jiffies()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+
+
+@functools.cache
+def busy_at_start() -> float | None:
+    """busy_cores_now() once, when the run's first benchmark asks: the thread policy's input."""
+    return busy_cores_now()
+
+
 def busy(load_average: float | None = None) -> bool:
-    """Other processes want at least half the cores."""
-    return (LOAD_AT_IMPORT if load_average is None else load_average) >= cores() / 2
+    """Other processes want at least half the cores: sampled now (busy_at_start), else by the
+    1-minute load average at import; or by the given load average."""
+    if load_average is None:
+        sampled = busy_at_start()
+        load_average = LOAD_AT_IMPORT if sampled is None else sampled
+    return load_average >= cores() / 2
 
 
 def thread_count(size: str) -> int:
