@@ -343,6 +343,36 @@ def test_tanh_shapes_and_dtypes_run_the_cpp(shape, dtype, monkeypatch):
     torch.testing.assert_close(cpp.tanh.backward(dout, cache)[0], grad_e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [(1 << 16) + 3, (1 << 20) + 2 * 1024 + 5])
+def test_tanh_large_inputs_run_on_threads_with_the_same_bits(n, dtype, monkeypatch):
+    """tanh's C++ above kGrain (2^16) elements runs ranges on torch's threads, and an output of 4 MiB
+    or more is populated a range at a time before it is written: at 1 and 2 threads the same bits,
+    every element (the last, partial range and vector included) the small path's own result (the
+    eager kernel's backward bit for bit; the forward to an ulp of 1 of torch.tanh)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g, dtype=dtype) * 4
+    dout = torch.randn(n, generator=g, dtype=dtype)
+    out_e, cache_e = backprop.tanh.forward(x)
+    (grad_e,) = backprop.tanh.backward(dout, cache_e)
+    refuse_eager(monkeypatch, backprop.tanh)
+    threads = torch.get_num_threads()
+    found = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out, cache = cpp.tanh.forward(x)
+            found.append((out, cpp.tanh.backward(dout, cache_e)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, dx1), (out2, dx2) = found
+    assert torch.equal(out1, out2) and torch.equal(dx1, dx2)
+    assert torch.equal(dx1, grad_e)
+    torch.testing.assert_close(out1, out_e, rtol=0, atol=torch.finfo(dtype).eps)
+    small = torch.cat([cpp.tanh.forward(part)[0] for part in x.split(1 << 15)])  # each below kGrain
+    assert torch.equal(out1, small)
+
+
 def test_tanh_strided_or_16_bit_inputs_run_the_eager_kernel():
     """The forward's eager kernel, the same results; the backward runs whichever path covers the
     cache's out (contiguous after x[:, ::2], transposed after x.t())."""

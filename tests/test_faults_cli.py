@@ -135,11 +135,20 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_steps_done(words, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "backprop", "train", "--data", str(words), "--steps",
                           str(10**9), "--hidden", "8", "--compile", "no", "--out", str(tmp_path)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
+                         # as from a terminal: a shell without job control starts a background job
+                         # (`.ci/run &`) with SIGINT ignored, every child inherits it, and Python then
+                         # installs no KeyboardInterrupt handler (session 11's CI run hung so)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = p.stderr.readline()  # the first progress line: training has started
     assert "step" in first, first
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+        _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it was
+        p.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack to stderr
+        _, err = p.communicate(timeout=60)
+        pytest.fail(f"no exit 60 s after SIGINT; its stacks at SIGABRT:\n{err[-6000:]}")
     assert p.returncode == 130
     line = one_line(err)
     assert line.startswith("backprop train: interrupted: after ") and "marked interrupted" in line

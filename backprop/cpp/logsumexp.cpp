@@ -21,8 +21,6 @@
 // either way), a 0-d x, empty rows and no rows. Not covered (the eager kernel runs): other dtypes,
 // devices and layouts, a reduction over dims that are not trailing, every bad argument.
 #include <ATen/Parallel.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 
@@ -149,24 +147,6 @@ void forward(const T* x, int64_t R, int64_t C, T* out, T* shift, T* sumexp) {
       out[r] = std::log(s) + m;  // in T, as the eager kernel's sumexp.log().add_(shift)
     }
   });
-}
-
-#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
-#define MADV_POPULATE_WRITE 23  // Linux 5.14; an older kernel refuses it (EINVAL): the pages then fault one by one
-#endif
-
-// a large dx (a fresh allocation: mmap'd, not yet in memory) is populated kPopulate bytes at a time
-// just before its rows are written, one madvise for 64 pages instead of 64 page faults: 256 MiB took
-// 300 ms to fault in by first touch, 210 ms this way (this 2-core VM; the same 4 KiB pages, zeroed)
-constexpr int64_t kPopulate = 1 << 18, kPopulateFrom = 4 << 20;
-
-inline void populate(void* p, int64_t bytes) {
-#ifdef MADV_POPULATE_WRITE  // Linux only: elsewhere the pages fault in as they are written
-  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + page - 1) & ~(page - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(page - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_POPULATE_WRITE);  // advice: errors ignored
-#endif
 }
 
 // dx[r, c] = exp(x[r, c] - m[r]) g[r], g = dout / sumexp rounded in T as the eager kernel's

@@ -5,11 +5,37 @@
 //   backward: dx = (1 - y)(1 + y) dout          factored as the eager kernel: 1 - y is exact near
 //                                               |y| = 1, where 1 - y*y cancels the rounded y*y
 //
+// Large inputs (kGrain elements or more): ranges of elements on torch's threads (at::parallel_for;
+// each element on its own, so the same bits at any thread count), and an output of kPopulateFrom
+// bytes or more populated a range at a time before it is written (common.h's populate).
+//
 // Covered: any contiguous float32 or float64 CPU tensor, of any shape (0-d and empty included).
 // Not covered (the eager kernel runs): other dtypes, devices and layouts, a strided x, a bad dout.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 #include "common.h"
 
 namespace backprop_cpp::tanh {
+
+constexpr int64_t kGrain = 1 << 16;  // elements a task at least; below, the calling thread alone
+
+// f(i, j) over [0, n): inline for a small n (the notebook's scale: no parallel_for at all), else on
+// torch's threads, each range's output populated kPopulate bytes at a time just before it is written
+template <typename T, typename F>
+void elementwise(T* out, int64_t n, const F& f) {
+  if (n < kGrain) return f(int64_t(0), n);
+  const bool fresh = n * int64_t(sizeof(T)) >= kPopulateFrom;
+  const int64_t step = kPopulate / int64_t(sizeof(T));
+  at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i += step) {
+      const int64_t j = std::min(i1, i + step);
+      if (fresh) populate(out + i, (j - i) * int64_t(sizeof(T)));
+      f(i, j);
+    }
+  });
+}
 
 // Where ATen's vector tanh (Sleef's, 1 ulp) is not correctly rounded, bands that two blends fix:
 // - past ln(2^(p+1))/2 (p = 24, 53 mantissa bits) it returns +-1, half an ulp early: up to
@@ -42,6 +68,11 @@ void forward(const T* x, T* y, int64_t n) {
   if (i < n) tanh_vec(V::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
+template <typename T>
+void forward_all(const T* x, T* y, int64_t n) {
+  elementwise(y, n, [&](int64_t i, int64_t j) { forward(x + i, y + i, j - i); });
+}
+
 // dx[i] = ((1 - y[i]) * (1 + y[i])) * d[i]: the eager kernel's rounding order, plain arithmetic
 // that g++ -O3 vectorises (no fused multiply-add: -std=c++17 keeps -ffp-contract=off)
 template <typename T>
@@ -49,13 +80,18 @@ void backward(const T* __restrict d, const T* __restrict y, T* __restrict dx, in
   for (int64_t i = 0; i < n; ++i) dx[i] = ((T(1) - y[i]) * (T(1) + y[i])) * d[i];
 }
 
+template <typename T>
+void backward_all(const T* d, const T* y, T* dx, int64_t n) {
+  elementwise(dx, n, [&](int64_t i, int64_t j) { backward(d + i, y + i, dx + i, j - i); });
+}
+
 // One output a direction: a Tensor? (None where not covered) rather than the other ops' Tensor[],
 // whose Python list costs ~0.3 us a call, a tenth of the backward's whole call at 32x200
 std::optional<at::Tensor> forward_cpu(const at::Tensor& x) {
   if (!raw(x) || !real(x)) return std::nullopt;
   at::Tensor out = at::empty(x.sizes(), x.options());
-  if (x.scalar_type() == at::kFloat) forward(x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
-  else forward(x.data_ptr<double>(), out.data_ptr<double>(), x.numel());
+  if (x.scalar_type() == at::kFloat) forward_all(x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
+  else forward_all(x.data_ptr<double>(), out.data_ptr<double>(), x.numel());
   return out;
 }
 
@@ -65,8 +101,8 @@ std::optional<at::Tensor> backward_cpu(const at::Tensor& dout, const at::Tensor&
     return std::nullopt;
   at::Tensor dx = at::empty(out.sizes(), out.options());
   if (out.scalar_type() == at::kFloat)
-    backward(dout.data_ptr<float>(), out.data_ptr<float>(), dx.data_ptr<float>(), out.numel());
-  else backward(dout.data_ptr<double>(), out.data_ptr<double>(), dx.data_ptr<double>(), out.numel());
+    backward_all(dout.data_ptr<float>(), out.data_ptr<float>(), dx.data_ptr<float>(), out.numel());
+  else backward_all(dout.data_ptr<double>(), out.data_ptr<double>(), dx.data_ptr<double>(), out.numel());
   return dx;
 }
 

@@ -14,6 +14,7 @@ from backprop import cpp
 from backprop import tanh as eager
 
 Cache = eager.Cache
+LARGE_SHAPES = True  # threaded, its large outputs populated before they are written: tanh.cpp
 # the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
