@@ -67,6 +67,16 @@ def covered_cases(name):
         yield args, options
 
 
+def at_one_and_two_threads(run):
+    """[run() on 1 torch thread, run() on 2]: the threaded loops' results at two thread counts;
+    torch's count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        return [torch.set_num_threads(t) or run() for t in (1, 2)]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_every_op_with_a_cpp_file_is_listed():
     assert set(NAMES) == {p.stem for p in cpp.HERE.glob("*.cpp")} == set(COVERED)
 
@@ -292,18 +302,16 @@ def test_batch_norm_threads_give_the_same_results(shape, mode, dtype, monkeypatc
     def refuse(*args, **kwargs):
         raise AssertionError("the eager kernel ran")
 
-    threads = torch.get_num_threads()
-    found = []
+    def run():
+        out_c, cache_c = cpp.batch_norm.forward(x, w, b, **options)
+        return [out_c, cache_c, *cpp.batch_norm.backward(dout, cache_c)]
+
     with monkeypatch.context() as m:
         m.setattr(backprop.batch_norm, "forward", refuse)
         m.setattr(backprop.batch_norm, "backward", refuse)
-        try:
-            for t in (1, 2):
-                torch.set_num_threads(t)
-                out_c, cache_c = cpp.batch_norm.forward(x, w, b, **options)
-                found.append([out_c, *cache_c, *cpp.batch_norm.backward(dout, cache_c)])
-        finally:
-            torch.set_num_threads(threads)
+        found = at_one_and_two_threads(run)
+    out_c, cache_c = found[1][:2]
+    found = [[out, *cache_, *grads] for out, cache_, *grads in found]
     for one, two in zip(*found, strict=True):
         assert torch.equal(one, two) if isinstance(one, torch.Tensor) else one == two
     torch.testing.assert_close(out_c, out.to(dtype))
@@ -356,16 +364,8 @@ def test_tanh_large_inputs_run_on_threads_with_the_same_bits(n, dtype, monkeypat
     out_e, cache_e = backprop.tanh.forward(x)
     (grad_e,) = backprop.tanh.backward(dout, cache_e)
     refuse_eager(monkeypatch, backprop.tanh)
-    threads = torch.get_num_threads()
-    found = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            out, cache = cpp.tanh.forward(x)
-            found.append((out, cpp.tanh.backward(dout, cache_e)[0]))
-    finally:
-        torch.set_num_threads(threads)
-    (out1, dx1), (out2, dx2) = found
+    (out1, dx1), (out2, dx2) = at_one_and_two_threads(
+        lambda: (cpp.tanh.forward(x)[0], cpp.tanh.backward(dout, cache_e)[0]))
     assert torch.equal(out1, out2) and torch.equal(dx1, dx2)
     assert torch.equal(dx1, grad_e)
     torch.testing.assert_close(out1, out_e, rtol=0, atol=torch.finfo(dtype).eps)
@@ -829,15 +829,11 @@ def test_logsumexp_threads_give_the_same_results(shape, dim, dtype, monkeypatch)
     dout = torch.randn(shape[:len(shape) - (1 if dim == -1 else len(dim))], generator=g, dtype=dtype)
     out, cache = backprop.logsumexp.forward(x.double(), dim=dim)
     refuse_eager(monkeypatch, backprop.logsumexp)
-    threads = torch.get_num_threads()
-    found = []
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            out_c, cache_c = cpp.logsumexp.forward(x, dim=dim)
-            found.append([out_c, cache_c.shift, cache_c.sumexp, *cpp.logsumexp.backward(dout, cache_c)])
-    finally:
-        torch.set_num_threads(threads)
+    def run():
+        out_c, cache_c = cpp.logsumexp.forward(x, dim=dim)
+        return [out_c, cache_c.shift, cache_c.sumexp, *cpp.logsumexp.backward(dout, cache_c)]
+
+    found = at_one_and_two_threads(run)
     for one, two in zip(*found, strict=True):
         assert torch.equal(one, two)
     out_c, shift, sumexp, dx = found[0]
