@@ -179,6 +179,9 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
     return getattr(torch.ops, NAMESPACE)
 
 
+# a loss's reduction as it crosses into C++ (common.h's enum Reduction)
+REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+
 # an int option crosses into C++ as int64: one outside [-INT64, INT64) stays on the eager path, whose
 # checks refuse it with their message
 INT64 = 2**63

@@ -23,6 +23,9 @@ namespace backprop_cpp {
 
 using Tensors = std::vector<at::Tensor>;
 
+// a loss's reduction as the Python side passes it (backprop.cpp.REDUCTIONS)
+enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
+
 // a dense CPU tensor whose elements lie in memory in row-major order: data_ptr<T>()[i] is element i
 inline bool raw(const at::Tensor& t) {
   return t.defined() && t.has_storage() && t.device().is_cpu() && t.layout() == at::kStrided &&

@@ -12,8 +12,6 @@
 
 namespace backprop_cpp::cross_entropy {
 
-enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
-
 template <typename T>
 Tensors forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor* weight,
                 int64_t ignore_index, double eps, int64_t reduction) {

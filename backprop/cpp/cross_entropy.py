@@ -18,7 +18,6 @@ Cache = eager.Cache
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
     eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
-_REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 
 def forward(
@@ -33,9 +32,9 @@ def forward(
     run = cpp.op("cross_entropy_forward")
     if (run is not None and type(logits) is Tensor and type(targets) is Tensor
             and (weight is None or type(weight) in cpp.TENSORS) and type(reduction) is str
-            and reduction in _REDUCTIONS and type(ignore_index) is int
+            and reduction in cpp.REDUCTIONS and type(ignore_index) is int
             and -cpp.INT64 <= ignore_index < cpp.INT64 and type(label_smoothing) is float and cpp.unwrapped()):
-        found = run(logits, targets, weight, ignore_index, label_smoothing, _REDUCTIONS[reduction])
+        found = run(logits, targets, weight, ignore_index, label_smoothing, cpp.REDUCTIONS[reduction])
         if found:  # else not covered, or an error: the eager kernel decides
             loss, shift, logsum, *weight_sum = found
             n = logits.shape[0]
@@ -50,13 +49,13 @@ def forward(
 def backward(dout: Tensor, cache: Cache) -> tuple[Tensor, Tensor | None]:
     run = cpp.op("cross_entropy_backward")
     if (run is not None and type(cache) is Cache and cache.valid is None and type(cache.reduction) is str
-            and cache.reduction in _REDUCTIONS
+            and cache.reduction in cpp.REDUCTIONS
             and cpp.plain(dout, cache.logits, cache.targets, cache.weight)
             and cache.versions == (cache.logits._version, cache.targets._version,
                                    None if cache.weight is None else cache.weight._version)):
         # the cache's checks (type, unedited tensors) above; dout's shape and dtype in the C++
         found = run(dout, cache.logits, cache.shift, cache.logsum, cache.targets, cache.weight,
-                    float(cache.total), cache.label_smoothing, _REDUCTIONS[cache.reduction])
+                    float(cache.total), cache.label_smoothing, cpp.REDUCTIONS[cache.reduction])
         if found:
             return found[0], None
     return eager.backward(dout, cache)

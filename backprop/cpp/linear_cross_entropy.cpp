@@ -25,7 +25,6 @@
 
 namespace backprop_cpp::linear_cross_entropy {
 
-enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
 constexpr int64_t kChunkElements = int64_t(1) << 23;  // the eager CHUNK_ELEMENTS
 
 struct Problem {

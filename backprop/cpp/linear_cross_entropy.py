@@ -20,7 +20,6 @@ Cache, VERSIONED = eager.Cache, eager.VERSIONED
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
     eager.Args, eager.prepare, eager.forward_math, eager.check_backward, eager.backward_math, eager.jvp)
-_REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 
 def forward(
@@ -39,12 +38,12 @@ def forward(
     if (run is not None and type(x) in cpp.TENSORS and type(linear_weight) in cpp.TENSORS
             and type(targets) is Tensor and (linear_bias is None or type(linear_bias) in cpp.TENSORS)
             and (weight is None or type(weight) in cpp.TENSORS) and type(reduction) is str
-            and reduction in _REDUCTIONS and type(ignore_index) is int
+            and reduction in cpp.REDUCTIONS and type(ignore_index) is int
             and -cpp.INT64 <= ignore_index < cpp.INT64 and type(label_smoothing) is float
             and (chunk_size is None or type(chunk_size) is int and 0 < chunk_size < cpp.INT64)
             and cpp.unwrapped()):
         found = run(x, linear_weight, targets, linear_bias, weight, ignore_index, label_smoothing,
-                    _REDUCTIONS[reduction], -1 if chunk_size is None else chunk_size)
+                    cpp.REDUCTIONS[reduction], -1 if chunk_size is None else chunk_size)
         if found:  # else not covered, or an error: the eager kernel decides
             loss, *grads = found  # 'mean' / 'sum': dx, dW (and db) at dloss = 1
             V = linear_weight.shape[0]
