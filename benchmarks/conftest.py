@@ -53,10 +53,11 @@ contenders include the sweep's.
 
 Peak memory (extra_info["peak_bytes"]): the most bytes one call holds beyond what exists before
 it, the returned gradients included. On CUDA, in the timing run: torch.cuda.max_memory_allocated
-after reset_peak_memory_stats. On the CPU above the notebook's scale, also in the timing run, one
-more call of each contender after its group's rounds: the resident peak (free heap memory returned
-by malloc_trim, the kernel's high-water mark reset, VmHWM after less VmRSS before;
-backprop.bench.resident_peak_bytes, Linux and glibc; it agrees with the profiler's to a page). At
+after reset_peak_memory_stats. On the CPU above the notebook's scale, also in the timing run, on
+each contender's warm-up call (a compiled one's: one more call after the rounds, since its warm-up
+compiles): the resident peak (free heap memory returned by malloc_trim, the kernel's high-water mark
+reset, VmHWM after less VmRSS before; backprop.bench.resident_peak_bytes, Linux and glibc; it agrees
+with the profiler's to a page). At
 the notebook's scale (KiB, where pages say nothing), and where the resident peak cannot be read, in
 a separate pass (BACKPROP_BENCH=memory, one call per case, no timing), because the profiler slows
 every later op of its process by 2x: torch.profiler with profile_memory=True records each
@@ -253,8 +254,9 @@ def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *
     """Time the contenders in interleaved rounds (backprop.bench.PairedRunner); the per-round
     times go to extra_info["paired"]. Contenders this case lacks (no native op, no compiler) are
     left out. pytest-benchmark times whole rounds: its row is one round of every contender.
-    memory: after the rounds, one more call of each measures its peak (CUDA's allocator statistics,
-    or on the CPU the resident peak; the CPU's notebook scale is the memory pass's)."""
+    memory: each contender's peak: on CUDA one more call after the rounds (the allocator's statistics);
+    on the CPU the resident peak of its warm-up call (a compiled contender's: one more call after the
+    rounds); the CPU's notebook scale is the memory pass's."""
     steps = {}
     for v in contenders:
         try:
@@ -263,17 +265,26 @@ def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *
             continue
     load_before = stats.load()
     runner = stats.PairedRunner(steps)
-    runner.warm_up()
+    resident = memory and RESIDENT and not device.startswith("cuda") and not benchmark.disabled
+    # the CPU's resident peak of a contender that compiles nothing is taken on its warm-up call, the
+    # same call as any other (a call seconds long at the large shapes: linear_cross_entropy's group
+    # saves four); a compiled contender's warm-up compiles, which inflates the peak: measured after
+    peaks = {v: stats.resident_peak_bytes(step) for v, step in steps.items()
+             if not v.endswith("compiled")} if resident else {}
+    for v, step in steps.items():
+        if v not in peaks:
+            step()
     if benchmark.disabled:  # the untimed run: one round, to prove the runner works
         return benchmark.pedantic(runner.round)
     rounds = stats.rounds_for(runner.calibrate(), BUDGET, MIN_ROUNDS, MAX_ROUNDS)
     done = len(next(iter(runner.times.values())))  # the calibration round, when it was kept
     result = benchmark.pedantic(runner.round, rounds=max(1, rounds - done), iterations=1)
-    peaks = None
     if device.startswith("cuda"):
         peaks = {v: peak_bytes(step, device) for v, step in steps.items()}
-    elif memory and RESIDENT:  # no profiler: it would slow every later op of this process
-        peaks = {v: stats.resident_peak_bytes(step) for v, step in steps.items()}
+    elif resident:  # no profiler: it would slow every later op of this process
+        peaks = {v: peaks[v] if v in peaks else stats.resident_peak_bytes(step) for v, step in steps.items()}
+    else:
+        peaks = None
     benchmark.extra_info["paired"] = {"times": runner.times, "loops": runner.loops,
                                       "threads": torch.get_num_threads(),
                                       "load": [load_before, stats.load()], "peak_bytes": peaks}
