@@ -33,6 +33,18 @@ def native(
     return (lambda: backward(*forward())), (lambda: backward(*saved))
 
 
+def liger(logits: Tensor, targets: Tensor, *, dout: Tensor, **options: Any) -> tuple[Callable, None] | None:
+    """Liger-Kernel's LigerCrossEntropyLoss (CUDA), fwd+bwd only. By its design its forward writes the
+    gradient over its input, so every call after the first reads the previous call's gradient as
+    logits: the same work (Liger's own benchmarks call it so), different values."""
+    if options or logits.ndim != 2:
+        return None
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    loss, x = LigerCrossEntropyLoss(), logits.detach().clone().requires_grad_()
+    return (lambda: torch.autograd.grad(loss(x, targets), x, dout)), None
+
+
 def traffic(logits: Tensor, targets: Tensor, *, mode: str, **options: Any) -> int:
     """Both modes must at least read the (N, C) logits (or log-probabilities) once and write dlogits."""
     return 2 * logits.numel() * logits.element_size()
@@ -56,7 +68,7 @@ def options(dims: tuple) -> dict:
 def test_cross_entropy(bench, shape):
     dims, size = SHAPES[shape]
     bench("cross_entropy", shape, lambda: make_args(dims), options(dims), size=size, native=native,
-          traffic=traffic)
+          traffic=traffic, liger=liger)
 
 
 def test_cross_entropy_sweep(sweep):

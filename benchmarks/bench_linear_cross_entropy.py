@@ -46,6 +46,22 @@ def native(
             lambda: torch.autograd.grad(saved, (x, linear_weight), dout, retain_graph=True))
 
 
+def liger(
+    x: Tensor, linear_weight: Tensor, targets: Tensor, linear_bias: Tensor | None = None, *,
+    dout: Tensor, **options: Any
+) -> tuple[Callable, None] | None:
+    """Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA), fwd+bwd only: its forward computes the
+    gradients chunk by chunk, its backward scales them."""
+    if options:
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss()
+    x, linear_weight = (t.detach().clone().requires_grad_() for t in (x, linear_weight))
+    return (lambda: torch.autograd.grad(loss(linear_weight, x, targets, linear_bias), (x, linear_weight),
+                                        dout)), None
+
+
 @pytest.fixture(autouse=True)
 def no_compiling_in_the_untimed_run(request, benchmark, monkeypatch):
     """Inductor unrolls the chunk loop: compiling this op takes ~40 s a contender on 2 cores, too
@@ -63,10 +79,13 @@ def no_compiling_in_the_untimed_run(request, benchmark, monkeypatch):
 def test_linear_cross_entropy(bench, shape):
     (N, D, V), size = SHAPES[shape]
 
+    # the GPU shape is a large-vocabulary LM head (Llama 3's V = 128256) in bfloat16, as trained
+    dtype = torch.bfloat16 if size == "gpu" else torch.float32
+
     def args():
         g = torch.Generator().manual_seed(0)
         # weights of std 1/sqrt(D): logits of order 1, as a trained head's
-        return (torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) / D**0.5,
+        return (torch.randn(N, D, generator=g).to(dtype), (torch.randn(V, D, generator=g) / D**0.5).to(dtype),
                 torch.randint(0, V, (N,), generator=g), None)
 
-    bench("linear_cross_entropy", shape, args, size=size, native=native, flops=flops)
+    bench("linear_cross_entropy", shape, args, size=size, native=native, flops=flops, liger=liger)

@@ -22,6 +22,9 @@ Variants (the ``variant`` fixture):
                      whose OpInfo lists it in bench_variants (OPT_IN), where the adapter's path
                      differs from the kernel's (linear_cross_entropy: its last backward hands the
                      cached gradients over); skipped for the others
+  liger              Liger-Kernel's Triton module for the op (the bench file's liger=), under
+                     torch.autograd: CUDA only, where the liger-kernel package is installed (.ci/gpu
+                     installs it from a wheels/ folder carried to the GPU machine); opt-in as adapter
 
 Modes (the ``mode`` fixture): ``fwd+bwd`` times forward then backward; ``bwd`` times the
 backward alone, on a cache (or autograd graph, kept with retain_graph) built outside the timing.
@@ -85,7 +88,7 @@ from backprop.testing.opinfo import OPS as TABLE
 
 VARIANTS = ["manual", "manual-compiled", "manual-cpp", "custom-op", "autograd", "autograd-compiled", "native",
             "copy"]
-OPT_IN = ["adapter"]  # run only for the ops whose OpInfo.bench_variants names them
+OPT_IN = ["adapter", "liger"]  # run only for the ops whose OpInfo.bench_variants names them
 MODES = ["fwd+bwd", "bwd"]
 MIN_ROUNDS = int(os.environ.get("BACKPROP_BENCH_ROUNDS", "5"))
 MAX_ROUNDS = 50
@@ -153,7 +156,8 @@ def make_inputs(name: str, make_args: Callable, options: dict, device: str) -> t
 
 
 def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tensor, options: dict,
-              device: str, native: Callable | None, traffic: Callable | None) -> Callable:
+              device: str, native: Callable | None, traffic: Callable | None,
+              liger: Callable | None = None) -> Callable:
     """A zero-argument callable running the chosen variant once, synchronised."""
     if variant == "manual":
         run = _kernel_step(backprop.OPS[name], args, options, dout, mode)
@@ -170,10 +174,12 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         run = _autograd_step(CUSTOM_OPS[name], args, options, dout, mode)
     elif variant == "autograd":
         run = _autograd_step(TABLE[name].reference, args, options, dout, mode)
+    elif variant in OPT_IN and variant not in TABLE[name].bench_variants:
+        pytest.skip(f"{name}: no {variant} contender (not in its OpInfo.bench_variants)")
     elif variant == "adapter":
-        if variant not in TABLE[name].bench_variants:
-            pytest.skip(f"{name}: the adapter path is the kernel's (not in its OpInfo.bench_variants)")
         run = _autograd_step(functools.partial(adapter_apply, backprop.OPS[name]), args, options, dout, mode)
+    elif variant == "liger":
+        run = _liger_step(name, args, dout, options, device, mode, liger)
     elif variant == "autograd-compiled":
         fn = _COMPILED_REFERENCES.setdefault(name, torch.compile(TABLE[name].reference))
         run = _autograd_step(fn, args, options, dout, mode)
@@ -197,6 +203,20 @@ def make_step(name: str, variant: str, mode: str, args: tuple, dout: torch.Tenso
         return result
 
     return step
+
+
+def _liger_step(name, args, dout, options, device, mode, liger):
+    """Liger-Kernel's contender: liger(*args, dout=, **options) -> (fwd_bwd, bwd or None) or None."""
+    if not device.startswith("cuda"):
+        pytest.skip("Liger-Kernel's kernels are Triton's: CUDA only")
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"liger-kernel is not installed here ({e}); .ci/gpu installs it from wheels/")
+    steps = liger(*args, dout=dout, **options) if liger else None
+    if steps is None or steps[MODES.index(mode)] is None:
+        pytest.skip(f"Liger-Kernel has no {name} contender with these options in mode {mode}")
+    return steps[MODES.index(mode)]
 
 
 def _cpp_at(name: str, size: str) -> bool:
@@ -250,7 +270,7 @@ def threads(request):
 
 
 def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *, native=None,
-               traffic=None, memory=False):
+               traffic=None, memory=False, liger=None):
     """Time the contenders in interleaved rounds (backprop.bench.PairedRunner); the per-round
     times go to extra_info["paired"]. Contenders this case lacks (no native op, no compiler) are
     left out. pytest-benchmark times whole rounds: its row is one round of every contender.
@@ -260,7 +280,7 @@ def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *
     steps = {}
     for v in contenders:
         try:
-            steps[v] = make_step(name, v, mode, args, dout, options, device, native, traffic)
+            steps[v] = make_step(name, v, mode, args, dout, options, device, native, traffic, liger)
         except pytest.skip.Exception:
             continue
     load_before = stats.load()
@@ -293,16 +313,17 @@ def run_paired(benchmark, name, mode, args, dout, options, device, contenders, *
 
 @pytest.fixture
 def bench(benchmark, device, variant, mode, inputs_cache, threads):
-    """bench(name, shape_label, make_args, options, size=, native=, traffic=, flops=, sweep_top=):
-    time one case.
+    """bench(name, shape_label, make_args, options, size=, native=, traffic=, flops=, sweep_top=,
+    liger=): time one case.
 
-    native(*args, dout=, **options) -> (fwd_bwd, bwd) closures over aten ops, or None;
+    native(*args, dout=, **options) -> (fwd_bwd, bwd) closures over aten ops, or None; liger(...)
+    the same over Liger-Kernel's module (bwd may be None), or None;
     traffic(*args, mode=, **options) -> the minimal bytes the mode must move (read + write),
     None when the op is compute-bound; flops(*args, mode=, **options) -> its floating-point
     operations, for compute-bound ops."""
 
     def run(name, shape_label, make_args, options=None, *, size="small", native=None, traffic=None,
-            flops=None, sweep_top=None):
+            flops=None, sweep_top=None, liger=None):
         memory_pass = os.environ.get("BACKPROP_BENCH") == "memory"
         if size != "small" and benchmark.disabled:
             pytest.skip("large shapes run only when timing (--benchmark-enable)")
@@ -343,8 +364,8 @@ def bench(benchmark, device, variant, mode, inputs_cache, threads):
                 benchmark.extra_info.update(sweep_top=True, size=sum(
                     a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor)))
             return run_paired(benchmark, name, mode, args, dout, options, device, contenders,
-                              native=native, traffic=traffic, memory=size != "small")
-        step = make_step(name, variant, mode, args, dout, options, device, native, traffic)
+                              native=native, traffic=traffic, memory=size != "small", liger=liger)
+        step = make_step(name, variant, mode, args, dout, options, device, native, traffic, liger)
         step()  # warm-up (and compilation) outside the timing
         if memory_pass:  # one profiled call
             benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)

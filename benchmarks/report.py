@@ -40,7 +40,8 @@ from backprop.testing.opinfo import OP_DB  # noqa: E402
 COMPILED_MODELS = ("custom-op-compiled", "functional-compiled")  # the train step's drop-in pair
 CUSTOM_OP_BAR = 1 / 1.1  # manual / custom-op: the custom-op path at most 10% slower than the kernel
 CONTENDERS = ["manual", "manual-compiled", "manual-cpp", "custom-op", "adapter", "autograd",
-              "autograd-compiled", "native", "copy", "notebook", "custom-op-compiled", "functional-compiled"]
+              "autograd-compiled", "native", "liger", "copy", "notebook", "custom-op-compiled",
+              "functional-compiled"]
 
 # (op, shape regex, mode, contender, baseline, threshold, what): the speed issues' targets, from
 # the op table (each op's own, and opinfo.FASTEST for every op: best >= 1x torch fastest at the

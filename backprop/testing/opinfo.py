@@ -234,8 +234,11 @@ FASTEST: tuple[Target, ...] = tuple(
 # backward of the memory-bound ops against a copy of the bytes it must move, same run
 BANDWIDTH: tuple[Target, ...] = (
     ("^(large|xl)", "bwd", "best", "copy", 0.7, "backward >= 70% of copy bandwidth"),
-    ("gpu", "bwd", "best", "copy", 0.7, "GPU backward >= 70% of copy (HBM) bandwidth"),
+    ("gpu", "bwd", "best", "copy", 0.8, "GPU backward >= 80% of copy (HBM) bandwidth"),
 )
+
+# issue 16 on CUDA: against Liger-Kernel's Triton kernels too, where its wheel is installed
+LIGER: Target = ("gpu", "fwd+bwd", "best", "liger", 1.0, "best >= 1x Liger-Kernel (CUDA)")
 
 # options of the wrong type (a bool for an int, a str for a bool, None) are drawn too: accepted,
 # they would act as another value (ignore_index=True as class 1, keepdim="no" as True)
@@ -252,7 +255,8 @@ OP_DB: tuple[OpInfo, ...] = (
          "gpu 16384x65536": (((16384, 65536), False), "gpu")},
         magnitude=references.cross_entropy_magnitude,
         gradcheck_inputs=_cross_entropy_gradcheck,
-        speed_targets=(
+        bench_variants=("liger",),
+        speed_targets=(LIGER,
             ("^(large|xl) [0-9]+x32768$",
              "fwd+bwd", "best", "autograd", 3.0, "best path >= 3x F.cross_entropy"),
             ("^(large|xl) [0-9]+x32768$",
@@ -317,7 +321,8 @@ OP_DB: tuple[OpInfo, ...] = (
         "linear_cross_entropy", references.linear_cross_entropy, strategies.linear_cross_entropy_cases,
         _linear_cross_entropy_fixed,
         {"notebook 32x200->27": ((32, 200, 27), "small"),
-         "large 2048x512->32768": ((2048, 512, 32768), "large")},
+         "large 2048x512->32768": ((2048, 512, 32768), "large"),
+         "gpu 8192x4096->128256 bf16": ((8192, 4096, 128256), "gpu")},  # bfloat16: bench_linear_cross_entropy
         magnitude=references.linear_cross_entropy_magnitude,
         gradcheck_inputs=_linear_cross_entropy_gradcheck,
         speed_targets=(("large", "fwd+bwd", "manual", "autograd", 1.0, ">= 1x F.linear + F.cross_entropy"),
@@ -326,13 +331,13 @@ OP_DB: tuple[OpInfo, ...] = (
                         "adapter path >= 1x F.linear + F.cross_entropy"),
                        ("large", "fwd+bwd", "adapter", "native", 1.0,
                         "adapter path >= 1x chunked F.linear_cross_entropy"),
-                       *FASTEST),
+                       LIGER, *FASTEST),
         # under autograd the adapter hands the cached gradients over (docs/linear_cross_entropy.md)
         memory_targets=(("large", "fwd+bwd", "adapter", "autograd", 0.25,
                          "adapter path's extra peak <= 1/4 of F.linear + F.cross_entropy's"),
                         ("large", "fwd+bwd", "manual", "autograd", 0.25,
                          "kernel path's extra peak <= 1/4 of F.linear + F.cross_entropy's")),
-        bench_variants=("adapter",),
+        bench_variants=("adapter", "liger"),
         bad_options=st.fixed_dictionaries({}, optional={
             "reduction": st.sampled_from(["mean", "sum", "none", "avg", None]),
             "ignore_index": st.one_of(st.integers(-101, 5), st.sampled_from([*WRONG_TYPES, 1.5, 2**70])),
