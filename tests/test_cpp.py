@@ -210,6 +210,37 @@ def test_embedding_padding_idx_beyond_int64_raises_the_eager_error():
         cpp.embedding.forward(torch.tensor([0, 1]), torch.randn(4, 2), padding_idx=2**70)
 
 
+@pytest.mark.parametrize("options", [{}, {"padding_idx": 7, "scale_grad_by_freq": True}])
+@pytest.mark.parametrize(("V", "E", "shape", "dtype"), [(1000, 100, (3, 257), torch.float32),
+                                                        (1000, 100, (3, 257), torch.float64),
+                                                        (20011, 420, (20000,), torch.float32)])
+def test_embedding_large_inputs_run_on_threads_with_the_same_bits(V, E, shape, dtype, options, monkeypatch):
+    """embedding's C++ above kGrain (2^16) elements: the forward's positions and the backward's
+    columns (cache lines: E=100 float32 is 7 of them, the last partial, and split between the
+    threads) in ranges on torch's threads; the 20011 x 420 float32 dW and the 20000 x 420 out are
+    over 32 MiB, populated before they are written. At 1 and 2 threads the same bits, and the eager
+    kernel's bit for bit: each row's repeats (a third of the positions draw from 8 rows, the padding
+    row among them) summed in position order as index_add_ does, then divided by the count."""
+    g = torch.Generator().manual_seed(E)
+    indices = torch.randint(0, V, shape, generator=g)
+    indices.view(-1)[::3] = torch.randint(0, 8, indices.view(-1)[::3].shape, generator=g)
+    weight = torch.randn(V, E, generator=g, dtype=dtype)
+    dout = torch.randn(*shape, E, generator=g, dtype=dtype)
+    out_e, cache_e = backprop.embedding.forward(indices, weight, **options)
+    _, grad_e = backprop.embedding.backward(dout, cache_e)
+    refuse_eager(monkeypatch, backprop.embedding)
+
+    def run():
+        out, cache = cpp.embedding.forward(indices, weight, **options)
+        return out, cpp.embedding.backward(dout, cache)[1]
+
+    (out1, grad1), (out2, grad2) = at_one_and_two_threads(run)
+    assert torch.equal(out1, out_e) and torch.equal(out2, out_e)
+    assert torch.equal(grad1, grad_e) and torch.equal(grad2, grad_e)
+    if options:
+        assert grad1[7].eq(0).all() and grad1[:8].ne(0).any()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_an_edited_input_is_refused_as_by_the_eager_op(name):
     (args, options), = list(covered_cases(name))[:1]

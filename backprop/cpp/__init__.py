@@ -9,9 +9,9 @@ torch's twins call one fused native kernel per direction (docs/benchmarks.md, "N
 Here each direction is one call into C++ (an op of ``torch.ops.backprop_cpp``) that reads its
 inputs, loops and allocates its outputs. The loops are written for small inputs: one thread, no
 blocking; at large shapes use ``backprop.<op>`` or ``backprop.compiled.<op>``. batch_norm's,
-logsumexp's and tanh's are written for large shapes too (torch's threads, at::parallel_for; their
-modules' LARGE_SHAPES: batch_norm.cpp, logsumexp.cpp, tanh.cpp); linear_cross_entropy's matmuls are
-ATen's (BLAS) at any size.
+embedding's, logsumexp's and tanh's are written for large shapes too (torch's threads,
+at::parallel_for; their modules' LARGE_SHAPES: batch_norm.cpp, embedding.cpp, logsumexp.cpp,
+tanh.cpp); linear_cross_entropy's matmuls are ATen's (BLAS) at any size.
 
 The contract is backprop.<op>'s: the same signature, the same ``Cache`` type (a cache from either
 path works in the other's backward), the same errors, no mutation, no autograd history. The C++

@@ -2,8 +2,11 @@
 
 The C++ covers int64 indices of any shape into a float32 or float64 table (V, E): padding_idx,
 scale_grad_by_freq and either ``deterministic`` (on the CPU both sum repeats in position order).
-Anything else (int32 indices, sparse=True, max_norm, an out-of-range index or padding_idx, a bad
-argument) runs backprop.embedding, which computes it or raises the error.
+Its loops are written for large shapes too: the forward's positions and the backward's columns of
+dweight split across torch's threads (at::parallel_for), each column summed over the positions in
+order by one thread (the eager kernel's bits at any thread count). Anything else (int32 indices,
+sparse=True, max_norm, an out-of-range index or padding_idx, a bad argument) runs
+backprop.embedding, which computes it or raises the error.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from backprop import cpp
 from backprop import embedding as eager
 
 Cache = eager.Cache
+LARGE_SHAPES = True  # threaded, its large outputs populated before they are written: embedding.cpp
 # the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
 Args, prepare, forward_math, check_backward, backward_math, jvp = (
