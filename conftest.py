@@ -50,7 +50,7 @@ def device(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def cpp_kernels_building():
-    """backprop.cpp's kernels take ~20 s to build cold (g++ parsing torch's headers, once per
+    """backprop.cpp's kernels take ~40 s to build cold (g++ parsing torch's headers, once per
     machine; cached after): start that build with the session, in a thread, so that g++ runs while
     this worker goes on with the tests that do not need it. A test that does waits in
     backprop.cpp.kernels() (its file lock) until the build is done."""

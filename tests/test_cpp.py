@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -908,3 +910,178 @@ def test_logsumexp_exp_is_within_an_ulp():
     assert (dx[huge] == float("inf")).all() and dx[x.isnan()].isnan().all()
     torch.testing.assert_close(dx[-14:].float(), torch.exp(x[-14:]), rtol=torch.finfo(torch.float32).eps, atol=0,
                                equal_nan=True)
+
+
+# the library as a Python module (binding.h): each op's C++ function called without torch.ops
+
+
+def bound():
+    """The library's Python module; the test is skipped where this Python has no headers to build it."""
+    module = cpp.kernels().module
+    if module is None and not Path(cpp.sysconfig.get_paths()["include"], "Python.h").exists():
+        pytest.skip("no Python.h: built without the Python binding, the calls go through torch.ops")
+    assert module is not None, "built without its Python binding (see the warning)"
+    return module
+
+
+def dispatched(name):
+    """torch.ops.backprop_cpp.<name>.default: the overload, its C++ callable (what op() returned before)."""
+    overload = getattr(getattr(torch.ops, cpp.NAMESPACE), name).default
+    return overload, overload._op
+
+
+def test_op_is_the_bound_function_of_every_registered_op():
+    """The module binds every op of torch.ops.backprop_cpp (bindings() reads the .cpp files' m.impl
+    lines: one written otherwise would be missing), and op() hands out the bound function."""
+    module = bound()
+    registered = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas()
+                  if s.name.startswith(f"{cpp.NAMESPACE}::")}
+    assert registered == {name for name, _ in cpp.bindings()} and len(registered) == 2 * len(NAMES)
+    for name in registered:
+        assert cpp.op(name) is getattr(module, name)
+
+
+def answer(run, args, kwargs=None):
+    """What a call returns (each tensor's dtype, shape, strides and bytes) or raises (type, message)."""
+    def bits(t):
+        return None if t is None else (t.dtype, t.shape, t.stride(), t.requires_grad,
+                                       bytes(t.detach().reshape(-1).view(torch.uint8).tolist()))
+    try:
+        found = run(*args, **(kwargs or {}))
+    except Exception as e:
+        return type(e), str(e)
+    return [bits(t) for t in found] if isinstance(found, list) else bits(found)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_binding_answers_as_torch_ops(name, monkeypatch):
+    """Every call the op makes on its covered cases, through the binding and through torch.ops: the
+    same results to the bit; with an argument replaced by one of another type (None, a bool, an int,
+    a float, a str, a negative view), missing, or given by keyword, the same answer or error."""
+    module = bound()
+    calls = []
+
+    def recording(op_name):
+        return lambda *args: calls.append((op_name, args)) or getattr(module, op_name)(*args)
+
+    monkeypatch.setattr(cpp, "op", recording)
+    for args, options in covered_cases(name):
+        out, cache = cpp.OPS[name].forward(*args, **options)
+        cpp.OPS[name].backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype),
+                               cache)
+    assert {op_name for op_name, _ in calls} == {f"{name}_forward", f"{name}_backward"}
+    for op_name, args in calls:
+        ours, (overload, theirs) = getattr(module, op_name), dispatched(op_name)
+        found = answer(ours, args)
+        assert found == answer(theirs, args) and found is not None and found != []  # the C++ covered it
+        for i, a in enumerate(args):
+            for other in (None, True, 1, 1.0, "1", *([torch._neg_view(a)] if isinstance(a, torch.Tensor) else [])):
+                changed = (*args[:i], other, *args[i + 1:])
+                assert answer(ours, changed) == answer(theirs, changed), (op_name, i, other)
+        last = overload._schema.arguments[-1].name
+        assert answer(ours, args[:-1]) == answer(theirs, args[:-1])
+        assert answer(ours, args[:-1], {last: args[-1]}) == answer(theirs, args[:-1], {last: args[-1]}) == found
+
+
+def test_the_binding_calls_the_function_only_where_torch_ops_would():
+    """binding.h calls the C++ function itself on plain arguments only; every other call (a keyword,
+    a subclass, a negative view, a dispatch or torch function mode, the profiler) must reach torch.ops,
+    whose kernel here is replaced by one that answers a mark (a tensor [7.])."""
+    tanh_backward = bound().tanh_backward
+    dout, out = torch.randn(4, 3), torch.randn(4, 3).tanh()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    class FunctionMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    lib = torch.library.Library(cpp.NAMESPACE, "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # overriding a registered kernel
+            lib.impl("tanh_backward", lambda *args: torch.tensor([7.0]), "CompositeImplicitAutograd")
+        assert torch.equal(tanh_backward(dout, out), (1 - out) * (1 + out) * dout)
+        assert torch.equal(tanh_backward(dout, out.requires_grad_()), (1 - out) * (1 + out) * dout)
+        out = out.detach()
+        for args, kwargs in [((dout,), {"out": out}), ((dout, out.as_subclass(Subclass)), {}),
+                             ((dout, torch._neg_view(out)), {})]:
+            assert torch.equal(tanh_backward(*args, **kwargs), torch.tensor([7.0])), (args, kwargs)
+        for context in (FunctionMode(), DispatchMode(), torch.device("cpu"), torch.autograd.profiler.profile()):
+            with context:
+                assert torch.equal(tanh_backward(dout, out), torch.tensor([7.0])), context
+    finally:
+        lib._destroy()
+    assert torch.equal(tanh_backward(dout, out=out), (1 - out) * (1 + out) * dout)  # the C++ kernel is back
+
+
+def test_a_call_releases_the_gil():
+    """The large shapes run for a while on torch's threads: meanwhile other Python threads run, as
+    through torch.ops (binding.h releases the GIL around the call). Held, the other thread would stop
+    for the whole call: the longest pause between its steps is the measure."""
+    tanh_backward = bound().tanh_backward
+    dout, out = torch.randn(1 << 24), torch.rand(1 << 24)
+    seen, stop = [], threading.Event()
+
+    def count():
+        while not stop.is_set():
+            seen.append(time.perf_counter())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the call on one core, the other thread free to run on another
+    thread = threading.Thread(target=count)
+    try:
+        start = time.perf_counter()
+        tanh_backward(dout, out)
+        alone = time.perf_counter() - start
+        thread.start()
+        while not seen:
+            time.sleep(0.001)
+        start = time.perf_counter()
+        tanh_backward(dout, out)
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+        torch.set_num_threads(threads)
+    steps = [start, *(t for t in seen if start < t < end), end]
+    assert max(b - a for a, b in zip(steps, steps[1:])) < alone / 2, f"a call alone took {alone:.3f} s"
+
+
+@pytest.mark.parametrize("openmp_works", [True, False])
+def test_a_python_without_its_headers_builds_the_library_without_its_binding(tmp_path, monkeypatch, openmp_works):
+    """The binding fails the build (no Python.h, no libtorch_python): it builds again without it,
+    after a warning that quotes g++, and every op keeps its C++ through torch.ops; with a g++ that
+    refuses -fopenmp too, without both, after both warnings."""
+    from backprop.makemore.aot import _record
+
+    built = []
+
+    def run(cmd, **kwargs):
+        built.append(("-ltorch_python" in cmd, "-fopenmp" in cmd,
+                      "PYBIND11_MODULE" in Path(cmd[cmd.index("-o") - 1]).read_text()))
+        if "-ltorch_python" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, "", "binding.h: fatal error: Python.h: No such file")
+        if "-fopenmp" in cmd and not openmp_works:
+            return subprocess.CompletedProcess(cmd, 1, "", "g++: error: unrecognized option '-fopenmp'")
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"a library")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(cpp.subprocess, "run", run)
+    lib = tmp_path / "kernels-x.so"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cpp.build(lib)
+    assert lib.read_bytes() == b"a library" and _record(lib).exists()
+    tries = [(True, True, True), (True, False, True), (False, True, False), (False, False, False)]
+    assert built == (tries[:3] if openmp_works else tries)
+    said = [str(w.message) for w in seen]
+    assert len(said) == (1 if openmp_works else 2)
+    assert openmp_works or "built without OpenMP" in said[0]
+    assert "the Python binding did not build (binding.h: fatal error: Python.h" in said[-1]
+    assert "the calls go through torch.ops" in said[-1]

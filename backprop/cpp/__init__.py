@@ -20,30 +20,39 @@ lists. Anything else (another device or dtype, an option it does not cover, a ba
 tensor subclass, a torch.func transform, a dispatch mode, torch.compile's tracing) runs the eager
 kernel, which also raises every error, so each message is written once.
 
-The kernels are built on first use with g++ (~30 s, one translation unit from this folder's .cpp
+The kernels are built on first use with g++ (~45 s, one translation unit from this folder's .cpp
 files) and cached on disk, as the compiled train step is (a private directory, a sha256 digest
 checked before loading: docs/faults.md). Without g++, or when the build fails, every call runs the
-eager kernel, after one warning that says why.
+eager kernel, after one warning that says why. The library is also a Python module whose functions call
+the C++ ones straight, without torch.ops' argument parsing and dispatch (binding.h: ~1 us less a
+call); where that part does not build (no Python.h), the calls go through torch.ops, after a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
+import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 NAMESPACE = "backprop_cpp"
+MODULE = "backprop_cpp_kernels"  # the library's Python module (PyInit_backprop_cpp_kernels): binding.h
 
 
 def _isa_flags() -> list[str]:
@@ -54,8 +63,9 @@ def _isa_flags() -> list[str]:
             }.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
-def compile_command(source: Path, output: Path, openmp: bool = True) -> list[str]:
-    """g++ on one translation unit, against this torch's headers and libraries."""
+def compile_command(source: Path, output: Path, openmp: bool = True, binding: bool = True) -> list[str]:
+    """g++ on one translation unit, against this torch's headers and libraries (and with binding,
+    this Python's headers and torch's Python library: binding.h)."""
     root = Path(torch.__file__).resolve().parent
     lib = root / "lib"
     # -fopenmp: at::parallel_for (ATen/Parallel.h) runs on torch's OpenMP threads (libgomp.so.1,
@@ -63,12 +73,34 @@ def compile_command(source: Path, output: Path, openmp: bool = True) -> list[str
     return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", *(["-fopenmp"] if openmp else []),
             *_isa_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *(["-isystem", sysconfig.get_paths()["include"]] if binding else []),
             "-isystem", str(root / "include"), str(source), "-o", str(output),
-            f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+            f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", *(["-ltorch_python"] if binding else []),
+            f"-Wl,-rpath,{lib}"]
 
 
 def sources() -> list[Path]:
     return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp")])
+
+
+def bindings() -> list[tuple[str, str]]:
+    """(op name, C++ function) of every m.impl line of the .cpp files: what TORCH_LIBRARY_IMPL
+    registers is what the module binds (tests/test_cpp.py checks that every op of torch.ops is bound)."""
+    return [found for p in sources() if p.suffix == ".cpp"
+            for found in re.findall(r'm\.impl\("(\w+)",\s*([\w:]+)\);', p.read_text())]
+
+
+def module_source() -> str:
+    """The Python module of the library: one binding.h bind per registered function."""
+    binds = "".join(f'  backprop_cpp::binding::bind<&{fn}>(m, "{name}");\n' for name, fn in bindings())
+    return f"PYBIND11_MODULE({MODULE}, m) {{\n{binds}}}\n"
+
+
+def unity_source(binding: bool = True) -> str:
+    """Every .cpp file here as one translation unit; with binding, binding.h and the module too."""
+    # binding.h last: its torch headers declare at::real, which the ops' unqualified real() would meet
+    files = [p for p in sources() if p.suffix == ".cpp"] + ([HERE / "binding.h"] if binding else [])
+    return "".join(f'#include "{p}"\n' for p in files) + (module_source() if binding else "")
 
 
 def library_path(directory: Path) -> Path:
@@ -78,7 +110,7 @@ def library_path(directory: Path) -> Path:
     h = hashlib.sha256(torch.__version__.encode())
     for p in sources():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
-    h.update(repr(compile_command(Path("unity.cpp"), Path("out.so"))).encode())
+    h.update(repr(compile_command(Path("unity.cpp"), Path("out.so"))).encode() + module_source().encode())
     h.update(machine_key().encode())
     return directory / f"kernels-{h.hexdigest()[:24]}.so"
 
@@ -86,23 +118,32 @@ def library_path(directory: Path) -> Path:
 def build(path: Path) -> None:
     """Compile every .cpp file here as one translation unit into path: under a temporary name,
     renamed into place after its digest record, so a concurrent process never loads half a file.
-    A compiler without OpenMP (no libgomp development files, or clang as g++) fails on -fopenmp:
-    then once more without it, so that every op keeps its C++ and only the threaded loops
-    (at::parallel_for) run on one thread, after a warning."""
+    A compiler without OpenMP (no libgomp development files, or clang as g++) fails on -fopenmp, a
+    Python without its headers (Python.h) fails the binding: then again without either, then
+    without both, so that every op keeps its C++ and only the threaded loops (at::parallel_for) run
+    on one thread, or the calls go through torch.ops, after a warning that quotes g++."""
     from backprop.makemore.aot import _digest, _record
 
     tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
     unity = path.with_suffix(f".{os.getpid()}.cpp")
+    failed: dict[tuple[bool, bool], subprocess.CompletedProcess] = {}  # (openmp, binding): g++'s answer
     try:
-        unity.write_text("".join(f'#include "{p}"\n' for p in sources() if p.suffix == ".cpp"))
-        done = subprocess.run(compile_command(unity, tmp), capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            plain = subprocess.run(compile_command(unity, tmp, openmp=False), capture_output=True, text=True,
-                                   timeout=600)
-            if plain.returncode != 0:  # not OpenMP's fault: the first error is the one to read
-                raise RuntimeError(f"g++ failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-            _say(f"g++ -fopenmp failed ({done.stderr.strip()[-300:]}); built without OpenMP: "
+        for openmp, binding in ((True, True), (False, True), (True, False), (False, False)):
+            unity.write_text(unity_source(binding))
+            done = subprocess.run(compile_command(unity, tmp, openmp, binding), capture_output=True, text=True,
+                                  timeout=600)
+            if done.returncode == 0:
+                break
+            failed[openmp, binding] = done
+        else:  # not OpenMP's fault nor the binding's: the first error is the one to read
+            first = failed[True, True]
+            raise RuntimeError(f"g++ failed (exit {first.returncode}): {first.stderr.strip()[-2000:]}")
+        if not openmp:
+            _say(f"g++ -fopenmp failed ({failed[True, binding].stderr.strip()[-300:]}); built without OpenMP: "
                  "the threaded loops (batch_norm's) run on one thread")
+        if not binding:
+            _say(f"the Python binding did not build ({failed[openmp, True].stderr.strip()[-300:]}); built "
+                 "without it: the calls go through torch.ops (~1 us more each at the notebook's scale)")
         record = _record(tmp)
         record.write_text(_digest(tmp) + "\n")
         os.replace(record, _record(path))
@@ -112,8 +153,9 @@ def build(path: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def load(path: Path) -> None:
-    """torch.ops.load_library(path), after checking its owner, its mode and its recorded digest."""
+def load(path: Path) -> ModuleType | None:
+    """torch.ops.load_library(path), after checking its owner, its mode and its recorded digest; then
+    the same file (the handle torch opened) imported as its Python module, None if built without it."""
     from backprop.makemore.aot import _digest, _record, unsafe
 
     for p in (path, _record(path)):
@@ -123,16 +165,28 @@ def load(path: Path) -> None:
         raise ValueError(f"{path}: its sha256 digest differs from the one recorded when it was built "
                          "(truncated or corrupt)")
     torch.ops.load_library(str(path))
+    if not hasattr(ctypes.CDLL(str(path)), f"PyInit_{MODULE}"):
+        return None
+    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(MODULE, path,
+                                                                                    loader=loader))
+    loader.exec_module(module)
+    return module
 
 
 def _say(line: str) -> None:
     warnings.warn(f"backprop.cpp: {line}", stacklevel=4)
 
 
+class Kernels(NamedTuple):
+    ops: Any  # torch.ops.backprop_cpp
+    module: ModuleType | None  # the library as a Python module (binding.h), None where built without it
+
+
 @functools.cache
-def kernels() -> Any:
-    """torch.ops.backprop_cpp, built and loaded once per process; None (after one warning) where
-    it cannot be: then every op runs its eager kernel."""
+def kernels() -> Kernels | None:
+    """The kernels, built and loaded once per process; None (after one warning) where they cannot
+    be: then every op runs its eager kernel."""
     from backprop.makemore.aot import usable_cache_dir
 
     if shutil.which("g++") is None:
@@ -158,13 +212,12 @@ def _exclusive(lock: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
+def _load_or_build(path: Path, directory: Path, persistent: bool) -> Kernels:
     from backprop.makemore.aot import _record, set_aside
 
     if path.exists() or _record(path).exists():
         try:
-            load(path)
-            return getattr(torch.ops, NAMESPACE)
+            return Kernels(getattr(torch.ops, NAMESPACE), load(path))
         except Exception as e:  # a bad digest, a foreign owner, a truncated file: rebuild once
             aside = None
             if path.exists():  # else a digest record left without its library (a killed build)
@@ -173,10 +226,9 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Any:
             where = f"moved it to {aside}" if aside else "its digest record was there, the library not"
             _say(f"loading the cached kernels {path} failed ({e}); {where}; rebuilding")
     where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
-    _say(f"building the C++ kernels (once; {where}): ~30 s")
+    _say(f"building the C++ kernels (once; {where}): ~45 s")
     build(path)
-    load(path)
-    return getattr(torch.ops, NAMESPACE)
+    return Kernels(getattr(torch.ops, NAMESPACE), load(path))
 
 
 # a loss's reduction as it crosses into C++ (common.h's enum Reduction)
@@ -193,10 +245,17 @@ TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 @functools.cache
 def op(name: str) -> Any:
-    """torch.ops.backprop_cpp.<name>.default's C++ callable (the overload resolved once, without
-    OpOverload's Python frame: ~1 us a call at this scale), or None without the kernels."""
+    """The C++ function of op name as Python calls it: the library module's (binding.h: the function
+    called straight, ~1 us a call less at this scale), else torch.ops.backprop_cpp.<name>.default's
+    C++ callable (the overload resolved once, without OpOverload's Python frame: ~1 us a call); None
+    without the kernels."""
     k = kernels()
-    return None if k is None else getattr(getattr(k, name).default, "_op", getattr(k, name).default)
+    if k is None:
+        return None
+    if (bound := getattr(k.module, name, None)) is not None:
+        return bound
+    overload = getattr(k.ops, name).default
+    return getattr(overload, "_op", overload)
 
 
 def plain(*tensors: Any) -> bool:
