@@ -50,8 +50,8 @@ def device(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def cpp_kernels_building():
-    """backprop.cpp's kernels take ~40 s to build cold (g++ parsing torch's headers, once per
-    machine; cached after): start that build with the session, in a thread, so that g++ runs while
+    """backprop.cpp's kernels take ~30 s to build cold (two g++ parsing torch's headers, ~50 s of
+    CPU, once per machine; cached after): start that build with the session, in a thread, so that g++ runs while
     this worker goes on with the tests that do not need it. A test that does waits in
     backprop.cpp.kernels() (its file lock) until the build is done."""
     from backprop import cpp

@@ -549,11 +549,19 @@ def test_no_rows_with_reduction_none():
     assert dz.shape == dz_eager.shape == (0, 4)
 
 
+def _unit(cmd: list[str]) -> str:
+    """Which g++ call of cpp.build cmd is: the ops' unit, the binding's, or the link."""
+    return ("link" if "-shared" in cmd else
+            "ops" if cmd[cmd.index("-c") + 1].endswith(".ops.cpp") else
+            "binding" if cmd[cmd.index("-c") + 1].endswith(".binding.cpp") else "?")
+
+
 @pytest.mark.parametrize("openmp_works", [True, False])
 def test_a_compiler_without_openmp_still_builds_every_op(tmp_path, monkeypatch, openmp_works):
-    """One translation unit: a g++ that refuses -fopenmp (no libgomp development files, clang as
-    g++) failed the whole build, and all four ops ran eager. It builds again without -fopenmp,
-    after a warning; with a working -fopenmp, one build and no warning."""
+    """One translation unit for the ops: a g++ that refuses -fopenmp (no libgomp development files,
+    clang as g++) failed the whole build, and all four ops ran eager. It compiles them again without
+    -fopenmp, after a warning, and links without it; with a working -fopenmp, one compile and no
+    warning. The binding's unit (compiled beside it) needs no OpenMP."""
     from backprop.makemore.aot import _record
 
     commands = []
@@ -571,10 +579,15 @@ def test_a_compiler_without_openmp_still_builds_every_op(tmp_path, monkeypatch, 
         warnings.simplefilter("always")
         cpp.build(lib)
     assert lib.read_bytes() == b"a library" and _record(lib).exists()
-    assert [("-fopenmp" in c) for c in commands] == ([True] if openmp_works else [True, False])
+    ops = [c for c in commands if _unit(c) == "ops"]
+    assert [("-fopenmp" in c) for c in ops] == ([True] if openmp_works else [True, False])
+    assert [("-fopenmp" in c) for c in commands if _unit(c) == "binding"] == [False]
+    link = commands[-1]
+    assert _unit(link) == "link" and ("-fopenmp" in link) == openmp_works and "-ltorch_python" in link
     said = [str(w.message) for w in seen]
     assert said == ([] if openmp_works else [said[0]])
     assert openmp_works or "built without OpenMP" in said[0] and "-fopenmp" in said[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-x.sha256", "kernels-x.so"]  # no sources left
 
 
 def test_a_build_failing_without_openmp_too_raises_the_first_error(tmp_path, monkeypatch):
@@ -1055,17 +1068,18 @@ def test_a_call_releases_the_gil():
 
 @pytest.mark.parametrize("openmp_works", [True, False])
 def test_a_python_without_its_headers_builds_the_library_without_its_binding(tmp_path, monkeypatch, openmp_works):
-    """The binding fails the build (no Python.h, no libtorch_python): it builds again without it,
-    after a warning that quotes g++, and every op keeps its C++ through torch.ops; with a g++ that
-    refuses -fopenmp too, without both, after both warnings."""
+    """The binding's unit fails to compile (no Python.h): the library is linked without it (no
+    libtorch_python), after a warning that quotes g++, and every op keeps its C++ through torch.ops;
+    with a g++ that refuses -fopenmp too, the ops without it, after both warnings."""
     from backprop.makemore.aot import _record
 
     built = []
 
     def run(cmd, **kwargs):
-        built.append(("-ltorch_python" in cmd, "-fopenmp" in cmd,
-                      "PYBIND11_MODULE" in Path(cmd[cmd.index("-o") - 1]).read_text()))
-        if "-ltorch_python" in cmd:
+        unit = _unit(cmd)
+        built.append((unit, "-fopenmp" in cmd, "-ltorch_python" in cmd, any(a.endswith(".binding.o") for a in cmd)))
+        if unit == "binding":
+            assert "PYBIND11_MODULE" in Path(cmd[cmd.index("-c") + 1]).read_text()
             return subprocess.CompletedProcess(cmd, 1, "", "binding.h: fatal error: Python.h: No such file")
         if "-fopenmp" in cmd and not openmp_works:
             return subprocess.CompletedProcess(cmd, 1, "", "g++: error: unrecognized option '-fopenmp'")
@@ -1078,8 +1092,9 @@ def test_a_python_without_its_headers_builds_the_library_without_its_binding(tmp
         warnings.simplefilter("always")
         cpp.build(lib)
     assert lib.read_bytes() == b"a library" and _record(lib).exists()
-    tries = [(True, True, True), (True, False, True), (False, True, False), (False, False, False)]
-    assert built == (tries[:3] if openmp_works else tries)
+    ops = [("ops", True, False, False)] + ([] if openmp_works else [("ops", False, False, False)])
+    assert sorted(b for b in built if b[0] != "link") == sorted([("binding", False, False, True), *ops])
+    assert [b for b in built if b[0] == "link"] == [("link", openmp_works, False, False)]
     said = [str(w.message) for w in seen]
     assert len(said) == (1 if openmp_works else 2)
     assert openmp_works or "built without OpenMP" in said[0]

@@ -20,12 +20,13 @@ lists. Anything else (another device or dtype, an option it does not cover, a ba
 tensor subclass, a torch.func transform, a dispatch mode, torch.compile's tracing) runs the eager
 kernel, which also raises every error, so each message is written once.
 
-The kernels are built on first use with g++ (~45 s, one translation unit from this folder's .cpp
-files) and cached on disk, as the compiled train step is (a private directory, a sha256 digest
-checked before loading: docs/faults.md). Without g++, or when the build fails, every call runs the
-eager kernel, after one warning that says why. The library is also a Python module whose functions call
-the C++ ones straight, without torch.ops' argument parsing and dispatch (binding.h: ~1 us less a
-call); where that part does not build (no Python.h), the calls go through torch.ops, after a warning.
+The kernels are built on first use with g++ (~30 s on two cores: one translation unit from this
+folder's .cpp files, and the Python binding's beside it) and cached on disk, as the compiled train
+step is (a private directory, a sha256 digest checked before loading: docs/faults.md). Without g++,
+or when the build fails, every call runs the eager kernel, after one warning that says why. The
+library is also a Python module whose functions call the C++ ones straight, without torch.ops'
+argument parsing and dispatch (binding.h: ~1 us less a call); where that part does not build (no
+Python.h), the calls go through torch.ops, after a warning.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import subprocess
 import sysconfig
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -63,18 +65,22 @@ def _isa_flags() -> list[str]:
             }.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
-def compile_command(source: Path, output: Path, openmp: bool = True, binding: bool = True) -> list[str]:
-    """g++ on one translation unit, against this torch's headers and libraries (and with binding,
-    this Python's headers and torch's Python library: binding.h)."""
+def compile_command(source: Path, output: Path, openmp: bool = True, python: bool = False) -> list[str]:
+    """g++ -c on one translation unit, against this torch's headers (python: and this Python's,
+    for the binding's translation unit)."""
     root = Path(torch.__file__).resolve().parent
-    lib = root / "lib"
     # -fopenmp: at::parallel_for (ATen/Parallel.h) runs on torch's OpenMP threads (libgomp.so.1,
     # loaded by torch already), else inline on one
-    return ["g++", "-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", *(["-fopenmp"] if openmp else []),
-            *_isa_flags(),
+    return ["g++", "-O3", "-std=c++17", "-fPIC", "-Wall", *(["-fopenmp"] if openmp else []), *_isa_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *(["-isystem", sysconfig.get_paths()["include"]] if binding else []),
-            "-isystem", str(root / "include"), str(source), "-o", str(output),
+            *(["-isystem", sysconfig.get_paths()["include"]] if python else []),
+            "-isystem", str(root / "include"), "-c", str(source), "-o", str(output)]
+
+
+def link_command(objects: list[Path], output: Path, openmp: bool = True, binding: bool = True) -> list[str]:
+    """g++ -shared on the object files, against torch's libraries (binding: and torch's Python one)."""
+    lib = Path(torch.__file__).resolve().parent / "lib"
+    return ["g++", "-shared", *(["-fopenmp"] if openmp else []), *map(str, objects), "-o", str(output),
             f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", *(["-ltorch_python"] if binding else []),
             f"-Wl,-rpath,{lib}"]
 
@@ -96,11 +102,29 @@ def module_source() -> str:
     return f"PYBIND11_MODULE({MODULE}, m) {{\n{binds}}}\n"
 
 
-def unity_source(binding: bool = True) -> str:
-    """Every .cpp file here as one translation unit; with binding, binding.h and the module too."""
-    # binding.h last: its torch headers declare at::real, which the ops' unqualified real() would meet
-    files = [p for p in sources() if p.suffix == ".cpp"] + ([HERE / "binding.h"] if binding else [])
-    return "".join(f'#include "{p}"\n' for p in files) + (module_source() if binding else "")
+def unity_source() -> str:
+    """Every .cpp file here as one translation unit: the ops and their registrations."""
+    return "".join(f'#include "{p}"\n' for p in sources() if p.suffix == ".cpp")
+
+
+def binding_source() -> str:
+    """The module's own translation unit, compiled beside the ops' (torch's Python headers alone take
+    ~20 s to parse): each bound function declared as its .cpp file defines it (a declaration that
+    drifted from its definition leaves a symbol undefined, and the library fails to load), then
+    binding.h and the module."""
+    declared = []
+    for p in sources():
+        text = p.read_text() if p.suffix == ".cpp" else ""
+        for _, fn in re.findall(r'm\.impl\("(\w+)",\s*([\w:]+)\);', text):
+            space, _, name = fn.rpartition("::")
+            found = re.search(rf"^([^\n(]*?)\b{name}\(([^)]*)\)\s*\{{", text, re.M)
+            if found is None:
+                raise RuntimeError(f"{p.name}: no definition of {fn} to declare for the binding")
+            params = " ".join(found[2].split())
+            declared.append(f"namespace {space} {{ {found[1].strip()} {name}({params}); }}\n")
+    return ("#include <ATen/core/Tensor.h>\n#include <optional>\n#include <vector>\n"
+            "namespace backprop_cpp { using Tensors = std::vector<at::Tensor>; }  // common.h's\n"
+            + "".join(declared) + f'#include "{HERE / "binding.h"}"\n' + module_source())
 
 
 def library_path(directory: Path) -> Path:
@@ -110,46 +134,63 @@ def library_path(directory: Path) -> Path:
     h = hashlib.sha256(torch.__version__.encode())
     for p in sources():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
-    h.update(repr(compile_command(Path("unity.cpp"), Path("out.so"))).encode() + module_source().encode())
+    commands = compile_command(Path("a.cpp"), Path("a.o"), python=True), link_command([Path("a.o")], Path("a"))
+    h.update(repr(commands).encode() + binding_source().encode())
     h.update(machine_key().encode())
     return directory / f"kernels-{h.hexdigest()[:24]}.so"
 
 
 def build(path: Path) -> None:
-    """Compile every .cpp file here as one translation unit into path: under a temporary name,
-    renamed into place after its digest record, so a concurrent process never loads half a file.
-    A compiler without OpenMP (no libgomp development files, or clang as g++) fails on -fopenmp, a
-    Python without its headers (Python.h) fails the binding: then again without either, then
-    without both, so that every op keeps its C++ and only the threaded loops (at::parallel_for) run
-    on one thread, or the calls go through torch.ops, after a warning that quotes g++."""
+    """Compile the ops (every .cpp file here, one translation unit) and the Python binding (its own
+    unit), side by side, and link them into path: under a temporary name, renamed into place after
+    its digest record, so a concurrent process never loads half a file. A compiler without OpenMP
+    (no libgomp development files, or clang as g++) fails on -fopenmp: the ops again without it. A
+    Python without its headers (Python.h) fails the binding: the library without it. Each after a
+    warning that quotes g++: then only the threaded loops (at::parallel_for) run on one thread, or
+    the calls go through torch.ops; every op keeps its C++."""
     from backprop.makemore.aot import _digest, _record
 
     tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
-    unity = path.with_suffix(f".{os.getpid()}.cpp")
-    failed: dict[tuple[bool, bool], subprocess.CompletedProcess] = {}  # (openmp, binding): g++'s answer
+    ops, binding = (path.with_suffix(f".{os.getpid()}.{unit}.cpp") for unit in ("ops", "binding"))
+    ops_o, binding_o = ops.with_suffix(".o"), binding.with_suffix(".o")
+
+    def g(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+    def compile_ops() -> tuple[bool, list[subprocess.CompletedProcess]]:  # (openmp, g++'s answers)
+        answers = [g(compile_command(ops, ops_o, openmp=True))]
+        if answers[0].returncode != 0:
+            answers.append(g(compile_command(ops, ops_o, openmp=False)))
+        return len(answers) == 1, answers
+
     try:
-        for openmp, binding in ((True, True), (False, True), (True, False), (False, False)):
-            unity.write_text(unity_source(binding))
-            done = subprocess.run(compile_command(unity, tmp, openmp, binding), capture_output=True, text=True,
-                                  timeout=600)
-            if done.returncode == 0:
-                break
-            failed[openmp, binding] = done
-        else:  # not OpenMP's fault nor the binding's: the first error is the one to read
-            first = failed[True, True]
+        ops.write_text(unity_source())
+        binding.write_text(binding_source())
+        with ThreadPoolExecutor(2) as pool:  # two g++ at once: the binding's headers beside the ops
+            bound = pool.submit(g, compile_command(binding, binding_o, openmp=False, python=True))
+            openmp, answers = compile_ops()
+            bound = bound.result()
+        if answers[-1].returncode != 0:  # not OpenMP's fault: the first error is the one to read
+            first = answers[0]
             raise RuntimeError(f"g++ failed (exit {first.returncode}): {first.stderr.strip()[-2000:]}")
         if not openmp:
-            _say(f"g++ -fopenmp failed ({failed[True, binding].stderr.strip()[-300:]}); built without OpenMP: "
+            _say(f"g++ -fopenmp failed ({answers[0].stderr.strip()[-300:]}); built without OpenMP: "
                  "the threaded loops (batch_norm's) run on one thread")
-        if not binding:
-            _say(f"the Python binding did not build ({failed[openmp, True].stderr.strip()[-300:]}); built "
+        if bound.returncode == 0:
+            bound = g(link_command([ops_o, binding_o], tmp, openmp, binding=True))
+        if bound.returncode != 0:
+            linked = g(link_command([ops_o], tmp, openmp, binding=False))
+            if linked.returncode != 0:
+                raise RuntimeError(f"g++ failed to link (exit {linked.returncode}): "
+                                   f"{linked.stderr.strip()[-2000:]}")
+            _say(f"the Python binding did not build ({bound.stderr.strip()[-300:]}); built "
                  "without it: the calls go through torch.ops (~1 us more each at the notebook's scale)")
         record = _record(tmp)
         record.write_text(_digest(tmp) + "\n")
         os.replace(record, _record(path))
         os.replace(tmp, path)
     finally:
-        for p in (tmp, _record(tmp), unity):
+        for p in (tmp, _record(tmp), ops, binding, ops_o, binding_o):
             p.unlink(missing_ok=True)
 
 
@@ -226,7 +267,7 @@ def _load_or_build(path: Path, directory: Path, persistent: bool) -> Kernels:
             where = f"moved it to {aside}" if aside else "its digest record was there, the library not"
             _say(f"loading the cached kernels {path} failed ({e}); {where}; rebuilding")
     where = f"cached in {directory}" if persistent else f"in {directory}, for this run only"
-    _say(f"building the C++ kernels (once; {where}): ~45 s")
+    _say(f"building the C++ kernels (once; {where}): ~30 s")
     build(path)
     return Kernels(getattr(torch.ops, NAMESPACE), load(path))
 

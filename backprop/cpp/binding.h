@@ -1,5 +1,6 @@
-// The Python binding of the kernels: backprop/cpp/__init__.py (module_source) generates a module that
-// includes this after every op's .cpp file, with one bind<&fn>(m, "name") per m.impl("name", fn) line.
+// The Python binding of the kernels: backprop/cpp/__init__.py (binding_source) generates a translation
+// unit of its own, compiled beside the ops': each bound function declared as its .cpp file defines it,
+// then this, then the module, with one bind<&fn>(m, "name") per m.impl("name", fn) line.
 //
 // Why: at the notebook's scale a call through torch.ops (its schema parse of the arguments, the
 // dispatcher, the boxed stack) costs ~1 us more than the C++ function it ends in. The bound function
