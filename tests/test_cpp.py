@@ -556,20 +556,18 @@ def _unit(cmd: list[str]) -> str:
             "binding" if cmd[cmd.index("-c") + 1].endswith(".binding.cpp") else "?")
 
 
-@pytest.mark.parametrize("openmp_works", [True, False])
-def test_a_compiler_without_openmp_still_builds_every_op(tmp_path, monkeypatch, openmp_works):
-    """One translation unit for the ops: a g++ that refuses -fopenmp (no libgomp development files,
-    clang as g++) failed the whole build, and all four ops ran eager. It compiles them again without
-    -fopenmp, after a warning, and links without it; with a working -fopenmp, one compile and no
-    warning. The binding's unit (compiled beside it) needs no OpenMP."""
+def _fake_build(tmp_path, monkeypatch, fails):
+    """cpp.build with g++ stood in for: fails(cmd) is the stderr of a call that fails, or None (the
+    call writes its output). The library must come out with its digest record; returns (the g++
+    commands, the warnings said)."""
     from backprop.makemore.aot import _record
 
     commands = []
 
     def run(cmd, **kwargs):
         commands.append(cmd)
-        if "-fopenmp" in cmd and not openmp_works:
-            return subprocess.CompletedProcess(cmd, 1, "", "g++: error: unrecognized option '-fopenmp'")
+        if (stderr := fails(cmd)) is not None:
+            return subprocess.CompletedProcess(cmd, 1, "", stderr)
         Path(cmd[cmd.index("-o") + 1]).write_bytes(b"a library")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
@@ -579,12 +577,25 @@ def test_a_compiler_without_openmp_still_builds_every_op(tmp_path, monkeypatch, 
         warnings.simplefilter("always")
         cpp.build(lib)
     assert lib.read_bytes() == b"a library" and _record(lib).exists()
+    return commands, [str(w.message) for w in seen]
+
+
+NO_OPENMP = "g++: error: unrecognized option '-fopenmp'"
+
+
+@pytest.mark.parametrize("openmp_works", [True, False])
+def test_a_compiler_without_openmp_still_builds_every_op(tmp_path, monkeypatch, openmp_works):
+    """One translation unit for the ops: a g++ that refuses -fopenmp (no libgomp development files,
+    clang as g++) failed the whole build, and all four ops ran eager. It compiles them again without
+    -fopenmp, after a warning, and links without it; with a working -fopenmp, one compile and no
+    warning. The binding's unit (compiled beside it) needs no OpenMP."""
+    commands, said = _fake_build(tmp_path, monkeypatch,
+                                 lambda cmd: NO_OPENMP if "-fopenmp" in cmd and not openmp_works else None)
     ops = [c for c in commands if _unit(c) == "ops"]
     assert [("-fopenmp" in c) for c in ops] == ([True] if openmp_works else [True, False])
     assert [("-fopenmp" in c) for c in commands if _unit(c) == "binding"] == [False]
     link = commands[-1]
     assert _unit(link) == "link" and ("-fopenmp" in link) == openmp_works and "-ltorch_python" in link
-    said = [str(w.message) for w in seen]
     assert said == ([] if openmp_works else [said[0]])
     assert openmp_works or "built without OpenMP" in said[0] and "-fopenmp" in said[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-x.sha256", "kernels-x.so"]  # no sources left
@@ -1071,31 +1082,18 @@ def test_a_python_without_its_headers_builds_the_library_without_its_binding(tmp
     """The binding's unit fails to compile (no Python.h): the library is linked without it (no
     libtorch_python), after a warning that quotes g++, and every op keeps its C++ through torch.ops;
     with a g++ that refuses -fopenmp too, the ops without it, after both warnings."""
-    from backprop.makemore.aot import _record
-
-    built = []
-
-    def run(cmd, **kwargs):
-        unit = _unit(cmd)
-        built.append((unit, "-fopenmp" in cmd, "-ltorch_python" in cmd, any(a.endswith(".binding.o") for a in cmd)))
-        if unit == "binding":
+    def fails(cmd):
+        if _unit(cmd) == "binding":
             assert "PYBIND11_MODULE" in Path(cmd[cmd.index("-c") + 1]).read_text()
-            return subprocess.CompletedProcess(cmd, 1, "", "binding.h: fatal error: Python.h: No such file")
-        if "-fopenmp" in cmd and not openmp_works:
-            return subprocess.CompletedProcess(cmd, 1, "", "g++: error: unrecognized option '-fopenmp'")
-        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"a library")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+            return "binding.h: fatal error: Python.h: No such file"
+        return NO_OPENMP if "-fopenmp" in cmd and not openmp_works else None
 
-    monkeypatch.setattr(cpp.subprocess, "run", run)
-    lib = tmp_path / "kernels-x.so"
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        cpp.build(lib)
-    assert lib.read_bytes() == b"a library" and _record(lib).exists()
+    commands, said = _fake_build(tmp_path, monkeypatch, fails)
+    built = [(_unit(c), "-fopenmp" in c, "-ltorch_python" in c, any(a.endswith(".binding.o") for a in c))
+             for c in commands]
     ops = [("ops", True, False, False)] + ([] if openmp_works else [("ops", False, False, False)])
     assert sorted(b for b in built if b[0] != "link") == sorted([("binding", False, False, True), *ops])
     assert [b for b in built if b[0] == "link"] == [("link", openmp_works, False, False)]
-    said = [str(w.message) for w in seen]
     assert len(said) == (1 if openmp_works else 2)
     assert openmp_works or "built without OpenMP" in said[0]
     assert "the Python binding did not build (binding.h: fatal error: Python.h" in said[-1]
