@@ -89,11 +89,13 @@ def sources() -> list[Path]:
     return sorted([*HERE.glob("*.h"), *HERE.glob("*.cpp")])
 
 
+_IMPL = re.compile(r'm\.impl\("(\w+)",\s*([\w:]+)\);')  # a TORCH_LIBRARY_IMPL line: (op name, C++ function)
+
+
 def bindings() -> list[tuple[str, str]]:
     """(op name, C++ function) of every m.impl line of the .cpp files: what TORCH_LIBRARY_IMPL
     registers is what the module binds (tests/test_cpp.py checks that every op of torch.ops is bound)."""
-    return [found for p in sources() if p.suffix == ".cpp"
-            for found in re.findall(r'm\.impl\("(\w+)",\s*([\w:]+)\);', p.read_text())]
+    return [found for p in sources() if p.suffix == ".cpp" for found in _IMPL.findall(p.read_text())]
 
 
 def module_source() -> str:
@@ -113,9 +115,9 @@ def binding_source() -> str:
     drifted from its definition leaves a symbol undefined, and the library fails to load), then
     binding.h and the module."""
     declared = []
-    for p in sources():
-        text = p.read_text() if p.suffix == ".cpp" else ""
-        for _, fn in re.findall(r'm\.impl\("(\w+)",\s*([\w:]+)\);', text):
+    for p in (p for p in sources() if p.suffix == ".cpp"):
+        text = p.read_text()
+        for _, fn in _IMPL.findall(text):
             space, _, name = fn.rpartition("::")
             found = re.search(rf"^([^\n(]*?)\b{name}\(([^)]*)\)\s*\{{", text, re.M)
             if found is None:
