@@ -16,10 +16,11 @@ fresh write into the forward: its floor is exp_fresh alone. Prints autograd / fl
 
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+from backprop.bench import PairedRunner
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 N, C = 2048, 32768
@@ -48,17 +49,11 @@ def exps():
     return small_out
 
 
-contenders = {"autograd": autograd, "exp_fresh": exp_fresh, "read": read, "exps": exps}
-times = {k: [] for k in contenders}
-for f in contenders.values():
-    f()
+runner = PairedRunner({"autograd": autograd, "exp_fresh": exp_fresh, "read": read, "exps": exps})
+runner.warm_up()
 for _ in range(11):
-    for k, f in contenders.items():
-        t = time.perf_counter()
-        out = f()
-        times[k].append(time.perf_counter() - t)
-        del out
-m = {k: statistics.median(v) for k, v in times.items()}
+    runner.round()  # each contender once, in a shuffled order
+m = {k: statistics.median(v) for k, v in runner.times.items()}
 floor, cached = m["exp_fresh"] + max(m["read"], m["exps"]), m["exp_fresh"]
 print(f"threads {torch.get_num_threads()}, medians of 11 interleaved rounds: "
       + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in m.items()))

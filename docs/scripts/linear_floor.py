@@ -21,12 +21,12 @@ floor's matmul rate in GFLOP/s.
 
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import backprop
+from backprop.bench import PairedRunner
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 11
@@ -62,16 +62,11 @@ contenders = {
             "autograd": lambda: torch.autograd.grad(kept, leaves, dout, retain_graph=True)},
 }
 for mode, fns in contenders.items():
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
+    runner = PairedRunner(fns)
+    runner.warm_up()
     for _ in range(ROUNDS):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            out = f()
-            times[k].append(time.perf_counter() - t)
-            del out
-    m = {k: statistics.median(v) for k, v in times.items()}
+        runner.round()  # each contender once, in a shuffled order
+    m = {k: statistics.median(v) for k, v in runner.times.items()}
     flops = (3 if mode == "fwd+bwd" else 2) * 2 * N * D * H
     print(f"{mode}, threads {torch.get_num_threads()}, medians of {ROUNDS} interleaved rounds: "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in m.items())
