@@ -322,10 +322,13 @@ def test_resident_peak_sees_what_is_alive_at_once():
         del a
         return b, torch.ones(8 << 20)
 
-    resident = bench.resident_peak_bytes(step)
-    if resident is None:
+    if bench.resident_peak_bytes(step) is None:
         pytest.skip("no /proc/self/clear_refs or glibc here: the profiler measures")
+    # the least of three: the high-water mark is the process's, and another of its threads (the
+    # session's kernel loader, for one) may allocate during a call (a CI run read 128 MiB once)
+    resident = min(bench.resident_peak_bytes(step) for _ in range(3))
     assert abs(resident - 96 * 2**20) < 2**20 and bench.resident_peaks_readable()
     assert abs(resident - bench.cpu_peak_bytes(step)) < 2**20
     step()  # freed heap pages from earlier calls are given back before the next measurement
-    assert abs(bench.resident_peak_bytes(lambda: torch.ones(4 << 20)) - 16 * 2**20) < 2**20
+    small = min(bench.resident_peak_bytes(lambda: torch.ones(4 << 20)) for _ in range(3))
+    assert abs(small - 16 * 2**20) < 2**20
