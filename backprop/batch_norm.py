@@ -38,13 +38,17 @@ class Args(NamedTuple):
 
 
 class Cache(NamedTuple):
-    xhat: torch.Tensor  # (N, C, *) normalised input: one buffer, saves recomputing it in backward
+    # no x-hat: backward recomputes it from x (``normalised``; torch's kernel saves x, mean, 1/std too):
+    # the forward writes out alone, and the cache holds nothing of x's size but the caller's x
+    x: torch.Tensor  # (N, C, *) the caller's input, kept without a copy
+    mean: torch.Tensor  # (C,) the mean x is centred on: the batch's (training) or running_mean (eval)
+    mean_rest: torch.Tensor | None  # (C,) what mean's rounding left out (training), subtracted second; None: 0
     rstd: torch.Tensor  # (C,) 1 / sqrt(var + eps), var the batch's (training) or running_var (eval)
     weight: torch.Tensor | None  # (C,)
     has_bias: bool
     correction: int
-    dtype: torch.dtype  # of x and out; xhat and rstd (ours, never the caller's) in the accumulation dtype
-    versions: tuple[int | None, ...] = ()  # of weight (None if absent) at forward; () for a cache built by hand
+    dtype: torch.dtype  # of x and out; mean, mean_rest and rstd (ours, new tensors) in the accumulation dtype
+    versions: tuple[int | None, ...] = ()  # of x and weight (None if absent) at forward; () when built by hand
     training: bool = True  # False: the statistics are constants, backward is the affine one
     # training with running statistics: the updated ones (ours, new tensors), else None
     updated_mean: torch.Tensor | None = None  # (C,) (1 - m) running_mean + m mean
@@ -58,7 +62,7 @@ class RunningStats(NamedTuple):
     num_batches_tracked: int
 
 
-VERSIONED = ("weight",)  # the caller's tensor, kept without a copy: backward refuses it edited
+VERSIONED = ("x", "weight")  # the caller's tensors, kept without a copy: backward refuses them edited
 
 
 def updated_stats(cache: Cache) -> RunningStats | None:
@@ -214,31 +218,42 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         xc = xa - _per_channel(mean, nd)  # (N, C, *)
         # second pass: the mean of xc is the rounding error of the first mean (large at a large
         # offset, e.g. x ~ 50 +- 0.01); removing it centres x almost exactly (corrected two-pass).
-        # sum((xc - mean2)**2) = sum(xc**2) - n mean2**2: both sums in that one pass over xc
-        mean2 = _channel_sum(xc, dims, mean=True)  # (C,)
-        var_sum = _channel_sum(xc * xc, dims).addcmul_(mean2, mean2, value=-n)  # (C,)
-        xc -= _per_channel(mean2, nd)
+        # sum((xc - mean_rest)**2) = sum(xc**2) - n mean_rest**2: both sums in that one pass over xc
+        mean_rest = _channel_sum(xc, dims, mean=True)  # (C,)
+        var_sum = _channel_sum(xc * xc, dims).addcmul_(mean_rest, mean_rest, value=-n)  # (C,)
+        xc -= _per_channel(mean_rest, nd)
         rstd = (var_sum / (n - correction)).add_(eps).rsqrt_()  # (C,) 1/sqrt(var + eps)
         if a.running_mean is not None:
-            updated = _updated_stats(a, mean + mean2, var_sum, n)
+            updated = _updated_stats(a, mean + mean_rest, var_sum, n)
     else:
         rstd = (_check.cast(a.running_var, acc) + eps).rsqrt_()  # (C,) a new tensor: ours
-        xc = xa - _per_channel(_check.cast(a.running_mean, acc), nd)  # (N, C, *)
+        mean, mean_rest = _check.cast(a.running_mean, acc).clone(), None  # ours: the caller may update theirs
+        xc = xa - _per_channel(mean, nd)  # (N, C, *)
     xhat = xc.mul_(_per_channel(rstd, nd))  # (N, C, *), in place: xc is ours
     w = _per_channel(_check.cast(weight, acc), nd) if weight is not None else None
     b = _per_channel(_check.cast(bias, acc), nd) if bias is not None else None
     if w is not None and b is not None:
         out = torch.addcmul(b, xhat, w)  # bias + xhat * weight
     elif w is not None:
-        out = xhat * w
+        out = xhat.mul_(w)
     elif b is not None:
-        out = xhat + b
+        out = xhat.add_(b)
     else:
-        out = xhat.clone()  # never alias the cache
+        out = xhat
     if x is not a.x:  # an empty 1-D x, read as (0, 0): back to its own shape
-        out, xhat = out.reshape(a.x.shape), xhat.reshape(a.x.shape)
-    return _check.cast(out, x.dtype), Cache(xhat, rstd, weight, bias is not None, correction, x.dtype,
-                                            _check.versions(weight), a.training, *updated)
+        out = out.reshape(a.x.shape)
+    return _check.cast(out, x.dtype), Cache(a.x, mean, mean_rest, rstd, weight, bias is not None, correction,
+                                            x.dtype, _check.versions(a.x, weight), a.training, *updated)
+
+
+def normalised(cache: Cache) -> torch.Tensor:
+    """The normalised input, (N, C, *) in the accumulation dtype, recomputed from the cache with the
+    forward's own operations (so the forward's bits): ((x - mean) - mean_rest) * rstd."""
+    x = _as_nc(cache.x)
+    xc = _check.cast(x, cache.rstd.dtype) - _per_channel(cache.mean, nd := x.ndim)
+    if cache.mean_rest is not None:
+        xc -= _per_channel(cache.mean_rest, nd)
+    return xc.mul_(_per_channel(cache.rstd, nd))
 
 
 def _updated_stats(a: Args, mean: torch.Tensor, var_sum: torch.Tensor, n: int) -> tuple:
@@ -255,9 +270,7 @@ def _updated_stats(a: Args, mean: torch.Tensor, var_sum: torch.Tensor, n: int) -
 
 
 @_check.no_autograd
-def backward(
-    dout: torch.Tensor, cache: Cache
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def backward(dout: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """With d = n - correction and sums per channel over its n values:
     dbias = sum(dout),   dweight = sum(dout * xhat)
     training: dx = weight * rstd * (dout - dbias / n - xhat * dweight / d)
@@ -271,16 +284,15 @@ def backward(
 def check_backward(dout: torch.Tensor, cache: Cache) -> None:
     _check.cache(cache, Cache, "batch_norm")
     _check.unmodified(cache, VERSIONED)
-    _check.dout(dout, cache.xhat.shape, cache.dtype, cache.xhat.device)
+    _check.dout(dout, cache.x.shape, cache.dtype, cache.x.device)
 
 
 def backward_math(
     dout: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    xhat, rstd, weight = _as_nc(cache.xhat), cache.rstd, cache.weight
+    xhat, rstd, weight = normalised(cache), cache.rstd, cache.weight
     correction, dtype = cache.correction, cache.dtype
-    n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
-    acc = xhat.dtype
+    n, dims, nd, acc = _count(xhat), _dims(xhat.ndim), xhat.ndim, xhat.dtype
     dy = _check.cast(_as_nc(dout), acc)  # (N, C, *)
     dbias = _channel_sum(dy, dims)  # (C,)
     dweight = _channel_sum(dy * xhat, dims)  # (C,)
@@ -311,11 +323,10 @@ def jvp(
     """
     t_x, t_w, t_b = (tuple(tangents) + (None, None))[:3]
     # by name: a field added to Cache leaves this rule as it is
-    shape = cache.xhat.shape
-    xhat, rstd, weight = _as_nc(cache.xhat), cache.rstd, cache.weight
+    shape = cache.x.shape
+    xhat, rstd, weight = normalised(cache), cache.rstd, cache.weight
     correction, dtype = cache.correction, cache.dtype
-    n, dims, nd = _count(xhat), _dims(xhat.ndim), xhat.ndim
-    acc = xhat.dtype
+    n, dims, nd, acc = _count(xhat), _dims(xhat.ndim), xhat.ndim, xhat.dtype
     t_x = None if t_x is None else _as_nc(t_x)
     t_out = None
     if t_x is not None:

@@ -57,7 +57,7 @@ def test_notebook_fused_backward(device):
     dout = torch.randn(n, 64, dtype=torch.float64, device=device)
     _, cache = batch_norm.forward(x, w, None, correction=1)
     dx, _, _ = batch_norm.backward(dout, cache)
-    xhat, rstd = cache.xhat, cache.rstd
+    xhat, rstd = batch_norm.normalised(cache), cache.rstd
     expected = w * rstd / n * (n * dout - dout.sum(0) - n / (n - 1) * xhat * (dout * xhat).sum(0))
     torch.testing.assert_close(dx, expected)
 
@@ -252,3 +252,25 @@ def test_blocked_channel_sums(correction):
         out, cache = op.forward(x, w, b, correction=correction)
         for got, want in zip((out, *op.backward(dout, cache)), ref):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["eager", "cpp"])
+@pytest.mark.parametrize("shape, options", [((64, 16), {}), ((4, 3, 5, 2), {"correction": 1}),
+                                            ((8, 3), {"training": False})])
+def test_the_cache_keeps_x_and_per_channel_values_only(path, shape, options):
+    """backward recomputes x-hat from the caller's x, as torch's kernel does: the cache holds x
+    itself (not a copy) and (C,) values, nothing else of x's size; and the recomputed x-hat is the
+    forward's, bit for bit (out = x-hat without weight and bias)."""
+    from backprop import cpp
+
+    op = cpp.batch_norm if path == "cpp" else batch_norm
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g) * 3 + 50
+    C = shape[1]
+    if not options.get("training", True):
+        options = {**options, "running_mean": torch.randn(C, generator=g) + 50, "running_var": torch.rand(C) + 1}
+    out, cache = op.forward(x, **options)
+    assert cache.x is x
+    big = [f for f, v in zip(cache._fields, cache) if isinstance(v, torch.Tensor) and v.numel() > C and f != "x"]
+    assert big == [], f"cache fields of x's size besides x: {big}"
+    assert torch.equal(batch_norm.normalised(cache), out)

@@ -351,9 +351,12 @@ def test_batch_norm_threads_give_the_same_results(shape, mode, dtype, monkeypatc
     for field, a, e in zip(cache._fields, cache_c, cache, strict=True):
         if isinstance(e, torch.Tensor) and field != "weight":
             torch.testing.assert_close(a, e.to(dtype), msg=lambda m, f=field: f"cache.{f}: {m}")
-    # the backward of the C++ cache's own xhat and rstd, in float64
-    wide_cache = cache_c._replace(xhat=cache_c.xhat.double(), rstd=cache_c.rstd.double(), weight=w.double(),
-                                  dtype=torch.float64, versions=())
+    # the backward of the C++ cache's own x-hat (recomputed in x's dtype, as the C++ does) and rstd, in
+    # float64: x = x-hat, mean 0, rstd 1 and the weight w rstd give the same sums and dx = w rstd (...)
+    xhat = backprop.batch_norm.normalised(cache_c).double()
+    wide_cache = cache_c._replace(x=xhat, mean=torch.zeros(C, dtype=torch.float64), mean_rest=None,
+                                  rstd=torch.ones(C, dtype=torch.float64),
+                                  weight=w.double() * cache_c.rstd.double(), dtype=torch.float64, versions=())
     grads = backprop.batch_norm.backward(dout.double(), wide_cache)
     for g_c, g_e in zip(found[0][-3:], grads, strict=True):
         torch.testing.assert_close(g_c, g_e.to(dtype))

@@ -34,6 +34,7 @@ KEPT = {
     "logsumexp x": (logsumexp, lambda: (_randn(3, 4),), {"dim": 1}, 0),
     "linear x": (linear, lambda: (_randn(3, 4), _randn(2, 4), _randn(2)), {}, 0),
     "linear weight": (linear, lambda: (_randn(3, 4), _randn(2, 4), _randn(2)), {}, 1),
+    "batch_norm x": (batch_norm, lambda: (_randn(5, 3), _randn(3), _randn(3)), {}, 0),
     "batch_norm weight": (batch_norm, lambda: (_randn(5, 3), _randn(3), _randn(3)), {}, 1),
     "embedding indices": (embedding, lambda: (torch.tensor([[0, 2], [1, 1]]), _randn(3, 2)), {}, 0),
     "linear_cross_entropy x": (linear_cross_entropy, lambda: (_randn(3, 4), _randn(5, 4), torch.tensor([0, 4, 1])),

@@ -13,7 +13,7 @@
 //   mean and S / (n - 1) for the variance (unbiased, whatever correction is, as torch keeps it),
 //   m = momentum or, for momentum None, 1 / (num_batches_tracked + 1)
 //
-//   backward, g = dout:  dbias = sum(g),  dweight = sum(g xhat)
+//   backward, g = dout, xhat recomputed:  dbias = sum(g),  dweight = sum(g xhat)
 //   training: d var / d x_i = 2 (x_i - mu) / d and d rstd = -rstd^3 d var / 2, so
 //             dx = w rstd (g - dbias / n - xhat dweight / d)   (the mean's path, the variance's)
 //   eval:     dx = w rstd g   (the statistics are constants)
@@ -22,6 +22,8 @@
 // from per-channel coefficients rounded once: mu = hi + lo (hi = mu rounded, lo the rest),
 // xhat = ((x - hi) - lo) rstd (x - hi exact near the mean), out = xhat w + b; dx = k (g - (a + xhat v))
 // with k = w rstd, a = dbias / n, v = dweight / d.
+// xhat is recomputed in the backward with the forward's operations (the same bits), as torch's kernel
+// does: the forward writes out alone (3 n values moved, not 4 n) and nothing of x's size is kept.
 // Two layouts, each a pass for the sums and a pass for the elementwise maths, on torch's threads
 // (at::parallel_for), split so that the results are the same at any thread count:
 //   planes (L > 1): threads split the channels; a channel's sums, then its elementwise pass while its
@@ -44,62 +46,64 @@ namespace backprop_cpp::batch_norm {
 
 constexpr int64_t kRows = 4, kBlock = 1 << 18, kMaxBlocks = 64;
 
-// s1 += sum(u - k), s2 += sum((u - k) (v - k)) over a run of L values, the sums split across the
-// vector unit's lanes (omp simd: g++ vectorises the reduction, lanes added at the end)
-template <typename T>
-inline void run_sums(const T* u, const T* v, double k, int64_t L, double& s1, double& s2) {
-  double a = 0, q = 0;
-#pragma omp simd reduction(+ : a, q)
+// s1 += sum(a(l)), s2 += sum(a(l) b(l)) over a run of L values, the sums split across the vector
+// unit's lanes (omp simd: g++ vectorises the reduction, lanes added at the end)
+template <typename A, typename B>
+inline void run_sums(const A& a, const B& b, int64_t L, double& s1, double& s2) {
+  double p = 0, q = 0;
+#pragma omp simd reduction(+ : p, q)
   for (int64_t l = 0; l < L; ++l) {
-    const double d = u[l] - k;
-    a += d;
-    q += d * (v[l] - k);
+    const double d = a(l);
+    p += d;
+    q += d * b(l);
   }
-  s1 += a, s2 += q;
+  s1 += p, s2 += q;
 }
 
-// s1[c] += u[c] - k[c], s2[c] += (u[c] - k[c]) (v[c] - k[c]) for each channel c of R rows (C apart),
-// a channel's running sums kept in registers across the R rows (read and written once, not R times)
-template <int64_t R, typename T>
-inline void row_sums(const T* __restrict__ u, const T* __restrict__ v, const double* __restrict__ k, int64_t C,
-                     double* __restrict__ s1, double* __restrict__ s2) {
+// s1[c] += a(i, c), s2[c] += a(i, c) b(i, c) for each channel c of R rows i (C apart), a channel's
+// running sums kept in registers across the R rows (read and written once, not R times)
+template <int64_t R, typename A, typename B>
+inline void row_sums(const A& a, const B& b, int64_t C, double* __restrict__ s1, double* __restrict__ s2) {
   for (int64_t c = 0; c < C; ++c) {
-    double a = s1[c], q = s2[c];
+    double p = s1[c], q = s2[c];
     for (int64_t i = 0; i < R; ++i) {
-      const double d = u[i * C + c] - k[c];
-      a += d;
-      q += d * (v[i * C + c] - k[c]);
+      const double d = a(i, c);
+      p += d;
+      q += d * b(i, c);
     }
-    s1[c] = a, s2[c] = q;
+    s1[c] = p, s2[c] = q;
   }
 }
+
+// xhat in T, the forward's and the backward's: ((x - hi) - lo) r (x - hi exact near the mean)
+template <typename T>
+inline T normal(T x, T hi, T lo, T r) { return ((x - hi) - lo) * r; }
 
 // one row of the forward's elementwise pass: h = ((x - hi) - lo) r, o = h w + b, per channel c
 template <typename T>
 inline void normalise_row(const T* __restrict__ x, const T* __restrict__ hi, const T* __restrict__ lo,
                           const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ b, int64_t C,
-                          T* __restrict__ h, T* __restrict__ o) {
-  for (int64_t c = 0; c < C; ++c) {
-    h[c] = ((x[c] - hi[c]) - lo[c]) * r[c];
-    o[c] = h[c] * w[c] + b[c];
-  }
+                          T* __restrict__ o) {
+  for (int64_t c = 0; c < C; ++c) o[c] = normal(x[c], hi[c], lo[c], r[c]) * w[c] + b[c];
 }
 
-// one row of the backward's: dx = k (g - (a + h v)) (training), k g (eval), per channel c
+// one row of the backward's: dx = k (g - (a + xhat v)) (training), k g (eval), per channel c
 template <typename T>
-inline void dx_row(const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ k, const T* __restrict__ a,
-                   const T* __restrict__ v, int64_t C, bool training, T* __restrict__ dx) {
+inline void dx_row(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ hi, const T* __restrict__ lo,
+                   const T* __restrict__ r, const T* __restrict__ k, const T* __restrict__ a, const T* __restrict__ v,
+                   int64_t C, bool training, T* __restrict__ dx) {
   if (training)
-    for (int64_t c = 0; c < C; ++c) dx[c] = k[c] * (g[c] - (a[c] + h[c] * v[c]));
+    for (int64_t c = 0; c < C; ++c) dx[c] = k[c] * (g[c] - (a[c] + normal(x[c], hi[c], lo[c], r[c]) * v[c]));
   else
     for (int64_t c = 0; c < C; ++c) dx[c] = k[c] * g[c];
 }
 
-// (N, C): per-channel s1, s2 over all rows (u and v rows C apart), from partial sums per block of
-// B rows (one task each), added in block order; at most kMaxBlocks blocks, so that the partial sums
-// stay small beside x when C is large (one row a block would hold 4x a float32 x)
-template <typename T>
-void column_sums(const T* u, const T* v, const double* k, int64_t N, int64_t C, double* s1, double* s2) {
+// (N, C): per-channel s1, s2 over all rows, rows(R, i, p1, p2) adding rows [i, i + R) into partial
+// sums p1, p2, one set per block of B rows (one task each), added in block order; at most kMaxBlocks
+// blocks, so that the partial sums stay small beside x when C is large (one row a block would hold 4x
+// a float32 x)
+template <typename F>
+void column_sums(const F& rows, int64_t N, int64_t C, double* s1, double* s2) {
   const int64_t B = std::max({int64_t(1), kBlock / C, (N + kMaxBlocks - 1) / kMaxBlocks}), blocks = (N + B - 1) / B;
   std::vector<double> part(2 * blocks * C, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -107,8 +111,8 @@ void column_sums(const T* u, const T* v, const double* k, int64_t N, int64_t C, 
       double *p1 = &part[2 * blk * C], *p2 = p1 + C;
       int64_t i = blk * B;
       for (const int64_t end = std::min(N, (blk + 1) * B); i + kRows <= end; i += kRows)
-        row_sums<kRows>(u + i * C, v + i * C, k, C, p1, p2);
-      for (; i < std::min(N, (blk + 1) * B); ++i) row_sums<1>(u + i * C, v + i * C, k, C, p1, p2);
+        rows(std::integral_constant<int64_t, kRows>(), i, p1, p2);
+      for (; i < std::min(N, (blk + 1) * B); ++i) rows(std::integral_constant<int64_t, 1>(), i, p1, p2);
     }
   });
   for (int64_t blk = 0; blk < blocks; ++blk)
@@ -137,18 +141,20 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
   const T* __restrict__ px = x.data_ptr<T>();
   std::vector<double> sums(3 * C, 0.0);
   double *__restrict__ s1 = sums.data(), *__restrict__ s2 = s1 + C, *__restrict__ K = s2 + C;
-  std::vector<T> coefs(4 * C);  // mu = hi + lo (hi = mu rounded to T, lo the rest, rounded), w, b
-  T *__restrict__ hi = coefs.data(), *__restrict__ lo = hi + C, *__restrict__ w = lo + C, *__restrict__ b = w + C;
+  std::vector<T> coefs(2 * C);  // w, b
+  T *__restrict__ w = coefs.data(), *__restrict__ b = w + C;
   auto opts = x.options();
-  at::Tensor out = at::empty(x.sizes(), opts), xhat = at::empty(x.sizes(), opts), rstd = at::empty({C}, opts);
-  Tensors result = {out, xhat, rstd};
+  // mu = hi + lo (hi = mu rounded to T, lo the rest, rounded)
+  at::Tensor out = at::empty(x.sizes(), opts), mean = at::empty({C}, opts), rest = at::empty({C}, opts),
+             rstd = at::empty({C}, opts);
+  Tensors result = {out, mean, rest, rstd};
+  T *__restrict__ hi = mean.data_ptr<T>(), *__restrict__ lo = rest.data_ptr<T>();
   const T *rm = running_mean ? running_mean->data_ptr<T>() : nullptr;
   const T *rv = running_var ? running_var->data_ptr<T>() : nullptr;
   T *new_mean = nullptr, *new_var = nullptr, *__restrict__ r = rstd.data_ptr<T>();
   if (training && rm) {
-    result.push_back(at::empty({C}, opts));
-    result.push_back(at::empty({C}, opts));
-    new_mean = result[3].data_ptr<T>(), new_var = result[4].data_ptr<T>();
+    result.insert(result.end(), {at::empty({C}, opts), at::empty({C}, opts)});
+    new_mean = result[4].data_ptr<T>(), new_var = result[5].data_ptr<T>();
   }
   // torch.lerp's formula: the nearer end plus a fraction of the difference
   auto lerp = [momentum](double a, double z) {
@@ -167,8 +173,7 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
     }
     hi[c] = T(mu), lo[c] = T(mu - hi[c]), r[c] = T(1 / std::sqrt(var + eps));
   };
-  const T* pw = weight ? weight->data_ptr<T>() : nullptr;
-  const T* pb = bias ? bias->data_ptr<T>() : nullptr;
+  const T *pw = weight ? weight->data_ptr<T>() : nullptr, *pb = bias ? bias->data_ptr<T>() : nullptr;
   for (int64_t c = 0; c < C; ++c) {
     K[c] = px[c * L];  // the first value of channel c, in row 0
     w[c] = pw ? pw[c] : T(1);  // w xhat + b with 1 and 0 is xhat exactly
@@ -180,16 +185,21 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
   constexpr bool refine = std::is_same_v<T, double>;
   auto recentre = [&](int64_t c) { K[c] += s1[c] / n, s1[c] = 0, s2[c] = 0; };
   // in T, as the eager kernel: xhat = ((x - hi) - lo) rstd (x - hi exact near the mean), out = w xhat + b
-  T *__restrict__ po = out.data_ptr<T>(), *__restrict__ ph = xhat.data_ptr<T>();
+  T* __restrict__ po = out.data_ptr<T>();
+  auto shifted = [&](auto R, int64_t i, double* p1, double* p2) {  // rows [i, i + R): x - K, (x - K)^2
+    const T* u = px + i * C;
+    auto d = [&](int64_t j, int64_t c) { return u[j * C + c] - K[c]; };
+    row_sums<decltype(R)::value>(d, d, C, p1, p2);
+  };
   if (kL == 1) {
-    if (training) column_sums(px, px, K, N, C, s1, s2);
+    if (training) column_sums(shifted, N, C, s1, s2);
     if (training && refine) {
       for (int64_t c = 0; c < C; ++c) recentre(c);
-      column_sums(px, px, K, N, C, s1, s2);
+      column_sums(shifted, N, C, s1, s2);
     }
     for (int64_t c = 0; c < C; ++c) settle(c);
     over_rows(N, C, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0 * C; i < i1 * C; i += C) normalise_row(px + i, hi, lo, r, w, b, C, ph + i, po + i);
+      for (int64_t i = i0 * C; i < i1 * C; i += C) normalise_row(px + i, hi, lo, r, w, b, C, po + i);
     });
   } else {
     over_channels(C, N * L, [&](int64_t c0, int64_t c1) {
@@ -198,17 +208,15 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
           if (pass) recentre(c);
           for (int64_t i = 0; i < N; ++i) {
             const T* p = px + (i * C + c) * L;
-            run_sums(p, p, K[c], L, s1[c], s2[c]);
+            const double k = K[c];
+            auto d = [&](int64_t l) { return p[l] - k; };
+            run_sums(d, d, L, s1[c], s2[c]);
           }
         }
         settle(c);
         const T m1 = hi[c], m2 = lo[c], s = r[c], wc = w[c], bc = b[c];
         for (int64_t i = (c * L); i < N * C * L; i += C * L)  // channel c's runs, still in cache
-          for (int64_t l = i; l < i + L; ++l) {
-            const T h = ((px[l] - m1) - m2) * s;
-            ph[l] = h;
-            po[l] = h * wc + bc;
-          }
+          for (int64_t l = i; l < i + L; ++l) po[l] = normal(px[l], m1, m2, s) * wc + bc;
       }
     });
   }
@@ -248,16 +256,17 @@ Tensors forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight
 }
 
 template <typename T, int64_t kL>
-Tensors backward(const at::Tensor& dout, const at::Tensor& xhat, const at::Tensor& rstd, const at::Tensor* weight,
-                 bool has_bias, int64_t correction, bool training) {
-  const int64_t N = xhat.size(0), C = xhat.size(1), L = kL ? kL : xhat.numel() / (N * C);
+Tensors backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& mean, const at::Tensor* rest,
+                 const at::Tensor& rstd, const at::Tensor* weight, bool has_bias, int64_t correction, bool training) {
+  const int64_t N = x.size(0), C = x.size(1), L = kL ? kL : x.numel() / (N * C);
   const double n = double(N * L);
-  const T *__restrict__ pg = dout.data_ptr<T>(), *__restrict__ ph = xhat.data_ptr<T>();
-  const T *pr = rstd.data_ptr<T>(), *pw = weight ? weight->data_ptr<T>() : nullptr;
-  std::vector<double> sums(3 * C, 0.0);
-  double *__restrict__ db = sums.data(), *__restrict__ dw = db + C, *__restrict__ zero = dw + C;
-  std::vector<T> coefs(3 * C);
-  T *__restrict__ k = coefs.data(), *__restrict__ a = k + C, *__restrict__ v = a + C;
+  const T *__restrict__ pg = dout.data_ptr<T>(), *__restrict__ px = x.data_ptr<T>();
+  const T *hi = mean.data_ptr<T>(), *pr = rstd.data_ptr<T>(), *pw = weight ? weight->data_ptr<T>() : nullptr;
+  std::vector<double> sums(2 * C, 0.0);
+  double *__restrict__ db = sums.data(), *__restrict__ dw = db + C;
+  std::vector<T> coefs(4 * C, T(0));  // lo (0 without mean_rest), k, a, v
+  T *__restrict__ lo = coefs.data(), *__restrict__ k = lo + C, *__restrict__ a = k + C, *__restrict__ v = a + C;
+  if (rest) std::copy_n(rest->data_ptr<T>(), C, lo);
   const bool sum = training || weight || has_bias;
   // channel c's coefficients, from its sums: dx = k (g - (a + xhat v)) in T, as the eager kernel
   // (training); k g (eval)
@@ -266,57 +275,63 @@ Tensors backward(const at::Tensor& dout, const at::Tensor& xhat, const at::Tenso
     a[c] = T(db[c] / n);
     v[c] = T(dw[c] / (n - correction));
   };
-  at::Tensor dx = at::empty(xhat.sizes(), xhat.options());
-  T* __restrict__ px = dx.data_ptr<T>();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  T* __restrict__ pd = dx.data_ptr<T>();
   if (kL == 1) {
-    if (sum) column_sums(pg, ph, zero, N, C, db, dw);  // dbias = sum(g), dweight = sum(g xhat)
+    // dbias = sum(g), dweight = sum(g xhat) over rows [i, i + R)
+    auto grads = [&](auto R, int64_t i, double* p1, double* p2) {
+      const T *g = pg + i * C, *u = px + i * C;
+      auto h = [&](int64_t j, int64_t c) { return double(normal(u[j * C + c], hi[c], lo[c], pr[c])); };
+      row_sums<decltype(R)::value>([&](int64_t j, int64_t c) { return double(g[j * C + c]); }, h, C, p1, p2);
+    };
+    if (sum) column_sums(grads, N, C, db, dw);
     for (int64_t c = 0; c < C; ++c) settle(c);
     over_rows(N, C, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0 * C; i < i1 * C; i += C) dx_row(pg + i, ph + i, k, a, v, C, training, px + i);
+      for (int64_t i = i0 * C; i < i1 * C; i += C) dx_row(pg + i, px + i, hi, lo, pr, k, a, v, C, training, pd + i);
     });
   } else {
     over_channels(C, N * L, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t i = c * L; sum && i < N * C * L; i += C * L) run_sums(pg + i, ph + i, 0.0, L, db[c], dw[c]);
+        const T m1 = hi[c], m2 = lo[c], s = pr[c];
+        for (int64_t i = c * L; sum && i < N * C * L; i += C * L)
+          run_sums([&](int64_t l) { return double(pg[i + l]); },
+                   [&](int64_t l) { return double(normal(px[i + l], m1, m2, s)); }, L, db[c], dw[c]);
         settle(c);
         const T kc = k[c], ac = a[c], vc = v[c];
         for (int64_t i = c * L; i < N * C * L; i += C * L)  // channel c's runs, still in cache
           if (training)
-            for (int64_t l = i; l < i + L; ++l) px[l] = kc * (pg[l] - (ac + ph[l] * vc));
+            for (int64_t l = i; l < i + L; ++l) pd[l] = kc * (pg[l] - (ac + normal(px[l], m1, m2, s) * vc));
           else
-            for (int64_t l = i; l < i + L; ++l) px[l] = kc * pg[l];
+            for (int64_t l = i; l < i + L; ++l) pd[l] = kc * pg[l];
       }
     });
   }
-  at::Tensor dweight, dbias;  // undefined: None in Python
-  if (weight) {
-    dweight = at::empty({C}, xhat.options());
-    T* p = dweight.data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) p[c] = T(dw[c]);
-  }
-  if (has_bias) {
-    dbias = at::empty({C}, xhat.options());
-    T* p = dbias.data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) p[c] = T(db[c]);
-  }
-  return {dx, dweight, dbias};
+  auto rounded = [&](const double* s) {  // (C,) in T
+    at::Tensor t = at::empty({C}, x.options());
+    std::copy_n(s, C, t.data_ptr<T>());
+    return t;
+  };
+  return {dx, weight ? rounded(dw) : at::Tensor(), has_bias ? rounded(db) : at::Tensor()};  // undefined: None
 }
 
-Tensors backward_cpu(const at::Tensor& dout, const at::Tensor& xhat, const at::Tensor& rstd,
+Tensors backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& mean,
+                     const std::optional<at::Tensor>& mean_rest_, const at::Tensor& rstd,
                      const std::optional<at::Tensor>& weight_, bool has_bias, int64_t correction, bool training) {
-  const at::Tensor* weight = given(weight_);
-  if (!raw(xhat) || !real(xhat) || xhat.dim() < 2 || xhat.numel() == 0 || !raw(dout) ||
-      dout.scalar_type() != xhat.scalar_type() || dout.sizes() != xhat.sizes() || correction < 0)
+  const at::Tensor *weight = given(weight_), *rest = given(mean_rest_);
+  if (!raw(x) || !real(x) || x.dim() < 2 || x.numel() == 0 || !raw(dout) || dout.scalar_type() != x.scalar_type() ||
+      dout.sizes() != x.sizes() || correction < 0)
     return {};
-  const int64_t C = xhat.size(1), n = xhat.numel() / C;
-  const auto dtype = xhat.scalar_type();
-  if (!vector_of(&rstd, C, dtype) || !vector_of(weight, C, dtype) || (training && n <= correction)) return {};
-  const bool rows = xhat.dim() == 2;
+  const int64_t C = x.size(1), n = x.numel() / C;
+  const auto dtype = x.scalar_type();
+  if (!vector_of(&mean, C, dtype) || !vector_of(rest, C, dtype) || !vector_of(&rstd, C, dtype) ||
+      !vector_of(weight, C, dtype) || (training && n <= correction))
+    return {};
+  const bool rows = x.dim() == 2;
   if (dtype == at::kFloat)
-    return rows ? backward<float, 1>(dout, xhat, rstd, weight, has_bias, correction, training)
-                : backward<float, 0>(dout, xhat, rstd, weight, has_bias, correction, training);
-  return rows ? backward<double, 1>(dout, xhat, rstd, weight, has_bias, correction, training)
-              : backward<double, 0>(dout, xhat, rstd, weight, has_bias, correction, training);
+    return rows ? backward<float, 1>(dout, x, mean, rest, rstd, weight, has_bias, correction, training)
+                : backward<float, 0>(dout, x, mean, rest, rstd, weight, has_bias, correction, training);
+  return rows ? backward<double, 1>(dout, x, mean, rest, rstd, weight, has_bias, correction, training)
+              : backward<double, 0>(dout, x, mean, rest, rstd, weight, has_bias, correction, training);
 }
 
 }  // namespace backprop_cpp::batch_norm
@@ -324,8 +339,8 @@ Tensors backward_cpu(const at::Tensor& dout, const at::Tensor& xhat, const at::T
 TORCH_LIBRARY_FRAGMENT(backprop_cpp, m) {
   m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
         "bool training, float? momentum, float eps, int correction, int num_batches_tracked) -> Tensor[]");
-  m.def("batch_norm_backward(Tensor dout, Tensor xhat, Tensor rstd, Tensor? weight, bool has_bias, int correction, "
-        "bool training) -> Tensor[]");
+  m.def("batch_norm_backward(Tensor dout, Tensor x, Tensor mean, Tensor? mean_rest, Tensor rstd, Tensor? weight, "
+        "bool has_bias, int correction, bool training) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(backprop_cpp, CompositeImplicitAutograd, m) {

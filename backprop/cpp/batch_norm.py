@@ -17,8 +17,8 @@ from backprop import cpp
 Cache = eager.Cache
 # its loops are written for large shapes too (threaded over channels or row blocks, vectorised, one
 # read of x for the statistics): benchmarks/conftest.py times it there as well (manual-cpp). Measured
-# (docs/benchmarks.md, session 10): ahead of torch's fastest in the backward at 4096x1024 and NCHW
-# 32x64x56x56, at parity for (N, C) fwd+bwd (the cache's x-hat is one more output than aten writes)
+# (docs/benchmarks.md): ahead of torch's fastest in the backward at 4096x1024 and NCHW 32x64x56x56;
+# the forward writes out alone (x-hat is recomputed in the backward, as aten's kernel does)
 LARGE_SHAPES = True
 # the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
@@ -51,11 +51,12 @@ def forward(
         found = run(x, weight, bias, running_mean, running_var, training, momentum, eps, correction,
                     num_batches_tracked)
         if found:  # else not covered, or an error: the eager kernel decides
-            out, xhat, rstd, *updated = found  # updated: training with running statistics, the new ones
+            out, mean, rest, rstd, *updated = found  # updated: training with running statistics, the new ones
             if updated:
                 updated.append(num_batches_tracked + 1)
-            return out, Cache(xhat, rstd, weight, bias is not None, correction, x.dtype,
-                              (None if weight is None else weight._version,), training, *updated)
+            return out, Cache(x, mean, rest if training else None, rstd, weight, bias is not None, correction,
+                              x.dtype, (x._version, None if weight is None else weight._version), training,
+                              *updated)
     return eager.forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
                          training=training, momentum=momentum, eps=eps, correction=correction,
                          num_batches_tracked=num_batches_tracked)
@@ -63,16 +64,18 @@ def forward(
 
 def backward(dout: Tensor, cache: Cache) -> tuple[Tensor, Tensor | None, Tensor | None]:
     run = cpp.op("batch_norm_backward")
-    if (run is not None and type(cache) is Cache and type(dout) is Tensor and type(cache.xhat) is Tensor
+    if (run is not None and type(cache) is Cache and type(dout) is Tensor and type(cache.x) is Tensor
+            and type(cache.mean) is Tensor and (cache.mean_rest is None or type(cache.mean_rest) is Tensor)
             and type(cache.rstd) is Tensor and dout.dtype is cache.dtype
             and type(cache.has_bias) is bool and type(cache.training) is bool
             and type(cache.correction) is int and 0 <= cache.correction < cpp.INT64):
         weight = cache.weight
-        # the eager check_backward's: the weight unedited since forward (a cache built by hand,
+        # the eager check_backward's: x and the weight unedited since forward (a cache built by hand,
         # versions=(), goes there); dout's shape and the cache's tensors in the C++
-        if ((cache.versions == (None,) if weight is None
-             else type(weight) in cpp.TENSORS and cache.versions == (weight._version,)) and cpp.unwrapped()):
-            found = run(dout, cache.xhat, cache.rstd, weight, cache.has_bias, cache.correction, cache.training)
+        if (cache.versions == (cache.x._version, None if weight is None else weight._version)
+                and (weight is None or type(weight) in cpp.TENSORS) and cpp.unwrapped()):
+            found = run(dout, cache.x, cache.mean, cache.mean_rest, cache.rstd, weight, cache.has_bias,
+                        cache.correction, cache.training)
             if found:
                 return found[0], found[1], found[2]
     return eager.backward(dout, cache)

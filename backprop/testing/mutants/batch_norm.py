@@ -10,7 +10,8 @@ from backprop.testing.catalogue import mutant
 
 @torch.no_grad()  # a mutant is caught by its maths, not by recording history
 def _bn_backward(dout, cache, *, d=None, mean_term=True, var_term=True, swap=False, dims=None):
-    xhat, rstd, weight, correction, dtype = cache.xhat, cache.rstd, cache.weight, cache.correction, cache.dtype
+    xhat, rstd, weight = batch_norm.normalised(cache), cache.rstd, cache.weight
+    correction, dtype = cache.correction, cache.dtype
     dims = (0, *range(2, xhat.ndim)) if dims is None else dims
     bc = lambda v: v.reshape(1, -1, *[1] * (xhat.ndim - 2))  # noqa: E731 (C,) against (N, C, *)
     n = xhat.numel() // max(xhat.shape[1], 1)
@@ -29,7 +30,7 @@ def _bn_backward(dout, cache, *, d=None, mean_term=True, var_term=True, swap=Fal
 @mutant(batch_norm)
 def bn_bessel_mixup_backward(dout, cache):
     """Bessel mix-up: divides the variance path by n where the forward used n - correction."""
-    return _bn_backward(dout, cache, d=cache.xhat.numel() // max(cache.xhat.shape[1], 1))
+    return _bn_backward(dout, cache, d=cache.x.numel() // max(cache.x.shape[1], 1))
 
 
 @mutant(batch_norm)
@@ -54,7 +55,7 @@ def bn_swapped_affine_grads_backward(dout, cache):
 @torch.no_grad()
 def bn_wrong_reduction_dim_backward(dout, cache):
     """Reduces over the channels (dim 1) instead of the rows."""
-    xhat, dtype = cache.xhat, cache.dtype
+    xhat, dtype = batch_norm.normalised(cache), cache.dtype
     dy = dout.to(xhat.dtype)
     dbias, dweight = dy.sum(1, keepdim=True), (dy * xhat).sum(1, keepdim=True)
     scale = cache.rstd * cache.weight.to(xhat.dtype) if cache.weight is not None else cache.rstd
@@ -70,7 +71,7 @@ def bn_wrong_reduction_dim_backward(dout, cache):
 @torch.no_grad()
 def bn_spatial_dims_not_reduced_backward(dout, cache):
     """(N, C, *) layouts: dx's mean and variance paths sum over the rows only, not over L too."""
-    xhat, dtype, N = cache.xhat, cache.dtype, cache.xhat.shape[0]
+    xhat, dtype, N = batch_norm.normalised(cache), cache.dtype, cache.x.shape[0]
     if not cache.training:
         return batch_norm.backward(dout, cache)
     _, dw, db = batch_norm.backward(dout, cache)
