@@ -46,6 +46,24 @@ namespace backprop_cpp::batch_norm {
 
 constexpr int64_t kRows = 4, kBlock = 1 << 18, kMaxBlocks = 64;
 
+// xhat in T, the forward's and the backward's: ((x - hi) - lo) r (x - hi exact near the mean)
+template <typename T>
+inline T normal(T x, T hi, T lo, T r) { return ((x - hi) - lo) * r; }
+
+// db += sum(g), dw += sum(g xhat) over a run of L values, xhat from x (the backward's sums of a plane)
+template <typename T>
+inline void run_sums(const T* __restrict__ g, const T* __restrict__ x, T hi, T lo, T r, int64_t L, double& db,
+                     double& dw) {
+  double p = 0, q = 0;
+#pragma omp simd reduction(+ : p, q)
+  for (int64_t l = 0; l < L; ++l) {
+    const double d = g[l];
+    p += d;
+    q += d * double(normal(x[l], hi, lo, r));
+  }
+  db += p, dw += q;
+}
+
 // s1 += sum(a(l)), s2 += sum(a(l) b(l)) over a run of L values, the sums split across the vector
 // unit's lanes (omp simd: g++ vectorises the reduction, lanes added at the end)
 template <typename A, typename B>
@@ -74,10 +92,6 @@ inline void row_sums(const A& a, const B& b, int64_t C, double* __restrict__ s1,
     s1[c] = p, s2[c] = q;
   }
 }
-
-// xhat in T, the forward's and the backward's: ((x - hi) - lo) r (x - hi exact near the mean)
-template <typename T>
-inline T normal(T x, T hi, T lo, T r) { return ((x - hi) - lo) * r; }
 
 // one row of the forward's elementwise pass: h = ((x - hi) - lo) r, o = h w + b, per channel c
 template <typename T>
@@ -294,8 +308,7 @@ Tensors backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& 
       for (int64_t c = c0; c < c1; ++c) {
         const T m1 = hi[c], m2 = lo[c], s = pr[c];
         for (int64_t i = c * L; sum && i < N * C * L; i += C * L)
-          run_sums([&](int64_t l) { return double(pg[i + l]); },
-                   [&](int64_t l) { return double(normal(px[i + l], m1, m2, s)); }, L, db[c], dw[c]);
+          run_sums(pg + i, px + i, m1, m2, s, L, db[c], dw[c]);
         settle(c);
         const T kc = k[c], ac = a[c], vc = v[c];
         for (int64_t i = c * L; i < N * C * L; i += C * L)  // channel c's runs, still in cache
