@@ -17,19 +17,27 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
-settings.register_profile("ci", derandomize=True, max_examples=40, **_common)
-settings.register_profile("dev", max_examples=40, **_common)
-settings.register_profile("thorough", max_examples=1000, **_common)
-# the mutation score (tests/mutation/score.py): as ci, but a failure is not shrunk (a kill is all it needs)
-settings.register_profile("mutation", derandomize=True, max_examples=40, database=None,
-                          phases=[Phase.explicit, Phase.generate], **_common)
+
+def load_hypothesis_profile() -> None:
+    """Register the profiles above and load the chosen one; again after torch.testing._internal is
+    imported (the op_db fixture): its common_utils registers profiles of its own at import ("dev"
+    with 10 examples, "pytorch_ci" with 50) and loads "pytorch_ci" if CI is set, else "dev".
+    Imported at collection, as it was, it replaced this suite's profile for the whole run."""
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+    settings.register_profile("ci", derandomize=True, max_examples=40, **common)
+    settings.register_profile("dev", max_examples=40, **common)
+    settings.register_profile("thorough", max_examples=1000, **common)
+    # the mutation score (tests/mutation/score.py): as ci, but a failure is not shrunk (a kill is all it needs)
+    settings.register_profile("mutation", derandomize=True, max_examples=40, database=None,
+                              phases=[Phase.explicit, Phase.generate], **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+load_hypothesis_profile()
 # pytest-xdist runs the default suite on 2 workers: one torch thread each, so that two workers'
 # parallel regions do not wait on each other's descheduled threads (2 cores here)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
-
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 DEVICES = [
     pytest.param("cpu"),
@@ -68,6 +76,22 @@ def dataset():
     from backprop.makemore import data
 
     return data.load_dataset(data.DEFAULT_DATA)
+
+
+@pytest.fixture(scope="session")
+def op_db():
+    """PyTorch's OpInfo database (tests/test_opinfo_samples.py), imported when a test first asks:
+    the import takes ~4 s, which each pytest-xdist worker paid at collection for the two tests that
+    read it. Skips where it cannot be imported."""
+    try:
+        import expecttest  # noqa: F401  torch.testing._internal imports it
+        from torch.testing._internal.common_methods_invocations import op_db
+    except Exception as e:  # ImportError, or torch's internals moved
+        pytest.skip(f"torch.testing._internal's op_db is not importable ({type(e).__name__}: {e}); "
+                    "pip install expecttest")
+    finally:
+        load_hypothesis_profile()  # common_utils loaded its own
+    return op_db
 
 
 def _process_state() -> dict:
