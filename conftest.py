@@ -56,19 +56,6 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cpp_kernels_building():
-    """backprop.cpp's kernels take ~30 s to build cold (two g++ parsing torch's headers, ~50 s of
-    CPU, once per machine; cached after): start that build with the session, in a thread, so that g++ runs while
-    this worker goes on with the tests that do not need it. A test that does waits in
-    backprop.cpp.kernels() (its file lock) until the build is done."""
-    from backprop import cpp
-
-    if shutil.which("g++") is not None:  # (its one-line notice lands in whichever test is running)
-        threading.Thread(target=cpp.kernels, daemon=True).start()
-    yield
-
-
 @pytest.fixture(scope="session")
 def dataset():
     """The shipped word list (backprop.makemore.data.DEFAULT_DATA), split as the notebook splits it:
@@ -147,3 +134,19 @@ def pytest_configure(config):
     pytest-benchmark read the option, a --benchmark-enable run goes back to one process."""
     if config.getoption("benchmark_enable", False) and getattr(config.option, "dist", "no") != "no":
         config.option.dist, config.option.numprocesses = "no", 0
+    if not (config.option.collectonly or config.option.help or config.option.version):
+        _start_building_cpp_kernels()
+
+
+def _start_building_cpp_kernels() -> None:
+    """backprop.cpp's kernels take ~30 s to build cold (two g++ parsing torch's headers, ~50 s of
+    CPU, once per machine; cached after): start that build in a thread as soon as this process
+    knows it will run tests, in every process. In a pytest-xdist run the first is the controller,
+    which builds while it starts the workers (until then a core idle), outside pytest's session
+    time; the workers' threads wait in backprop.cpp.kernels() (its file lock), then load. A test
+    that needs the kernels waits there too. (The first test's session fixture started it before:
+    ~28 s into a cold default run, after both workers had collected.)"""
+    from backprop import cpp
+
+    if shutil.which("g++") is not None:  # (its one-line notice: on the terminal, or in a test's warnings)
+        threading.Thread(target=cpp.kernels, daemon=True).start()
