@@ -7,10 +7,12 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>):
   mutation  ci without shrinking, for tests/mutation/score.py
 """
 
+import functools
 import os
 import random
 import shutil
 import signal
+import sys
 import threading
 
 import pytest
@@ -138,15 +140,24 @@ def pytest_configure(config):
         _start_building_cpp_kernels()
 
 
+_INFO_ONLY = {"--collect-only", "--co", "--help", "-h", "--version", "-V", "--fixtures", "--markers"}
+
+
+@functools.cache  # once a process: at import, else at configure
 def _start_building_cpp_kernels() -> None:
     """backprop.cpp's kernels take ~30 s to build cold (two g++ parsing torch's headers, ~50 s of
-    CPU, once per machine; cached after): start that build in a thread as soon as this process
-    knows it will run tests, in every process. In a pytest-xdist run the first is the controller,
-    which builds while it starts the workers (until then a core idle), outside pytest's session
-    time; the workers' threads wait in backprop.cpp.kernels() (its file lock), then load. A test
-    that needs the kernels waits there too. (The first test's session fixture started it before:
-    ~28 s into a cold default run, after both workers had collected.)"""
+    CPU, once per machine; cached after): start that build in a thread as early as this process
+    can, in every process. In a pytest-xdist run the first is the controller, at this file's
+    import: g++ gets the core it leaves idle while it loads the plugins and benchmarks/conftest.py
+    and starts the workers (~5 s), before pytest's session clock starts. The workers' threads wait
+    in backprop.cpp.kernels() (its file lock), then load; so does a test that needs the kernels.
+    (The first test's session fixture started it before: ~28 s into a cold default run, after both
+    workers had collected.) Not for --collect-only, --help or --version."""
     from backprop import cpp
 
     if shutil.which("g++") is not None:  # (its one-line notice: on the terminal, or in a test's warnings)
         threading.Thread(target=cpp.kernels, daemon=True).start()
+
+
+if not _INFO_ONLY.intersection(sys.argv[1:]):
+    _start_building_cpp_kernels()
