@@ -140,6 +140,70 @@ def pytest_configure(config):
         _start_building_cpp_kernels()
 
 
+# The tests of 3 s or more in a cold default run (2 workers), longest first: each worker's first share
+# of the run starts with half of them (pytest_collection_modifyitems). pytest-xdist's work stealing
+# hands the end of one worker's queue to the other, down to single tests at the last: a long test
+# that starts late leaves the other worker idle until it ends (10 s in one cold run, a 14 s mutant
+# search started last). With the long tests first, a run ends on short ones. A pattern (a part of a
+# test's id) that matches nothing costs nothing; a long test missing here runs in its place.
+LONG_TESTS = (
+    "tests/test_batch_norm.py::test_gradcheck",
+    "tests/test_compiled.py::test_compiled_matches_autograd[cpu-",
+    "tests/test_makemore_aot.py::test_compiled_training_matches_eager_training",
+    "benchmarks/bench_train_step.py::test_train_step[cpu-manual-compiled]",
+    "tests/test_mutants.py::test_mutant_is_caught[linear_cross_entropy_drops_bias_tangent_jvp]",
+    "tests/test_batch_norm.py::test_blocked_channel_sums",
+    "tests/test_batch_norm.py::test_matches_autograd",
+    "tests/test_cross_entropy.py::test_gradcheck",
+    "tests/test_cli.py::test_train_writes_outputs_and_sample_reads_the_checkpoint",
+    "tests/test_linear.py::test_gradcheck",
+    "tests/test_compiled.py::test_compiled_gradcheck",
+    "tests/test_kernel_faults.py::test_a_kept_tensor_edited_in_place_after_forward_is_refused[compiled-",
+    "tests/test_faults_cli.py::test_a_full_output_device_and_a_closed_stderr",
+    "tests/test_plugin.py::test_every_check_of_a_correct_kernel_passes_with_power_printed",
+    "tests/test_linear_cross_entropy.py::test_matches_autograd",
+    "[cpu-manual-compiled-fwd+bwd-notebook",
+    "tests/test_faults_cli.py::test_ctrl_c_stops_cleanly_and_keeps_the_steps_done",
+    "[cpu-autograd-compiled-fwd+bwd-notebook",
+    "tests/test_plugin.py::test_a_bug_the_suite_cannot_catch_fails_the_session",
+    "tests/test_compiled.py::test_new_shapes_stop_recompiling_after_the_dynamic_graph",
+    "tests/test_cross_entropy.py::test_matches_autograd",
+    "tests/test_opinfo_samples.py::test_opinfo_samples_fit_the_contract",
+    "tests/test_dropin.py::test_custom_op_gradient_of_a_transposed_weight_under_compile",
+    "tests/test_dropin.py::test_makemore_mlp_compiles_fullgraph_and_matches_the_eager_kernels",
+    "tests/test_exercise.py::test_python_m_backprop_exercise",
+    "tests/test_mutants.py::test_mutant_is_caught[ce_kdim_softmax_last_dim_backward]",
+    "tests/test_cli.py::test_check_prints_the_table_and_passes",
+    "tests/test_faults_cli.py::test_a_full_disk_keeps_the_old_checkpoint",
+    "tests/test_faults_cli.py::test_a_closed_pipe_is_quiet",
+    "tests/test_cpp.py::test_without_a_compiler_the_eager_kernels_run",
+    "tests/test_mutants.py::test_mutant_is_caught[embedding_",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (every worker collects, in the same order): the LONG_TESTS first in each
+    worker's share of worksteal's first split (n // workers consecutive tests each), dealt in turn;
+    every other test keeps its place in the order. Without workers the order is pytest's."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    rank = {i.nodeid: next((k for k, p in enumerate(LONG_TESTS) if p in i.nodeid), None) for i in items}
+    long = sorted((i for i in items if rank[i.nodeid] is not None), key=lambda i: rank[i.nodeid])
+    rest = [i for i in items if rank[i.nodeid] is None]
+    shares, left = [], len(items)
+    for k in range(workers):  # as xdist's WorkStealingScheduling splits the pending tests
+        shares.append(left // (workers - k))
+        left -= shares[-1]
+    order = []
+    for k, size in enumerate(shares):
+        first = long[k::workers]
+        take = max(0, size - len(first))
+        order += first + rest[:take]
+        rest = rest[take:]
+    items[:] = order + rest
+
+
 _INFO_ONLY = {"--collect-only", "--co", "--help", "-h", "--version", "-V", "--fixtures", "--markers"}
 
 
