@@ -145,7 +145,8 @@ def pytest_configure(config):
 # hands the end of one worker's queue to the other, down to single tests at the last: a long test
 # that starts late leaves the other worker idle until it ends (10 s in one cold run, a 14 s mutant
 # search started last). With the long tests first, a run ends on short ones. A pattern (a part of a
-# test's id) that matches nothing costs nothing; a long test missing here runs in its place.
+# test's id) that matches nothing costs nothing; a long test missing here runs in its place; the
+# tests of a tuple's patterns go to one worker.
 LONG_TESTS = (
     "tests/test_batch_norm.py::test_gradcheck",
     "tests/test_compiled.py::test_compiled_matches_autograd[cpu-",
@@ -168,7 +169,7 @@ LONG_TESTS = (
     "tests/test_plugin.py::test_a_bug_the_suite_cannot_catch_fails_the_session",
     "tests/test_compiled.py::test_new_shapes_stop_recompiling_after_the_dynamic_graph",
     "tests/test_cross_entropy.py::test_matches_autograd",
-    "tests/test_opinfo_samples.py::test_opinfo_samples_fit_the_contract",
+    ("tests/test_opinfo_samples.py::",),  # together: one worker imports op_db (conftest.py, ~4 s)
     "tests/test_dropin.py::test_custom_op_gradient_of_a_transposed_weight_under_compile",
     "tests/test_dropin.py::test_makemore_mlp_compiles_fullgraph_and_matches_the_eager_kernels",
     "tests/test_exercise.py::test_python_m_backprop_exercise",
@@ -183,21 +184,27 @@ LONG_TESTS = (
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (every worker collects, in the same order): the LONG_TESTS first in each
-    worker's share of worksteal's first split (n // workers consecutive tests each), dealt in turn;
-    every other test keeps its place in the order. Without workers the order is pytest's."""
+    worker's share of worksteal's first split (n // workers consecutive tests each), dealt in turn,
+    one test at a time, or a tuple's tests together; every other test keeps its place in the
+    order. Without workers the order is pytest's."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return
-    rank = {i.nodeid: next((k for k, p in enumerate(LONG_TESTS) if p in i.nodeid), None) for i in items}
-    long = sorted((i for i in items if rank[i.nodeid] is not None), key=lambda i: rank[i.nodeid])
-    rest = [i for i in items if rank[i.nodeid] is None]
+    units, taken = [], set()
+    for entry in LONG_TESTS:
+        together = isinstance(entry, tuple)
+        found = [i for i in items if i.nodeid not in taken and any(p in i.nodeid for p in
+                                                                   (entry if together else (entry,)))]
+        taken.update(i.nodeid for i in found)
+        units += [found] if together and found else [[i] for i in found]
+    rest = [i for i in items if i.nodeid not in taken]
     shares, left = [], len(items)
     for k in range(workers):  # as xdist's WorkStealingScheduling splits the pending tests
         shares.append(left // (workers - k))
         left -= shares[-1]
     order = []
     for k, size in enumerate(shares):
-        first = long[k::workers]
+        first = [i for unit in units[k::workers] for i in unit]
         take = max(0, size - len(first))
         order += first + rest[:take]
         rest = rest[take:]
