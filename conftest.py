@@ -7,29 +7,39 @@ Profiles (choose with HYPOTHESIS_PROFILE=<name>):
   mutation  ci without shrinking, for tests/mutation/score.py
 """
 
+import functools
 import os
 import random
 import shutil
 import signal
+import sys
 import threading
 
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
-settings.register_profile("ci", derandomize=True, max_examples=40, **_common)
-settings.register_profile("dev", max_examples=40, **_common)
-settings.register_profile("thorough", max_examples=1000, **_common)
-# the mutation score (tests/mutation/score.py): as ci, but a failure is not shrunk (a kill is all it needs)
-settings.register_profile("mutation", derandomize=True, max_examples=40, database=None,
-                          phases=[Phase.explicit, Phase.generate], **_common)
+
+def load_hypothesis_profile() -> None:
+    """Register the profiles above and load the chosen one; again after torch.testing._internal is
+    imported (the op_db fixture): its common_utils registers profiles of its own at import ("dev"
+    with 10 examples, "pytorch_ci" with 50) and loads "pytorch_ci" if CI is set, else "dev".
+    Imported at collection, as it was, it replaced this suite's profile for the whole run."""
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+    settings.register_profile("ci", derandomize=True, max_examples=40, **common)
+    settings.register_profile("dev", max_examples=40, **common)
+    settings.register_profile("thorough", max_examples=1000, **common)
+    # the mutation score (tests/mutation/score.py): as ci, but a failure is not shrunk (a kill is all it needs)
+    settings.register_profile("mutation", derandomize=True, max_examples=40, database=None,
+                              phases=[Phase.explicit, Phase.generate], **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+load_hypothesis_profile()
 # pytest-xdist runs the default suite on 2 workers: one torch thread each, so that two workers'
 # parallel regions do not wait on each other's descheduled threads (2 cores here)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
-
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 DEVICES = [
     pytest.param("cpu"),
@@ -48,19 +58,6 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cpp_kernels_building():
-    """backprop.cpp's kernels take ~30 s to build cold (two g++ parsing torch's headers, ~50 s of
-    CPU, once per machine; cached after): start that build with the session, in a thread, so that g++ runs while
-    this worker goes on with the tests that do not need it. A test that does waits in
-    backprop.cpp.kernels() (its file lock) until the build is done."""
-    from backprop import cpp
-
-    if shutil.which("g++") is not None:  # (its one-line notice lands in whichever test is running)
-        threading.Thread(target=cpp.kernels, daemon=True).start()
-    yield
-
-
 @pytest.fixture(scope="session")
 def dataset():
     """The shipped word list (backprop.makemore.data.DEFAULT_DATA), split as the notebook splits it:
@@ -68,6 +65,22 @@ def dataset():
     from backprop.makemore import data
 
     return data.load_dataset(data.DEFAULT_DATA)
+
+
+@pytest.fixture(scope="session")
+def op_db():
+    """PyTorch's OpInfo database (tests/test_opinfo_samples.py), imported when a test first asks:
+    the import takes ~4 s, which each pytest-xdist worker paid at collection for the two tests that
+    read it. Skips where it cannot be imported."""
+    try:
+        import expecttest  # noqa: F401  torch.testing._internal imports it
+        from torch.testing._internal.common_methods_invocations import op_db
+    except Exception as e:  # ImportError, or torch's internals moved
+        pytest.skip(f"torch.testing._internal's op_db is not importable ({type(e).__name__}: {e}); "
+                    "pip install expecttest")
+    finally:
+        load_hypothesis_profile()  # common_utils loaded its own
+    return op_db
 
 
 def _process_state() -> dict:
@@ -123,3 +136,99 @@ def pytest_configure(config):
     pytest-benchmark read the option, a --benchmark-enable run goes back to one process."""
     if config.getoption("benchmark_enable", False) and getattr(config.option, "dist", "no") != "no":
         config.option.dist, config.option.numprocesses = "no", 0
+    if not (config.option.collectonly or config.option.help or config.option.version):
+        _start_building_cpp_kernels()
+
+
+# The tests of 3 s or more in a cold default run (2 workers), longest first: each worker's first share
+# of the run starts with half of them (pytest_collection_modifyitems). pytest-xdist's work stealing
+# hands the end of one worker's queue to the other, down to single tests at the last: a long test
+# that starts late leaves the other worker idle until it ends (10 s in one cold run, a 14 s mutant
+# search started last). With the long tests first, a run ends on short ones. A pattern (a part of a
+# test's id) that matches nothing costs nothing; a long test missing here runs in its place; the
+# tests of a tuple's patterns go to one worker.
+LONG_TESTS = (
+    "tests/test_batch_norm.py::test_gradcheck",
+    "tests/test_compiled.py::test_compiled_matches_autograd[cpu-",
+    "tests/test_makemore_aot.py::test_compiled_training_matches_eager_training",
+    "benchmarks/bench_train_step.py::test_train_step[cpu-manual-compiled]",
+    "tests/test_mutants.py::test_mutant_is_caught[linear_cross_entropy_drops_bias_tangent_jvp]",
+    "tests/test_batch_norm.py::test_blocked_channel_sums",
+    "tests/test_batch_norm.py::test_matches_autograd",
+    "tests/test_cross_entropy.py::test_gradcheck",
+    "tests/test_cli.py::test_train_writes_outputs_and_sample_reads_the_checkpoint",
+    "tests/test_linear.py::test_gradcheck",
+    "tests/test_compiled.py::test_compiled_gradcheck",
+    "tests/test_kernel_faults.py::test_a_kept_tensor_edited_in_place_after_forward_is_refused[compiled-",
+    "tests/test_faults_cli.py::test_a_full_output_device_and_a_closed_stderr",
+    "tests/test_plugin.py::test_every_check_of_a_correct_kernel_passes_with_power_printed",
+    "tests/test_linear_cross_entropy.py::test_matches_autograd",
+    "[cpu-manual-compiled-fwd+bwd-notebook",
+    "tests/test_faults_cli.py::test_ctrl_c_stops_cleanly_and_keeps_the_steps_done",
+    "[cpu-autograd-compiled-fwd+bwd-notebook",
+    "tests/test_plugin.py::test_a_bug_the_suite_cannot_catch_fails_the_session",
+    "tests/test_compiled.py::test_new_shapes_stop_recompiling_after_the_dynamic_graph",
+    "tests/test_cross_entropy.py::test_matches_autograd",
+    ("tests/test_opinfo_samples.py::",),  # together: one worker imports op_db (conftest.py, ~4 s)
+    "tests/test_dropin.py::test_custom_op_gradient_of_a_transposed_weight_under_compile",
+    "tests/test_dropin.py::test_makemore_mlp_compiles_fullgraph_and_matches_the_eager_kernels",
+    "tests/test_exercise.py::test_python_m_backprop_exercise",
+    "tests/test_mutants.py::test_mutant_is_caught[ce_kdim_softmax_last_dim_backward]",
+    "tests/test_cli.py::test_check_prints_the_table_and_passes",
+    "tests/test_faults_cli.py::test_a_full_disk_keeps_the_old_checkpoint",
+    "tests/test_faults_cli.py::test_a_closed_pipe_is_quiet",
+    "tests/test_cpp.py::test_without_a_compiler_the_eager_kernels_run",
+    "tests/test_mutants.py::test_mutant_is_caught[embedding_",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (every worker collects, in the same order): the LONG_TESTS first in each
+    worker's share of worksteal's first split (n // workers consecutive tests each), dealt in turn,
+    one test at a time, or a tuple's tests together; every other test keeps its place in the
+    order. Without workers the order is pytest's."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    units, taken = [], set()
+    for entry in LONG_TESTS:
+        together = isinstance(entry, tuple)
+        found = [i for i in items if i.nodeid not in taken and any(p in i.nodeid for p in
+                                                                   (entry if together else (entry,)))]
+        taken.update(i.nodeid for i in found)
+        units += [found] if together and found else [[i] for i in found]
+    rest = [i for i in items if i.nodeid not in taken]
+    shares, left = [], len(items)
+    for k in range(workers):  # as xdist's WorkStealingScheduling splits the pending tests
+        shares.append(left // (workers - k))
+        left -= shares[-1]
+    order = []
+    for k, size in enumerate(shares):
+        first = [i for unit in units[k::workers] for i in unit]
+        take = max(0, size - len(first))
+        order += first + rest[:take]
+        rest = rest[take:]
+    items[:] = order + rest
+
+
+_INFO_ONLY = {"--collect-only", "--co", "--help", "-h", "--version", "-V", "--fixtures", "--markers"}
+
+
+@functools.cache  # once a process: at import, else at configure
+def _start_building_cpp_kernels() -> None:
+    """backprop.cpp's kernels take ~30 s to build cold (two g++ parsing torch's headers, ~50 s of
+    CPU, once per machine; cached after): start that build in a thread as early as this process
+    can, in every process. In a pytest-xdist run the first is the controller, at this file's
+    import: g++ gets the core it leaves idle while it loads the plugins and benchmarks/conftest.py
+    and starts the workers (~5 s), before pytest's session clock starts. The workers' threads wait
+    in backprop.cpp.kernels() (its file lock), then load; so does a test that needs the kernels.
+    (The first test's session fixture started it before: ~28 s into a cold default run, after both
+    workers had collected.) Not for --collect-only, --help or --version."""
+    from backprop import cpp
+
+    if shutil.which("g++") is not None:  # (its one-line notice: on the terminal, or in a test's warnings)
+        threading.Thread(target=cpp.kernels, daemon=True).start()
+
+
+if not _INFO_ONLY.intersection(sys.argv[1:]):
+    _start_building_cpp_kernels()

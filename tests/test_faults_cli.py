@@ -15,6 +15,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,39 @@ def test_cache_directory_is_private_and_each_package_has_a_digest(tmp_path, monk
     assert pkg.with_suffix(".sha256").read_text().strip() == aot._digest(pkg)
     compile_with(step_args, said)  # loaded: no second build, nothing said
     assert fake.builds == 1 and len(said) == 1
+
+
+def test_a_step_that_two_processes_need_at_once_is_built_once(tmp_path, monkeypatch, step_args):
+    """Two pytest-xdist workers (or two runs) asking for the same step while it builds: the second
+    waits on the first's lock (a file beside the package), then loads what the first built."""
+    fake = FakeBuild(monkeypatch)
+    monkeypatch.setenv("BACKPROP_CACHE_DIR", str(tmp_path))
+    first_building, second_arrived, finish = threading.Event(), threading.Event(), threading.Event()
+    build, lock = fake.compile, aot.exclusive
+
+    def slow_build(*a):  # the first build waits until the second process has come for the step
+        (second_arrived if first_building.is_set() else first_building).set()
+        finish.wait(30)
+        build(*a)
+
+    def at_the_lock(path):
+        if first_building.is_set():
+            second_arrived.set()
+        return lock(path)
+
+    monkeypatch.setattr(aot, "_compile_package", slow_build)
+    monkeypatch.setattr(aot, "exclusive", at_the_lock)
+    said = [[], []]
+    runs = [threading.Thread(target=compile_with, args=(step_args, s)) for s in said]
+    runs[0].start()
+    assert first_building.wait(30)
+    runs[1].start()
+    assert second_arrived.wait(30)  # at the lock, or (without one) building too
+    finish.set()
+    for run in runs:
+        run.join(30)
+    assert fake.builds == 1 and len(said[0]) == 1 and said[1] == []
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".pt2", ".sha256"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no record", "flip a byte"])

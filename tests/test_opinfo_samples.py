@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 
 import pytest
 import torch
@@ -29,15 +30,7 @@ import backprop
 from backprop.testing import check_against_autograd, references
 from backprop.testing.opinfo import OPS as TABLE
 
-try:
-    import expecttest  # noqa: F401  torch.testing._internal imports it
-    from torch.testing._internal.common_methods_invocations import op_db
-except Exception as e:  # ImportError, or torch's internals moved
-    op_db, MISSING = None, f"torch.testing._internal's op_db is not importable ({type(e).__name__}: {e}); pip install expecttest"
-else:
-    MISSING = ""
-
-pytestmark = pytest.mark.skipif(op_db is None, reason=MISSING or "op_db found")
+# op_db: conftest.py's fixture (torch.testing._internal, imported when these tests run)
 
 OPINFO = {  # op_db name -> our op
     "nn.functional.cross_entropy": "cross_entropy",
@@ -160,8 +153,7 @@ def _check_sample(name: str, sample) -> str:
     return "fit"
 
 
-@functools.cache
-def results() -> list[tuple[str, str, str, str]]:
+def results(op_db) -> list[tuple[str, str, str, str]]:
     """(op, dtype, sample, outcome) for every reference input: 'fit' or the reason it does not."""
     rows = []
     for info in op_db:
@@ -200,8 +192,8 @@ def threshold(rows) -> int:
     return TARGET - sum(r[3] == OTHER_BRANCH for r in rows)
 
 
-def test_opinfo_samples_fit_the_contract():
-    rows = results()
+def test_opinfo_samples_fit_the_contract(op_db):
+    rows = results(op_db)
     text = summary(rows)
     print("\n" + text)
     unexpected = [r for r in rows if r[3] not in ("fit", MAX_NORM, OTHER_BRANCH)]
@@ -212,7 +204,7 @@ def test_opinfo_samples_fit_the_contract():
         assert fit >= TARGET, text
 
 
-def test_every_torch_error_input_is_refused():
+def test_every_torch_error_input_is_refused(op_db):
     """op_db's error_inputs (torch raises on each): ours must raise too, ideally ValueError/TypeError."""
     seen = 0
     for info in op_db:
@@ -225,3 +217,14 @@ def test_every_torch_error_input_is_refused():
                 backprop.OPS[name].forward(*args, **options)
             seen += 1
     assert seen > 0, "op_db gave no error inputs for these ops"
+
+
+def test_torchs_test_utilities_leave_this_suites_hypothesis_profile(op_db):
+    """torch.testing._internal's common_utils, imported for op_db, registers and loads Hypothesis
+    profiles of its own ("pytorch_ci", 50 examples, when CI is set; its "dev", 10): conftest.py's
+    fixture loads this suite's again (ci and dev: 40 examples), for the tests after it."""
+    name = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+    assert settings.get_current_profile_name() == name
+    assert settings.get_profile("dev").max_examples == 40
+    if name in ("ci", "dev"):
+        assert settings().max_examples == 40

@@ -31,9 +31,7 @@ Python.h), the calls go through torch.ops, after a warning.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import importlib.machinery
@@ -44,7 +42,6 @@ import shutil
 import subprocess
 import sysconfig
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -230,7 +227,7 @@ class Kernels(NamedTuple):
 def kernels() -> Kernels | None:
     """The kernels, built and loaded once per process; None (after one warning) where they cannot
     be: then every op runs its eager kernel."""
-    from backprop.makemore.aot import usable_cache_dir
+    from backprop.makemore.aot import exclusive, usable_cache_dir
 
     if shutil.which("g++") is None:
         _say("no C++ compiler (g++ is not on PATH): running the eager kernels")
@@ -238,21 +235,11 @@ def kernels() -> Kernels | None:
     directory, persistent = usable_cache_dir(_say, what="C++ kernel")
     path = library_path(directory)
     try:
-        with _exclusive(path.with_suffix(".lock")):  # one build at a time (pytest-xdist workers)
+        with exclusive(path.with_suffix(".lock")):  # one build at a time (pytest-xdist workers)
             return _load_or_build(path, directory, persistent)
     except Exception as e:
         _say(f"the C++ kernels cannot be built or loaded ({type(e).__name__}: {e}): running the eager kernels")
         return None
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _load_or_build(path: Path, directory: Path, persistent: bool) -> Kernels:

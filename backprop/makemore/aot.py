@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -149,6 +150,18 @@ def usable_cache_dir(say: Callable[[str], None], what: str = "compiled-step") ->
     return tmp, False
 
 
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time between a cached file's check and its build (pytest-xdist's workers,
+    two runs at once): a second waits, then loads what the first built, instead of building it too."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -218,7 +231,14 @@ def _compile_package(tmp: Path, optimizer: str, args: tuple[torch.Tensor, ...]) 
 def _cpu_step(path: Path, persistent: bool, optimizer: str, args: tuple[torch.Tensor, ...],
               say: Callable[[str], None]) -> Callable:
     """Load the package at path, or build it (once) and load it. An unusable package is moved
-    aside, named, and rebuilt once; every message names the path."""
+    aside, named, and rebuilt once; every message names the path. One process at a time (its
+    lock file beside it): a step that two processes need at once is built once."""
+    with exclusive(path.with_suffix(".lock")):
+        return _load_or_build(path, persistent, optimizer, args, say)
+
+
+def _load_or_build(path: Path, persistent: bool, optimizer: str, args: tuple[torch.Tensor, ...],
+                   say: Callable[[str], None]) -> Callable:
     if path.exists() or _record(path).exists():
         try:
             return _load(path)
