@@ -1,4 +1,5 @@
-"""Shared pytest configuration: hypothesis profiles and the device fixture.
+"""Shared pytest configuration: hypothesis profiles and the device fixture; the C++ kernels' build
+started with the run; under pytest-xdist, the long tests first.
 
 Profiles (choose with HYPOTHESIS_PROFILE=<name>):
   ci        derandomised and bounded; used whenever CI is set (hypothesis's own 'ci' is replaced)
@@ -22,10 +23,11 @@ from hypothesis import HealthCheck, Phase, settings
 
 
 def load_hypothesis_profile() -> None:
-    """Register the profiles above and load the chosen one; again after torch.testing._internal is
-    imported (the op_db fixture): its common_utils registers profiles of its own at import ("dev"
-    with 10 examples, "pytorch_ci" with 50) and loads "pytorch_ci" if CI is set, else "dev".
-    Imported at collection, as it was, it replaced this suite's profile for the whole run."""
+    """Register this suite's profiles (the module's docstring) and load the chosen one; again after
+    torch.testing._internal is imported (the op_db fixture): its common_utils registers profiles of
+    its own at import ("dev" with 10 examples, "pytorch_ci" with 50) and loads "pytorch_ci" if CI is
+    set, else "dev". Imported at collection, as it was, it replaced this suite's profile for the
+    whole run."""
     common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
     settings.register_profile("ci", derandomize=True, max_examples=40, **common)
     settings.register_profile("dev", max_examples=40, **common)
@@ -194,6 +196,7 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+@pytest.hookimpl(trylast=True)  # after -k, -m and --deselect: the order of what runs
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (every worker collects, in the same order): the LONG_TESTS first in each
     worker's share of worksteal's first split (n // workers consecutive tests each), dealt in turn,
