@@ -150,19 +150,28 @@ def pytest_configure(config):
 # search started last). With the long tests first, a run ends on short ones. A pattern (a part of a
 # test's id) that matches nothing costs nothing; a long test missing here runs in its place; the
 # tests of a tuple's patterns go to one worker.
+# The compiled ops' graphs are shared where the tests share a worker (Dynamo's cache: backprop.compiled's
+# ops are module-level): tests/test_compiled.py's first fixed case, tests/test_kernel_faults.py's
+# compiled cases and, for four ops, the benchmark's manual-compiled notebook shape are the same
+# shapes and options, so each op's go to one worker together.
+_SAME_GRAPHS = tuple(
+    (f"tests/test_compiled.py::test_compiled_matches_autograd[cpu-{op}]", f"[compiled-{op} ",
+     *((f"benchmarks/bench_{op}.py::test_{op}[cpu-manual-compiled-",) if bench else ()))
+    for op, bench in (("cross_entropy", True), ("logsumexp", False), ("batch_norm", False), ("tanh", True),
+                      ("linear", True), ("embedding", True)))
 LONG_TESTS = (
     "tests/test_batch_norm.py::test_gradcheck",
-    "tests/test_compiled.py::test_compiled_matches_autograd[cpu-",
+    *_SAME_GRAPHS[:2],
     "tests/test_makemore_aot.py::test_compiled_training_matches_eager_training",
     "benchmarks/bench_train_step.py::test_train_step[cpu-manual-compiled]",
     "tests/test_mutants.py::test_mutant_is_caught[linear_cross_entropy_drops_bias_tangent_jvp]",
+    *_SAME_GRAPHS[2:],
     "tests/test_batch_norm.py::test_blocked_channel_sums",
     "tests/test_batch_norm.py::test_matches_autograd",
     "tests/test_cross_entropy.py::test_gradcheck",
     "tests/test_cli.py::test_train_writes_outputs_and_sample_reads_the_checkpoint",
     "tests/test_linear.py::test_gradcheck",
     "tests/test_compiled.py::test_compiled_gradcheck",
-    "tests/test_kernel_faults.py::test_a_kept_tensor_edited_in_place_after_forward_is_refused[compiled-",
     "tests/test_faults_cli.py::test_a_full_output_device_and_a_closed_stderr",
     "tests/test_plugin.py::test_every_check_of_a_correct_kernel_passes_with_power_printed",
     "tests/test_linear_cross_entropy.py::test_matches_autograd",
