@@ -153,21 +153,15 @@ def pytest_configure(config):
 # The compiled ops' graphs are shared where the tests share a worker (Dynamo's cache: backprop.compiled's
 # ops are module-level): tests/test_compiled.py's first fixed case, tests/test_kernel_faults.py's
 # compiled cases and, for four ops, the benchmark's manual-compiled notebook shape are the same
-# shapes and options, so each op's go to one worker together.
+# shapes and options, so each op's go to one worker together. So do its benchmark's compiled cases
+# and its paired ones (which call every contender once, untimed): a compiled contender compiles on
+# its first case in a worker, and its bwd and fwd+bwd cases share those graphs (batch_norm's
+# autograd-compiled notebook cases: 15 s in a cold run of two workers, 8 s in one process).
 _SAME_GRAPHS = tuple(
     (f"tests/test_compiled.py::test_compiled_matches_autograd[cpu-{op}]", f"[compiled-{op} ",
-     *((f"benchmarks/bench_{op}.py::test_{op}[cpu-manual-compiled-",) if bench else ()))
-    for op, bench in (("cross_entropy", True), ("logsumexp", False), ("batch_norm", False), ("tanh", True),
-                      ("linear", True), ("embedding", True)))
-# A benchmark's compiled contender compiles on its first case in a worker: its bwd and fwd+bwd cases
-# share the graphs on one worker (batch_norm's autograd-compiled notebook cases: 15 s in a cold run of
-# two workers, 8 s in one process), so each op's go together (the manual-compiled ones above where the
-# tests share them)
-_BENCH_GRAPHS = tuple(
-    (f"benchmarks/bench_{op}.py::test_{op}[cpu-autograd-compiled-",
-     *((f"benchmarks/bench_{op}.py::test_{op}[cpu-manual-compiled-",) if op in ("batch_norm", "logsumexp")
-       else ()))
-    for op in ("batch_norm", "cross_entropy", "logsumexp", "embedding", "tanh", "linear"))
+     *(f"benchmarks/bench_{op}.py::test_{op}[cpu-{v}-" for v in ("manual-compiled", "autograd-compiled",
+                                                                 "paired")))
+    for op in ("cross_entropy", "logsumexp", "batch_norm", "tanh", "linear", "embedding"))
 LONG_TESTS = (
     "tests/test_batch_norm.py::test_gradcheck",
     *_SAME_GRAPHS[:2],
@@ -184,7 +178,6 @@ LONG_TESTS = (
     "tests/test_faults_cli.py::test_a_full_output_device_and_a_closed_stderr",
     "tests/test_plugin.py::test_every_check_of_a_correct_kernel_passes_with_power_printed",
     "tests/test_linear_cross_entropy.py::test_matches_autograd",
-    *_BENCH_GRAPHS,
     "tests/test_faults_cli.py::test_ctrl_c_stops_cleanly_and_keeps_the_steps_done",
     "tests/test_plugin.py::test_a_bug_the_suite_cannot_catch_fails_the_session",
     "tests/test_compiled.py::test_new_shapes_stop_recompiling_after_the_dynamic_graph",
