@@ -24,9 +24,12 @@ through our ``backward_math`` on a cache that ``forward_math`` recomputes from t
 functionalised (``backprop.autograd.differentiable_grads``, the adapter's method), so a backward
 with ``create_graph=True`` and a second one through it work.
 
-Inductor's on-disk cache (``/tmp/torchinductor_$USER``) keys compiled graphs without these ops'
-Python implementations: a graph compiled against an older backprop's schemas can be reused and
-fail with "missing value for argument". Clear that directory after upgrading backprop.
+torch.compile's on-disk caches (Inductor's and AOTAutograd's, ``/tmp/torchinductor_$USER``) key a
+graph by its custom ops' names, not by their schemas or fakes: a graph compiled against another
+backprop's ops would be loaded and fail ("wrong number of dimensions1 for op:
+torch.ops.backprop.batch_norm_forward.default", after that op's outputs changed). So importing this
+module appends ``backprop-<digest of backprop's sources>`` to ``torch.compiler.config.cache_key_tag``,
+torch's own cache breaker (a tag already there is kept): each backprop has graphs of its own.
 
 Host checks: ops whose ``prepare`` reads targets or indices on the host use a sync-free
 ``prepare`` (``backprop._sync_free``): the range check on the device, the eager message on the CPU.
@@ -34,8 +37,10 @@ Host checks: ops whose ``prepare`` reads targets or indices on the host use a sy
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -301,6 +306,28 @@ CACHE_SLOTS = 6  # the most cache tensors an op's forward op returns besides out
 _LIBS: dict[str, torch.library.Library] = {}  # per namespace: keeps the public ops' definitions alive
 
 
+def source_digest(root: Path | None = None) -> str:
+    """sha256 of backprop's sources (every .py, .cpp and .h file under ``root``, the package's folder
+    by default, with their paths), 16 hex digits: what defines the ops and their fakes."""
+    root = Path(backprop.__file__).parent if root is None else root
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.suffix in (".py", ".cpp", ".h") and "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def tag_compile_caches() -> str:
+    """Append ``backprop-<source_digest()>`` to torch.compiler.config.cache_key_tag (the module's
+    docstring says why), once; return the tag."""
+    tag = f"backprop-{source_digest()}"
+    config = torch.compiler.config
+    if tag not in config.cache_key_tag.split("+"):
+        config.cache_key_tag = "+".join(t for t in (config.cache_key_tag, tag) if t)
+    return config.cache_key_tag
+
+
+tag_compile_caches()
 OPS = {name: register(name, entry) for name, entry in TABLE.items()}
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -314,4 +341,5 @@ def opcheck(op: Any, *args: Any, **kwargs: Any) -> dict[str, str]:
     return torch.library.opcheck(op, args, kwargs, test_utils=OPCHECK_UTILS)
 
 
-__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of", "tensor_options"]
+__all__ = ["OPCHECK_UTILS", "OPS", "TABLE", "Entry", "opcheck", "register", "schema_of", "source_digest",
+           "tag_compile_caches", "tensor_options"]

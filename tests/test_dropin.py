@@ -1,6 +1,10 @@
 """Drop-in: forward mode by hand, torch.func through the adapter, second order, custom ops,
 torch.compile and torch.export (docs/dropin.md)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import settings
@@ -414,6 +418,41 @@ def _loss_and_grads(fn, params, X, Y):
 
 
 @pytest.mark.skipif(not __import__("shutil").which("g++"), reason="Inductor on the CPU needs g++")
+def test_importing_the_custom_ops_tags_torch_compiles_caches_with_backprops_sources():
+    """torch.compile's disk caches key a graph by its custom ops' names alone: backprop.library adds
+    its sources' digest to torch.compiler.config.cache_key_tag, so a graph compiled against another
+    backprop (another schema or fake) is not loaded. A tag the user set stays, and it is added once."""
+    code = ("import torch, backprop.library as lib; first = torch.compiler.config.cache_key_tag; "
+            "lib.tag_compile_caches(); print(first, torch.compiler.config.cache_key_tag, lib.source_digest())")
+    env = {**os.environ, "TORCH_COMPILE_CACHE_KEY_TAG": "mine"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, again, digest = done.stdout.split()
+    assert first == again == f"mine+backprop-{digest}"
+
+
+def test_the_sources_digest_changes_with_any_source_file(tmp_path):
+    from backprop.library import source_digest
+
+    (tmp_path / "cpp").mkdir()
+    for name, text in (("op.py", "def fake(): pass\n"), ("cpp/op.cpp", "int f();\n"), ("cpp/common.h", "")):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "notes.txt").write_text("not a source")
+    before = source_digest(tmp_path)
+    assert len(before) == 16 and source_digest(tmp_path) == before
+    (tmp_path / "notes.txt").write_text("edited")
+    assert source_digest(tmp_path) == before  # not a source
+    for name in ("op.py", "cpp/op.cpp", "cpp/common.h"):
+        path = tmp_path / name
+        text = path.read_text()
+        path.write_text(text + " ")
+        assert source_digest(tmp_path) != before, name
+        path.write_text(text)
+        assert source_digest(tmp_path) == before
+    (tmp_path / "cpp/op.cpp").rename(tmp_path / "cpp/other.cpp")  # same bytes, another file
+    assert source_digest(tmp_path) != before
+
+
 def test_makemore_mlp_compiles_fullgraph_and_matches_the_eager_kernels():
     _library()
     torch._dynamo.reset()
