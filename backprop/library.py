@@ -29,7 +29,10 @@ graph by its custom ops' names, not by their schemas or fakes: a graph compiled 
 backprop's ops would be loaded and fail ("wrong number of dimensions1 for op:
 torch.ops.backprop.batch_norm_forward.default", after that op's outputs changed). So importing this
 module appends ``backprop-<digest of backprop's sources>`` to ``torch.compiler.config.cache_key_tag``,
-torch's own cache breaker (a tag already there is kept): each backprop has graphs of its own.
+torch's own cache breaker (a tag already there is kept): each backprop has graphs of its own. The tag
+is the process's: the other graphs compiled there (your models') are keyed by it too, so they compile
+afresh once after backprop changes. A tag set after this import replaces ours. A torch without the
+setting (older than about 2.6) gets no tag: clear its cache directory after upgrading backprop.
 
 Host checks: ops whose ``prepare`` reads targets or indices on the host use a sync-free
 ``prepare`` (``backprop._sync_free``): the range check on the device, the eager message on the CPU.
@@ -306,22 +309,33 @@ CACHE_SLOTS = 6  # the most cache tensors an op's forward op returns besides out
 _LIBS: dict[str, torch.library.Library] = {}  # per namespace: keeps the public ops' definitions alive
 
 
+# what defines the ops, their schemas and their fakes: the op modules and this one, backprop.cpp, and
+# the mutants' own custom ops
+_SOURCES = ("*.py", "cpp/*.py", "cpp/*.cpp", "cpp/*.h", "testing/mutants/*.py")
+
+
 def source_digest(root: Path | None = None) -> str:
-    """sha256 of backprop's sources (every .py, .cpp and .h file under ``root``, the package's folder
-    by default, with their paths), 16 hex digits: what defines the ops and their fakes."""
+    """sha256 of the files in ``_SOURCES`` under ``root`` (the package's folder by default), with
+    their paths, 16 hex digits. Anything else (a link to nothing, an editor's lock file) is skipped."""
     root = Path(backprop.__file__).parent if root is None else root
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.suffix in (".py", ".cpp", ".h") and "__pycache__" not in p.parts:
-            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    for p in sorted({p for pattern in _SOURCES for p in root.glob(pattern)}):
+        try:
+            text = p.read_bytes() if p.is_file() else None
+        except OSError:
+            text = None
+        if text is not None:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + text + b"\0")
     return h.hexdigest()[:16]
 
 
 def tag_compile_caches() -> str:
     """Append ``backprop-<source_digest()>`` to torch.compiler.config.cache_key_tag (the module's
-    docstring says why), once; return the tag."""
+    docstring says why), once; return the whole tag ("" on a torch without one: torch < 2.6 or so)."""
+    config = getattr(torch.compiler, "config", None)
+    if not hasattr(config, "cache_key_tag"):
+        return ""
     tag = f"backprop-{source_digest()}"
-    config = torch.compiler.config
     if tag not in config.cache_key_tag.split("+"):
         config.cache_key_tag = "+".join(t for t in (config.cache_key_tag, tag) if t)
     return config.cache_key_tag

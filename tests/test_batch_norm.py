@@ -32,13 +32,15 @@ def test_matches_autograd(device, case):
     check_case("batch_norm", batch_norm, to_device(case, device))
 
 
+_DEFAULT_PROFILE = settings().max_examples < 100
+
+
 # finite differences of every input of (N, C, *) cases: the default run's slowest test (24 s for 15
 # examples, cold, 2 workers: one case of 6336 elements took 19 s). The default run takes 15 cases
 # of at most 1024 elements (the spatial sides shrink; N and C are drawn as ever); the thorough
 # profile 1000 cases of any size
-DEFAULT = settings().max_examples < 100
-@settings(max_examples=min(15, settings().max_examples) if DEFAULT else settings().max_examples)
-@given(case=batch_norm_cases(dtype=torch.float64, max_numel=1024 if DEFAULT else None))
+@settings(max_examples=min(15, settings().max_examples) if _DEFAULT_PROFILE else settings().max_examples)
+@given(case=batch_norm_cases(dtype=torch.float64, max_numel=1024 if _DEFAULT_PROFILE else None))
 def test_gradcheck(case):
     gradcheck_case("batch_norm", batch_norm, case)
 

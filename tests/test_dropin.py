@@ -417,11 +417,14 @@ def _loss_and_grads(fn, params, X, Y):
     return loss, torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="Inductor on the CPU needs g++")
 def test_importing_the_custom_ops_tags_torch_compiles_caches_with_backprops_sources():
     """torch.compile's disk caches key a graph by its custom ops' names alone: backprop.library adds
     its sources' digest to torch.compiler.config.cache_key_tag, so a graph compiled against another
-    backprop (another schema or fake) is not loaded. A tag the user set stays, and it is added once."""
+    backprop (another schema or fake) is not loaded. A tag the user set stays, and it is added once.
+    That torch puts the tag in its keys is torch's (documented) part: checked by hand on a stale
+    cache, docs/benchmarks.md (session 14)."""
+    if not hasattr(getattr(torch.compiler, "config", None), "cache_key_tag"):
+        pytest.skip("this torch has no torch.compiler.config.cache_key_tag")
     code = ("import torch, backprop.library as lib; first = torch.compiler.config.cache_key_tag; "
             "lib.tag_compile_caches(); print(first, torch.compiler.config.cache_key_tag, lib.source_digest())")
     env = {**os.environ, "TORCH_COMPILE_CACHE_KEY_TAG": "mine"}
@@ -431,18 +434,21 @@ def test_importing_the_custom_ops_tags_torch_compiles_caches_with_backprops_sour
     assert first == again == f"mine+backprop-{digest}"
 
 
-def test_the_sources_digest_changes_with_any_source_file(tmp_path):
+def test_the_sources_digest_changes_with_any_file_that_defines_an_op(tmp_path):
     from backprop.library import source_digest
 
-    (tmp_path / "cpp").mkdir()
-    for name, text in (("op.py", "def fake(): pass\n"), ("cpp/op.cpp", "int f();\n"), ("cpp/common.h", "")):
-        (tmp_path / name).write_text(text)
-    (tmp_path / "notes.txt").write_text("not a source")
+    sources = ("op.py", "cpp/op.cpp", "cpp/common.h", "cpp/op.py", "testing/mutants/fake.py")
+    others = ("notes.txt", "makemore/train.py", "testing/strategies.py")  # no op is defined there
+    for name in sources + others:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    (tmp_path / ".#op.py").symlink_to(tmp_path / "gone")  # an editor's lock file: a dangling link
     before = source_digest(tmp_path)
     assert len(before) == 16 and source_digest(tmp_path) == before
-    (tmp_path / "notes.txt").write_text("edited")
-    assert source_digest(tmp_path) == before  # not a source
-    for name in ("op.py", "cpp/op.cpp", "cpp/common.h"):
+    for name in others:
+        (tmp_path / name).write_text("edited")
+        assert source_digest(tmp_path) == before, name
+    for name in sources:
         path = tmp_path / name
         text = path.read_text()
         path.write_text(text + " ")
@@ -453,6 +459,7 @@ def test_the_sources_digest_changes_with_any_source_file(tmp_path):
     assert source_digest(tmp_path) != before
 
 
+@pytest.mark.skipif(not __import__("shutil").which("g++"), reason="Inductor on the CPU needs g++")
 def test_makemore_mlp_compiles_fullgraph_and_matches_the_eager_kernels():
     _library()
     torch._dynamo.reset()

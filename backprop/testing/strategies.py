@@ -114,9 +114,12 @@ def logsumexp_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
 
 @st.composite
 def batch_norm_cases(draw: st.DrawFn, dtype: torch.dtype | None = None, max_numel: int | None = None) -> Case:
-    """``max_numel`` bounds x's size through its trailing sides (finite differences: one forward
-    per element of x and one backward per element of out, so a case's time grows faster than its
-    size: 19 s for gradcheck at 33 x 12 x 4 x 4, 0.7 s at 33 x 12)."""
+    """``max_numel`` caps the trailing sides so that x has at most max(max_numel, N * C) elements (N
+    and C are drawn as ever). For finite differences: one forward per element of x and one backward
+    per element of out, so a case's time grows faster than its size (gradcheck alone: 19 s at
+    33 x 12 x 4 x 4, 0.7 s at 33 x 12)."""
+    if max_numel is not None and max_numel < 1:
+        raise ValueError(f"max_numel must be a positive int or None, got {max_numel!r}")
     dtype = dtype or draw(dtypes(), label="dtype")
     correction = draw(st.sampled_from([0, 1]), label="correction")
     # N >= 3: with two values per channel xhat is +-c whatever x is, and dx is O(eps) left over
