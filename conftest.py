@@ -156,7 +156,7 @@ def pytest_configure(config):
 # shapes and options, so each op's go to one worker together. So do its benchmark's compiled cases
 # and its paired ones (which call every contender once, untimed): a compiled contender compiles on
 # its first case in a worker, and its bwd and fwd+bwd cases share those graphs (batch_norm's
-# autograd-compiled notebook cases: 15 s in a cold run of two workers, 8 s in one process).
+# four autograd-compiled notebook cases: 15 s summed in a cold run of two workers, 8.3 s in one process).
 _SAME_GRAPHS = tuple(
     (f"tests/test_compiled.py::test_compiled_matches_autograd[cpu-{op}]", f"[compiled-{op} ",
      *(f"benchmarks/bench_{op}.py::test_{op}[cpu-{v}-" for v in ("manual-compiled", "autograd-compiled",
