@@ -1,7 +1,7 @@
 """The dispatch counts at the notebook scale (backprop.bench.dispatch): one forward and one backward
 of each op on its notebook-scale benchmark inputs may dispatch at most the pinned number of aten
 ops and host syncs. A change that adds one fails here: lower a bound when a kernel sheds a
-dispatch, raise one only with the reason in the commit (docs/benchmarks.md, "Notebook scale:
+dispatch, raise one only with the reason in the commit (docs/benchmarks-log.md, "Notebook scale:
 dispatches and host syncs", has the table and what each op's calls are)."""
 
 import pytest

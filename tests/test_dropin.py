@@ -279,7 +279,7 @@ def test_custom_op_equals_the_kernel(name, k):
 
 def test_custom_op_backward_rebuilds_a_layout_once_per_signature(monkeypatch):
     """The backward op reads the cache's plain fields off a meta run of forward_math once per
-    shapes-and-options signature, not at every call (it cost 1-17 ms a call: docs/benchmarks.md);
+    shapes-and-options signature, not at every call (it cost 1-17 ms a call: docs/benchmarks-log.md);
     a new shape or option gets its own run, and the gradients stay the kernel's."""
     _library()
     runs = []

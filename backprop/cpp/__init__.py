@@ -5,7 +5,7 @@
 
 Why: at the notebook's scale (batch 32) an op's arithmetic takes nanoseconds, and a call costs its
 Python and one dispatch per aten op. The eager kernels spell their maths out in 5-26 aten calls;
-torch's twins call one fused native kernel per direction (docs/benchmarks.md, "Notebook scale").
+torch's twins call one fused native kernel per direction (docs/benchmarks-log.md, "Notebook scale").
 Here each direction is one call into C++ (an op of ``torch.ops.backprop_cpp``) that reads its
 inputs, loops and allocates its outputs. The loops are written for small inputs: one thread, no
 blocking; at large shapes use ``backprop.<op>`` or ``backprop.compiled.<op>``. batch_norm's,

@@ -3,7 +3,7 @@
 Contenders: the kernel's two-pass formula compiled (per-channel sums in 8-row blocks, then dx); the
 same formula in blocks of CB channels (compiled and eager); aten's native backward; and a clone of
 1.5 n floats (read 1.5 n, write 1.5 n: the 3 n a one-pass backward must move). Prints the median of
-15 interleaved rounds and each one's % of the copy's rate (docs/benchmarks.md, "Large shapes").
+15 interleaved rounds and each one's % of the copy's rate (docs/benchmarks-log.md, "Large shapes").
 
     python docs/scripts/batch_norm_blocked_backward.py [CB]    # CB: channels a block, default 64
 """

@@ -1,5 +1,5 @@
 """A floor for any training batch_norm backward (and fwd+bwd) at x (4096, 1024), float32, correction=0:
-the benchmark's (N, C) large shape (docs/benchmarks.md, "The targets"). How close to a copy's
+the benchmark's (N, C) large shape (docs/benchmarks-log.md, "The targets"). How close to a copy's
 bandwidth can a kernel get on this CPU?
 
 The backward's minimal traffic, what the benchmark's "% copy" counts, is 3n values: read dout and x,

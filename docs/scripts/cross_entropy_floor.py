@@ -1,5 +1,5 @@
 """A floor for any cross_entropy fwd+bwd at (2048, 32768) float32, against F.cross_entropy under
-autograd: how far ahead of autograd can a kernel be on this CPU? (docs/benchmarks.md, "The targets")
+autograd: how far ahead of autograd can a kernel be on this CPU? (docs/benchmarks-log.md, "The targets")
 
 Whatever the kernel, its forward reads the logits and takes 67M exps (for the sum), and its backward
 takes 67M exps again (softmax; or reads them back from a cache the forward wrote) and writes a fresh

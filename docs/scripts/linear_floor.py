@@ -1,5 +1,5 @@
 """A floor for any linear fwd+bwd (or backward) at x (4096, 1024), weight (1024, 1024), bias, float32:
-the benchmark's large shape (docs/benchmarks.md, "The targets"). How far ahead of torch can a kernel
+the benchmark's large shape (docs/benchmarks-log.md, "The targets"). How far ahead of torch can a kernel
 be on this CPU?
 
 Whatever the kernel, its forward is one (N, D) x (D, H) matmul (2 N D H flops, with the bias added in
