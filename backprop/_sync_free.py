@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from backprop import _check, cross_entropy, embedding, linear_cross_entropy
+from backprop import cross_entropy, embedding, linear_cross_entropy
 
 
 def _range_checked(ok: torch.Tensor, message: str, eager_prepare: Callable[[], Any]) -> None:
@@ -38,14 +38,13 @@ def _class_targets(args: Any, targets: torch.Tensor, C: int, ignore_index: int,
 def _cross_entropy_prepare(logits, targets, *, weight=None, reduction="mean", ignore_index=-100,
                            label_smoothing=0.0):
     """cross_entropy.prepare without host reads (_class_targets)."""
-    if not targets.is_floating_point():
-        _check.index("targets", targets, (torch.int64,))
+    # check takes int64 and uint8 class indices, as torch does, and widens uint8 to int64
     args = cross_entropy.check(logits, targets, weight=weight, reduction=reduction,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)
     if targets.is_floating_point():
         return args  # class probabilities: nothing to read
     C = logits.shape[1] if logits.ndim >= 2 else logits.shape[0]
-    return _class_targets(args, targets, C, ignore_index, lambda: cross_entropy.prepare(
+    return _class_targets(args, args.targets, C, ignore_index, lambda: cross_entropy.prepare(
         logits, targets, weight=weight, reduction=reduction, ignore_index=ignore_index,
         label_smoothing=label_smoothing))
 

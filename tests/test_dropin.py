@@ -341,6 +341,21 @@ def test_custom_ops_keep_the_eager_messages(call, error, message):
         call()
 
 
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_custom_op_cross_entropy_takes_uint8_targets_as_torch(ignore_index):
+    """uint8 (Byte) targets: F.cross_entropy and the eager kernel accept them; the custom op's
+    sync-free prepare refused them (TypeError: dtype torch.int64)."""
+    _library()
+    logits = torch.randn(4, 5, dtype=F64)
+    targets = torch.tensor([4, 0, 2, 0], dtype=torch.uint8)
+    options = dict(label_smoothing=0.1, ignore_index=ignore_index)
+    leaves = [logits.clone().requires_grad_() for _ in range(2)]
+    got = torch.ops.backprop.cross_entropy(leaves[0], targets, **options)
+    want = torch.nn.functional.cross_entropy(leaves[1], targets, **options)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, leaves[0])[0], torch.autograd.grad(want, leaves[1])[0])
+
+
 def _custom(name):
     return lambda *a, **o: getattr(torch.ops.backprop, name)(*a, **o)
 
