@@ -98,10 +98,14 @@ def test_empty_data_file(tmp_path, cli):
     assert code == 2 and "holds no words" in err and "Traceback" not in err
 
 
-def test_a_foreign_checkpoint_is_refused(tmp_path, cli):
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+@pytest.mark.parametrize("content", [b"not a checkpoint", b'{"steps": 10}\n'])
+def test_a_foreign_checkpoint_is_refused(tmp_path, cli, content):
+    """One line that says what was expected and what torch.load found, never torch's advice to
+    reload with weights_only=False (it would run whatever code a foreign file holds)."""
+    (tmp_path / "junk.pt").write_bytes(content)
     code, _, err = cli("sample", "--checkpoint", tmp_path / "junk.pt")
     assert code == 2 and "is not a backprop checkpoint" in err and "Traceback" not in err
+    assert "written by train --out" in err and "weights_only" not in err, err
 
 
 def test_characters_outside_a_to_z_are_handled(tmp_path, cli):

@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="check manual gradients against autograd every K steps (0: never)")
     tr.add_argument("--compile", choices=list(train.COMPILE), default="auto",
                     help="run the manual step compiled (built ahead of time on the CPU and cached in "
-                         "~/.cache/backprop, torch.compile on CUDA); auto: yes for --steps >= "
-                         f"{train.COMPILE_FROM_STEPS:,} when a C++ compiler is found, since the first "
-                         "build costs ~30 s")
+                         "$BACKPROP_CACHE_DIR, else ~/.cache/backprop; torch.compile on CUDA); auto: yes "
+                         f"for --steps >= {train.COMPILE_FROM_STEPS:,} when a C++ compiler is found, since the "
+                         "first build costs ~30 s")
     tr.add_argument("--seed", type=seed_int, default=INIT_SEED,
                     help="generator seed for the init and the batches")
     tr.add_argument("--out", type=Path, default=None,

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -251,6 +252,14 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def load_error(e: Exception) -> str:
+    """What torch.load found wrong, in a line: for a weights-only load, the unpickler's own reason
+    ("Unsupported operand 123", "Unsupported global: ..."), not torch's advice to load the file with
+    weights_only=False, which would run any code a foreign file holds."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+    return training.first_line(Exception(found.group(1))) if found else training.first_line(e)
+
+
 def sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     where = f"--checkpoint {str(args.checkpoint)!r}"
     if args.checkpoint.is_dir():
@@ -262,7 +271,8 @@ def sample(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except OSError as e:
         parser.error(f"{where} cannot be read ({e.strerror or e})")
     except Exception as e:  # a corrupt or foreign file: report it, do not trace back
-        parser.error(f"{where} is not a backprop checkpoint: {training.first_line(e)}")
+        parser.error(f"{where} is not a backprop checkpoint (expected a model.pt written by train --out): "
+                     f"{load_error(e)}")
     try:
         trained = model.Model.from_state(state)
     except ValueError as e:
