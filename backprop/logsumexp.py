@@ -19,7 +19,8 @@ class Args(NamedTuple):
 
 class Cache(NamedTuple):
     x: torch.Tensor  # (*) the input (the caller holds it anyway: no new buffer)
-    shift: torch.Tensor  # x's shape with the reduced dims of size 1: the row max, 0 where not finite
+    shift: torch.Tensor  # x's shape with the reduced dims of size 1: the row max; finfo.max where it
+    # is +inf, 0 where it is -inf or nan
     sumexp: torch.Tensor  # same shape: sum(exp(x - shift))
     dims: tuple[int, ...]  # reduced dims, non-negative
     keepdim: bool
@@ -64,8 +65,12 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         shift = x.new_zeros([1 if d in dims else s for d, s in enumerate(x.shape)])
     else:
         shift = x.amax(dim=dims, keepdim=True) if dims else x.clone()
-    # a row whose max is +-inf would give inf - inf = nan; shift it by 0 instead, as torch does
-    shift = shift.nan_to_num_(0.0, 0.0, 0.0)  # in place: shift is ours (amax or clone)
+    # a row whose max is not finite would give inf - inf = nan: a -inf or nan max is shifted by 0; a
+    # +inf max by the dtype's largest finite value (nan_to_num's default posinf), so that exp(x - m)
+    # is inf at a +inf entry and at most 1 at a finite one (0 above log(max) too, where exp(x) would
+    # overflow): sumexp and out are +inf and dx is 0 at every finite entry, nan at the +inf, as torch's
+    # dout * exp(x - out) with out = +inf
+    shift = shift.nan_to_num_(0.0, None, 0.0)  # in place: shift is ours (amax or clone)
     sumexp = (x - shift).exp_().sum(dim=dims, keepdim=True) if dims else (x - shift).exp_()
     out = sumexp.log().add_(shift)  # keepdim shape
     if not keepdim and dims:

@@ -848,11 +848,11 @@ def test_logsumexp_shapes_and_dtypes_run_the_cpp(shape, dim, keepdim, dtype, mon
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_logsumexp_rows_of_inf_and_nan_are_shifted_as_the_eager_kernel(dtype, monkeypatch):
-    """Rows whose max is +inf, -inf (all -inf) or nan are shifted by 0 (nan_to_num(0, 0, 0)): out
-    +inf, -inf, nan; dx nan, as the eager kernel's. Placed in the first block, a later block
-    and the partial tail of a 1300-value row (blocks of 512 float32, 256 float64 values), and rows
-    whose -inf values fill the first blocks before finite ones, or whose max grows block by block
-    (the running max's rescaled sum)."""
+    """Rows whose max is +inf are shifted by the dtype's largest finite value, -inf (all -inf) or nan
+    by 0 (nan_to_num(0, max, 0)): out +inf, -inf, nan; dx as the eager kernel's (nan for a row of
+    -inf). Placed in the first block, a later block and the partial tail of a 1300-value row (blocks
+    of 512 float32, 256 float64 values), and rows whose -inf values fill the first blocks before
+    finite ones, or whose max grows block by block (the running max's rescaled sum)."""
     C, inf, nan = 1300, float("inf"), float("nan")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(14, C, generator=g, dtype=dtype) * 3
@@ -873,7 +873,48 @@ def test_logsumexp_rows_of_inf_and_nan_are_shifted_as_the_eager_kernel(dtype, mo
     assert_same_logsumexp(found, expected)
     assert out_c[:3].eq(inf).all() and out_c[3:6].isfinite().all() and out_c[6:9].isnan().all()
     assert out_c[9] == -inf and found[2][9].isnan().all()  # 0 * (dout / 0), as the eager kernel's
-    assert cache_c.shift[[0, 1, 2, 6, 7, 8, 9]].eq(0).all() and cache_c.shift[3:6].gt(0).all()
+    assert cache_c.shift[[6, 7, 8, 9]].eq(0).all() and cache_c.shift[3:6].gt(0).all()
+    assert cache_c.shift[:3].eq(torch.finfo(dtype).max).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logsumexp_rows_holding_inf_and_large_finite_entries_as_torch(dtype, monkeypatch):
+    """A row holding +inf (and no nan): out +inf and dx dout * exp(x - out), 0 at every finite entry
+    even above log(max) (710: exp overflows in both dtypes), nan at the +inf, as torch's; the shift
+    the eager kernel's bit for bit (the dtype's largest finite value; 0 where the row holds a nan,
+    before or after the +inf). Placed in one block, across blocks either way round (the running max
+    growing to +inf: the second pass), with -inf entries, and in a 0-d x."""
+    C, inf, nan, big = 1300, float("inf"), float("nan"), torch.finfo(dtype).max
+    x = torch.randn(9, C, generator=torch.Generator().manual_seed(6), dtype=dtype) * 3
+    x[0, :3] = torch.tensor([inf, 710.0, 1.0], dtype=dtype)  # the fault hunt's row, in the first block
+    x[1, [3, 900]] = torch.tensor([inf, 710.0], dtype=dtype)  # +inf first, the large entry in a later block
+    x[2, [3, 900, C - 1]] = torch.tensor([710.0, inf, -inf], dtype=dtype)  # the finite max first, then +inf
+    x[3, [5, 700, C - 2]] = torch.tensor([inf, big, inf], dtype=dtype)
+    x[4, :700], x[4, 1000] = -inf, inf  # -inf blocks, then +inf
+    x[5, [3, 1200]] = torch.tensor([inf, nan], dtype=dtype)  # amax nan: shifted by 0
+    x[6, [3, 1200]] = torch.tensor([nan, inf], dtype=dtype)
+    x[7, 1000] = 800.0  # a finite row, its max in a later block
+    x[8, 0:2] = torch.tensor([-big, inf], dtype=dtype)
+    leaf = x.clone().requires_grad_()
+    dout = torch.randn(9, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    want_out = torch.logsumexp(leaf, 1)
+    want_dx = torch.autograd.grad(want_out, leaf, dout)[0]
+    out, cache = backprop.logsumexp.forward(x)
+    expected = (out, cache, *backprop.logsumexp.backward(dout, cache))
+    cache0 = backprop.logsumexp.forward(torch.tensor(inf, dtype=dtype))[1]
+    refuse_eager(monkeypatch, backprop.logsumexp)
+    out_c, cache_c = cpp.logsumexp.forward(x)
+    found = (out_c, cache_c, *cpp.logsumexp.backward(dout, cache_c))
+    assert_same_logsumexp(found, expected)
+    assert torch.equal(cache_c.shift, cache.shift)
+    for name, (o, dx) in {"eager": (out, expected[2]), "cpp": (out_c, found[2])}.items():
+        torch.testing.assert_close(o, want_out.detach(), equal_nan=True, msg=lambda m, n=name: f"{n} out: {m}")
+        torch.testing.assert_close(dx, want_dx, equal_nan=True, msg=lambda m, n=name: f"{n} dx: {m}")
+    assert found[2][0, 1:].eq(0).all() and found[2][0, 0].isnan()  # the fault hunt's row
+    assert cache_c.shift[[0, 1, 2, 3, 4, 8]].eq(big).all() and cache_c.shift[5:7].eq(0).all()
+    out_c, cache_c = cpp.logsumexp.forward(torch.tensor(inf, dtype=dtype))  # a 0-d x: out = x
+    assert out_c == inf and torch.equal(cache_c.shift, cache0.shift)
+    assert cpp.logsumexp.backward(torch.ones((), dtype=dtype), cache_c)[0].isnan()  # exp(inf - inf), as torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

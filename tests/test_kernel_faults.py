@@ -242,3 +242,18 @@ def test_uint8_targets_as_torch():
     logits = _randn(4, 5).double()
     check_against_autograd(cross_entropy, references.cross_entropy, logits,
                            torch.tensor([4, 0, 2, 0], dtype=torch.uint8), label_smoothing=0.1)
+
+
+def test_a_row_holding_inf_and_a_large_finite_entry_gives_torch_gradient():
+    """Was nan at the finite entry 710 (the row shifted by 0: exp(710) overflows, inf * (dout / inf));
+    torch's dout * exp(x - out), out = +inf, is 0 there, and so is ours now (eager and backprop.cpp)."""
+    from backprop.compiled import cpu_compiler_found
+
+    x = torch.tensor([[torch.inf, 710.0, 1.0]], dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    expected = torch.autograd.grad(torch.logsumexp(leaf, 1).sum(), leaf)[0]  # [[nan, 0, 0]]
+    for op in (logsumexp, *([backprop.cpp.logsumexp] if cpu_compiler_found() else [])):
+        out, cache = op.forward(x, dim=1)
+        (dx,) = op.backward(torch.ones_like(out), cache)
+        assert out.tolist() == [torch.inf]
+        torch.testing.assert_close(dx, expected, equal_nan=True, rtol=0, atol=0)

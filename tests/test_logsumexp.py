@@ -31,6 +31,34 @@ def test_rows_of_inf_propagate_like_torch(device):
     check_against_autograd(logsumexp, references.logsumexp, x, dim=1)
 
 
+def inf_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Rows holding +inf beside finite entries above log(max) (where exp overflows: ~709.8 in
+    float64, ~88.7 in float32, ~11.1 in float16), -inf, the dtype's largest finite value, and one
+    holding +inf and nan; a finite row last."""
+    inf, nan, big = torch.inf, torch.nan, torch.finfo(dtype).max
+    return torch.tensor([[inf, 710.0, 1.0, 0.0], [12.0, inf, -inf, 100.0], [inf, inf, 1e4, -5.0],
+                         [inf, big, -big, 89.0], [inf, nan, 710.0, 1.0], [1.0, 2.0, 3.0, 4.0]], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_row_holding_inf_and_large_finite_entries_as_torch(dtype, device):
+    """torch's out is +inf for a row holding +inf (and no nan), its gradient dout * exp(x - out): 0 at
+    every finite entry, however large, nan at the +inf ones; forward mode nan, as torch.func.jvp."""
+    x = inf_rows(dtype).to(device)
+    check_against_autograd(logsumexp, references.logsumexp, x, dim=1)
+    out, cache = logsumexp.forward(x, dim=1)
+    dx = logsumexp.backward(torch.ones_like(out), cache)[0]
+    x_ = x.detach().requires_grad_()
+    want = torch.autograd.grad(torch.logsumexp(x_, 1).sum(), x_)[0]
+    # the rows holding +inf or nan exactly (the finite row last: the oracle's rounding rule above)
+    torch.testing.assert_close(out[:5], torch.logsumexp(x, 1)[:5], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(dx[:5], want[:5], equal_nan=True, rtol=0, atol=0)
+    assert dx[0].tolist()[1:] == [0.0, 0.0, 0.0] and dx[0, 0].isnan()  # the fault hunt's row
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(x)
+    want = torch.func.jvp(lambda x: torch.logsumexp(x, 1), (x,), (t,))[1]
+    torch.testing.assert_close(logsumexp.jvp((t,), cache), want, equal_nan=True)
+
+
 def test_backward_uses_the_exact_shift_not_the_rounded_output():
     # In bfloat16 a rounded output of ~1.55e4 is off by up to 32; exp(x - out) is then far off.
     # Shifted coordinates keep our gradient accurate where torch's own is not.

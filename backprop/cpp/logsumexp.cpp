@@ -2,7 +2,8 @@
 //
 //   x read as (R, C): R = prod(x.shape[:k]) rows of C = prod(x.shape[k:]) values (k = the first
 //   reduced dim; a 0-d x is one row of one value: logsumexp of a 0-d tensor is the identity)
-//   forward:  m = max_c x[r, c], then 0 where not finite (nan_to_num(0, 0, 0), as the eager kernel)
+//   forward:  m = max_c x[r, c], then T's largest finite value where it is +inf, 0 where it is -inf
+//             or nan (nan_to_num(0, max, 0), as the eager kernel: dx 0 at a finite entry of a +inf row)
 //             sumexp = sum_c exp(x[r, c] - m)   out = log(sumexp) + m   (C = 0: m = 0, out = -inf)
 //   backward: dx[r, c] = exp(x[r, c] - m) (dout[r] / sumexp)
 //
@@ -101,20 +102,25 @@ inline double lanes_sum(const double* acc) {
   return s;
 }
 
-// a row whose max is not finite: shifted by 0, sum(exp(z)) (inf or nan where it holds +inf or nan,
-// 0 for a row of -inf or an empty one)
+// a row whose max is not finite, shifted as the eager kernel's nan_to_num(0, max, 0) shifts it: by
+// T's largest finite value where the max is +inf (the row holds +inf and no nan: exp(z - m) is inf at a
+// +inf, at most 1 elsewhere, so sumexp is inf and dx 0 at every finite entry, as torch's), by 0 where
+// it is nan (a nan anywhere in the row, before or after a +inf: sumexp nan) or -inf (a row of -inf or
+// an empty one: sumexp 0). Its max read again in full: the first pass stopped at the first nan or +inf
 template <typename T>
 inline std::pair<T, double> special_row(const T* z, int64_t C) {
   using V = at::vec::Vectorized<T>;
+  const T m = C ? at::vec::reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, z, C) : T(0);
+  const T shift = m == std::numeric_limits<T>::infinity() ? std::numeric_limits<T>::max() : T(0);
   double acc[V::size()] = {};
-  for (int64_t i = 0; i < C; i += kBlock<T>) add_exps(z + i, std::min(kBlock<T>, C - i), V(T(0)), acc);
-  return {T(0), lanes_sum<T>(acc)};
+  for (int64_t i = 0; i < C; i += kBlock<T>) add_exps(z + i, std::min(kBlock<T>, C - i), V(shift), acc);
+  return {shift, lanes_sum<T>(acc)};
 }
 
 // (shift, sumexp) of a row in one read: block by block (kBlock values, in L1 after their max), the
 // running max M and the sum of exp(z - M), rescaled (in double) when M grows; a finite row's M ends
 // as its max, the eager kernel's shift. A row whose max is +inf or nan, or -inf (all -inf, or
-// empty), is shifted by 0, as the eager kernel's nan_to_num(0, 0, 0) does: a second pass.
+// empty), is special_row's, shifted as the eager kernel's nan_to_num(0, max, 0): a second pass.
 template <typename T>
 inline std::pair<T, double> reduce_row(const T* z, int64_t C) {
   using V = at::vec::Vectorized<T>;
