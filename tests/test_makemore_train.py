@@ -105,3 +105,21 @@ def test_sampling_is_reproducible_and_uses_the_vocabulary(dataset):
     a, b = model.sample(run.model, 5, seed=3), model.sample(run.model, 5, seed=3)
     assert a == b and len(a) == 5
     assert set("".join(a)) <= set(dataset.vocab.chars)
+
+
+def test_seconds_count_the_training_loop_not_the_validation_curve(dataset, monkeypatch):
+    """run.seconds (the CLI's steps/s) is the loop alone: eval_every's validation losses (each
+    calibrates BatchNorm over the training set first, seconds at the full size) are not in it. A
+    fake clock that jumps 100 s in each evaluation shows it."""
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    evaluate = train._calibrated
+
+    def slow(*args):
+        clock[0] += 100.0
+        return evaluate(*args)
+
+    monkeypatch.setattr(train, "_calibrated", slow)
+    run = train.train(dataset, steps=20, hidden=8, eval_every=10)
+    assert len(run.val_losses) == 2 and clock[0] == 200.0
+    assert run.seconds == 0.0
