@@ -39,7 +39,9 @@ class Cache(NamedTuple):
     weight: torch.Tensor | None  # (C,) the input itself
     valid: torch.Tensor | None  # Args.valid
     count: int  # Args.count
-    total: float | torch.Tensor  # the 'mean' denominator: count, or the kept rows' weight sum (0-d)
+    # the 'mean' denominator: count, or the kept rows' weight sum (0-d; nan where that sum is 0 with
+    # label smoothing, torch's 0 / 0)
+    total: float | torch.Tensor
     reduction: str
     label_smoothing: float
     versions: tuple[int | None, ...] = ()  # of logits, targets, weight at forward; () for a cache built by hand
@@ -62,8 +64,9 @@ def forward(
     """With p = softmax(z_n), eps = label_smoothing, class weights w (ones by default) and the
     target distribution q_n = (1 - eps) onehot(y_n) + eps / C (indices) or (1 - eps) t_n + eps / C
     (probabilities t_n):  loss_n = -sum_c w_c q_n[c] log p[c]   (0 on ignored rows).
-    'mean' divides by sum_n w[y_n] over the kept rows (their count without weight); for
-    probability targets by the number of rows. ignore_index must be negative for probabilities.
+    'mean' divides by sum_n w[y_n] over the kept rows (their count without weight; a sum of 0 with
+    smoothing gives nan, as torch's nll term 0 / 0); for probability targets by the number of rows.
+    ignore_index must be negative for probabilities.
     """
     return forward_math(prepare(logits, targets, weight=weight, reduction=reduction,
                                 ignore_index=ignore_index, label_smoothing=label_smoothing))
@@ -228,6 +231,12 @@ def forward_math(a: Args) -> tuple[torch.Tensor, Cache]:
         if eps > 0:
             sum_w = C if weight is None else weight.sum()
             loss = (1 - eps) * loss + (eps / C) * smooth.add_(logsum * sum_w)
+            if weight is not None and reduction == "mean":
+                # torch divides its nll and smoothing terms by the total apart: a total of 0 (every kept
+                # target's weight 0) makes the nll term 0 / 0 = nan, where the sum over 0 is inf. A nan
+                # total gives that nan here and in backward (every kept row's gradient), and 0 / 0 is
+                # all it changes: a total of inf stays inf
+                total = total / (total != 0)
     if kept is not None:
         loss = torch.where(kept.unsqueeze(1), loss, 0.0)
     if reduction != "none":  # over every row: (N, 1, *) needs no squeeze first

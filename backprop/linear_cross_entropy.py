@@ -89,7 +89,8 @@ def forward(
 ) -> tuple[torch.Tensor, Cache]:
     """z_n = W x_n + b;  with p = softmax(z_n), w = class weights (1 if None), eps = label_smoothing:
     loss_n = (1 - eps) w[y_n] (-log p[y_n]) + (eps / V) sum_c w[c] (-log p[c])   (0 on ignored rows);
-    'mean' divides the sum by sum_n w[y_n] over the kept rows (their count when unweighted).
+    'mean' divides the sum by sum_n w[y_n] over the kept rows (their count when unweighted; a sum of
+    0 with smoothing gives nan, as torch's nll term 0 / 0).
     """
     return forward_math(prepare(x, linear_weight, targets, linear_bias, weight=weight, reduction=reduction,
                                 ignore_index=ignore_index, label_smoothing=label_smoothing,
@@ -263,10 +264,13 @@ def _join(rows: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def _denominator(a: Args | Cache) -> int | torch.Tensor:
-    """'mean': sum_kept w[y] (the kept rows' count unweighted; float32 for 16-bit weights); 'sum': 1."""
+    """'mean': sum_kept w[y] (the kept rows' count unweighted; float32 for 16-bit weights); 'sum': 1.
+    With label smoothing a weight sum of 0 is nan: torch divides its nll and smoothing terms by it
+    apart, and the nll term's 0 / 0 makes the loss and every gradient nan (the sum over 0 is inf)."""
     if a.reduction == "sum" or a.weight is None:
         return 1 if a.reduction == "sum" else a.count
-    return _kept(a.weight[a.targets], a.valid).sum(dtype=_check.opmath(a.x.dtype))
+    total = _kept(a.weight[a.targets], a.valid).sum(dtype=_check.opmath(a.x.dtype))
+    return total / (total != 0) if a.label_smoothing > 0 else total  # 0 / 0 = nan; any other total as it is
 
 
 def _through(dout: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -552,6 +552,41 @@ def test_no_rows_with_reduction_none():
     assert dz.shape == dz_eager.shape == (0, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_a_zero_weight_total_with_smoothing_gives_nan_like_torch(name, dtype, monkeypatch):
+    """'mean' with class weights and label smoothing where every target's weight is 0 (a fault hunt):
+    torch's nll term is 0 / 0 = nan, so the loss and every gradient are nan; the C++ summed the two
+    terms first, inf / 0: an inf loss, gradients of +-inf. The C++ runs here (the eager kernel refused)."""
+    g = torch.Generator().manual_seed(0)
+    targets, weight = torch.tensor([2, 2, 2]), torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=dtype)
+    if name == "cross_entropy":
+        args = (torch.randn(3, 4, generator=g, dtype=dtype), targets)
+        reference = torch.nn.functional.cross_entropy
+    else:
+        args = (torch.randn(3, 5, generator=g, dtype=dtype), torch.randn(4, 5, generator=g, dtype=dtype), targets,
+                torch.randn(4, generator=g, dtype=dtype))
+        reference = lambda x, w, t, b, **kw: torch.nn.functional.linear_cross_entropy(  # noqa: E731
+            x, w, t, linear_bias=b, ignore_index=-100, **kw)
+    leaves = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    expected = reference(*leaves, weight=weight, label_smoothing=0.1)
+    expected.backward()
+    eager = backprop.OPS[name]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager kernel ran")
+
+    monkeypatch.setattr(eager, "forward", refuse)
+    monkeypatch.setattr(eager, "backward", refuse)
+    out, cache = cpp.OPS[name].forward(*args, weight=weight, label_smoothing=0.1)
+    grads = [d for d in cpp.OPS[name].backward(torch.ones((), dtype=dtype), cache) if d is not None]
+    assert out.isnan() and expected.isnan()
+    leaf_grads = [a.grad for a in leaves if a.is_floating_point()]
+    assert len(grads) == len(leaf_grads)
+    for ours, theirs in zip(grads, leaf_grads):
+        assert ours.isnan().all() and theirs.isnan().all()
+
+
 def _unit(cmd: list[str]) -> str:
     """Which g++ call of cpp.build cmd is: the ops' unit, the binding's, or the link."""
     return ("link" if "-shared" in cmd else

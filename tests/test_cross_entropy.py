@@ -28,6 +28,12 @@ from backprop.testing.suite import check_case, gradcheck_case
                               [-0.0135, 0.0024, -0.0001, -0.0020, -0.0166, 0.0092]], dtype=torch.bfloat16),
                 torch.tensor([2, 3, 5, 0, 1, 3])),
                {"reduction": "sum", "ignore_index": -100, "label_smoothing": 1.0}))
+# every kept target's class weight 0 with smoothing: torch divides its nll and smoothing terms by
+# the weight total apart, 0/0 = nan; the two terms summed first gave inf / 0 = inf (a fault hunt)
+@example(case=((torch.tensor([[0.3, -1.2, 0.8, 0.1], [1.5, 0.2, -0.4, 0.0], [-0.7, 0.9, 0.3, -1.1]]),
+                torch.tensor([2, -100, 2])),
+               {"reduction": "mean", "ignore_index": -100, "label_smoothing": 0.1,
+                "weight": torch.tensor([1.0, 1.0, 0.0, 1.0])}))
 def test_matches_autograd(device, case):
     check_case("cross_entropy", cross_entropy, to_device(case, device))
 
@@ -75,6 +81,45 @@ def test_every_row_ignored_gives_nan_loss_and_zero_gradient_like_torch():
     assert loss.isnan()
     (dlogits, _) = cross_entropy.backward(torch.tensor(1.0), cache)
     assert torch.equal(dlogits, torch.zeros(3, 4))
+
+
+ZERO_TOTAL = {  # logits' shape, targets: every kept target is class 2, whose weight is 0
+    "(N, C)": ((3, 4), [2, 2, 2]),
+    "(N, C) with an ignored row": ((3, 4), [2, -100, 2]),
+    "(C,)": ((4,), 2),
+    "(N, C, d1)": ((2, 4, 3), [[2, -100, 2], [2, 2, 2]]),
+    "every row ignored": ((3, 4), [-100, -100, -100]),
+}
+
+
+@pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", list(ZERO_TOTAL))
+def test_a_zero_weight_total_with_smoothing_gives_nan_like_torch(layout, dtype, label_smoothing):
+    """'mean' with class weights and label smoothing where the kept targets' weights sum to 0: torch
+    divides the nll term (0 / 0 = nan) and the smoothing term apart, so the loss is nan, and so is
+    the gradient of every kept row (an ignored row's is 0). The terms summed first gave inf / 0 = inf,
+    the gradient inf at the target. Every row ignored: nan and a zero gradient, with and without."""
+    shape, targets = ZERO_TOTAL[layout]
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    targets = torch.tensor(targets)
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=dtype)
+    for options in ({"weight": weight, "label_smoothing": label_smoothing}, {"weight": weight},
+                    {"label_smoothing": label_smoothing}):
+        if "weight" not in options and layout != "every row ignored":
+            continue  # a weight total needs the weights
+        leaf = logits.clone().requires_grad_()
+        expected = F.cross_entropy(leaf, targets, **options)
+        expected.backward()
+        out, cache = cross_entropy.forward(logits, targets, **options)
+        (dlogits, _) = cross_entropy.backward(torch.ones((), dtype=dtype), cache)
+        kept = (targets != -100).unsqueeze(-2 if logits.ndim > 2 else -1).expand(logits.shape)
+        assert out.isnan() and expected.isnan(), options
+        assert torch.equal(dlogits.isnan(), kept) and torch.equal(leaf.grad.isnan(), kept), options
+        assert not dlogits[~kept].any(), options
+        torch.testing.assert_close(dlogits, leaf.grad, equal_nan=True)
+    check_against_autograd(cross_entropy, references.cross_entropy, logits, targets, weight=weight,
+                           label_smoothing=label_smoothing)
 
 
 def test_ignored_rows_do_not_count_in_the_mean():

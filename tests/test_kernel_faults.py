@@ -257,3 +257,14 @@ def test_a_row_holding_inf_and_a_large_finite_entry_gives_torch_gradient():
         (dx,) = op.backward(torch.ones_like(out), cache)
         assert out.tolist() == [torch.inf]
         torch.testing.assert_close(dx, expected, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("targets", [[2, 2, 2], [2, -100, 2]], ids=str)
+def test_a_zero_weight_total_with_smoothing_gives_nan_as_torch(targets):
+    """'mean', class weights, label smoothing, every kept target's weight 0: torch's nll term is
+    0 / 0 = nan; ours summed it with the smoothing term first and gave inf (found by a fault hunt)."""
+    targets, weight = torch.tensor(targets), torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    options = {"weight": weight, "label_smoothing": 0.1}
+    check_against_autograd(cross_entropy, references.cross_entropy, _randn(3, 4).double(), targets, **options)
+    check_against_autograd(linear_cross_entropy, references.linear_cross_entropy, _randn(3, 5).double(),
+                           _randn(4, 5).double(), targets, _randn(4).double(), **options)

@@ -32,9 +32,20 @@ def _every_row_ignored(reduction):
     return (x, w, t.fill_(-100), b), {"reduction": reduction}
 
 
+def _zero_weight_total(targets):
+    """Class weights and label smoothing where every kept target's weight is 0 ('mean')."""
+    x, w, _, b = inputs(N=3, D=2, V=4)
+    return (x, w, torch.tensor(targets), b), {"weight": torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64),
+                                              "label_smoothing": 0.1}
+
+
 @given(case=linear_cross_entropy_cases())
 @example(case=_every_row_ignored("mean"))  # found by hypothesis: the jvp was 0, torch's 0 / 0 = nan
 @example(case=_every_row_ignored("sum"))
+# found by a fault hunt: torch divides the nll term (0 / 0 = nan) and the smoothing term apart; the
+# two summed first gave inf / 0 = inf, and gradients inf in the target's column
+@example(case=_zero_weight_total([2, 2, 2]))
+@example(case=_zero_weight_total([2, -100, 2]))
 def test_matches_autograd(device, case):
     check_case("linear_cross_entropy", linear_cross_entropy, on(device, case))
 
@@ -96,6 +107,30 @@ def test_every_row_ignored_gives_nan_mean_and_zero_gradient_like_torch():
     assert loss.isnan()
     dx, dw, dt, db = linear_cross_entropy.backward(torch.tensor(1.0, dtype=torch.float64), cache)
     assert dt is None and not dx.any() and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("targets", [[2, 2, 2], [2, -100, 2], [-100, -100, -100]], ids=str)
+def test_a_zero_weight_total_with_smoothing_gives_nan_like_torch(targets, dtype):
+    """'mean' with class weights and label smoothing where the kept targets' weights sum to 0: torch's
+    nll term is 0 / 0 = nan, so the loss and every gradient are nan (dx 0 on an ignored row); the
+    two terms summed first gave inf. Every row ignored: nan and zero gradients, as before."""
+    x, w, _, b = (t.to(dtype) for t in inputs(N=3, D=5, V=4))
+    t, cw = torch.tensor(targets), torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=dtype)
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    expected = torch.nn.functional.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], weight=cw,
+                                                         ignore_index=-100, label_smoothing=0.1)
+    expected.backward()
+    for chunk_size in (None, 2):
+        loss, cache = linear_cross_entropy.forward(x, w, t, b, weight=cw, label_smoothing=0.1, chunk_size=chunk_size)
+        dx, dw, _, db = linear_cross_entropy.backward(torch.ones((), dtype=dtype), cache)
+        assert loss.isnan() and expected.isnan()
+        torch.testing.assert_close(loss, expected.detach(), equal_nan=True)
+        for ours, leaf in zip((dx, dw, db), leaves):
+            torch.testing.assert_close(ours, leaf.grad, equal_nan=True)
+        kept = t != -100
+        assert dx[kept].isnan().all() and not dx[~kept].any()
+        assert dw.isnan().all() == db.isnan().all() == bool(kept.any())
 
 
 def test_weighted_mean_divides_by_the_kept_targets_weights():

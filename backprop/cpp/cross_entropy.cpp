@@ -5,6 +5,7 @@
 //   loss_n = (1 - eps) w_y (m_n - z[n, y] + s_n) + eps/C sum_c w_c (m_n - z[n, c] + s_n)
 //   dlogits[n, c] = g_n (p[n, c] S_n - eps/C w_c - (1 - eps) w_y [c == y]),
 //   S_n = (1 - eps) w_y + eps/C sum_c w_c;  g_n = dout / total ('mean'), dout ('sum'), dout[n]
+//   total = sum_n w_y (N unweighted), nan where it is 0 with weight and eps > 0: torch's 0 / 0
 //
 // Covered: 2-D logits, every reduction, weight, label_smoothing, no ignored row. Not covered (the
 // eager kernel runs): 1-D and K-dim logits, probability targets, uint8 targets, an ignored row.
@@ -48,6 +49,10 @@ Tensors forward(const at::Tensor& logits, const at::Tensor& targets, const at::T
     if (reduction == kNone) out[n] = T(l);
     else acc += l;
   }
+  // torch divides its nll and smoothing terms by the weight total apart: a total of 0 (every target's
+  // weight 0) makes the nll term 0 / 0 = nan, where acc / 0 is inf. A nan total, as the eager cache's,
+  // gives that nan here and in the backward (every gradient)
+  if (w && eps > 0 && total == 0) total = std::numeric_limits<double>::quiet_NaN();
   if (reduction == kMean) out[0] = T(acc / total);
   else if (reduction == kSum) out[0] = T(acc);
   if (!w) return {loss, shift, logsum};

@@ -8,7 +8,8 @@
 //   loss_n = (1 - eps) w_y (-log p_y) + eps/V sum_c w_c (-log p_c)
 //   dz[n, c] = g_n (a_n p_c - eps/V w_c), the target entry g_n ((1 - eps) w_y expm1(log p_y)
 //              + eps/V (S p_y - w_y)),  a_n = (1 - eps) w_y + eps/V S,  S = sum_c w_c (V unweighted)
-//   g_n = 1 / sum_n w_{y_n} ('mean'), 1 ('sum'): the gradients at dloss = 1, computed by the forward;
+//   g_n = 1 / sum_n w_{y_n} ('mean'; nan where that sum is 0 with eps > 0, torch's 0 / 0), 1 ('sum'):
+//   the gradients at dloss = 1, computed by the forward;
 //   g_n = dout[n] ('none'): in the backward, which recomputes the chunk's logits
 //   dx[chunk] = dz W,  dW += dz^T x[chunk],  db += sum_rows dz   (dz written over the chunk's logits;
 //   dW in x's dtype, its own opmath; db and the loss's sum in double, rounded once)
@@ -148,6 +149,10 @@ Tensors forward(const Problem& P, int64_t reduction) {
     const int64_t* y = P.y.data_ptr<int64_t>();
     denom = 0;
     for (int64_t n = 0; n < N; ++n) denom += w[y[n]];
+    // torch divides its nll and smoothing terms by the weight total apart: a total of 0 makes the nll
+    // term 0 / 0 = nan, where the sum over 0 is inf; a nan denominator, as the eager _denominator's,
+    // makes the loss and every gradient nan
+    if (P.eps > 0 && denom == 0) denom = std::numeric_limits<double>::quiet_NaN();
   }
   Tensors out = gradients<T>(P, nullptr, 1.0 / denom, r);
   double total = 0;
