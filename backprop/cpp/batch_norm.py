@@ -17,8 +17,9 @@ from backprop import cpp
 Cache = eager.Cache
 # its loops are written for large shapes too (threaded over channels or row blocks, vectorised, one
 # read of x for the statistics): benchmarks/conftest.py times it there as well (manual-cpp). Measured
-# (docs/benchmarks.md, docs/benchmarks-log.md): ahead of torch's fastest in the backward at 4096x1024 and NCHW 32x64x56x56;
-# the forward writes out alone (x-hat is recomputed in the backward, as aten's kernel does)
+# (docs/benchmarks.md, docs/benchmarks-log.md): ahead of torch's fastest in the backward at 4096x1024
+# and NCHW 32x64x56x56; the forward writes out alone (x-hat is recomputed in the backward, as aten's
+# kernel does)
 LARGE_SHAPES = True
 # the rest of the contract is the eager op's, on the same caches: forward mode (jvp), and what the
 # adapter (backprop.autograd) recomputes for a double backward or torch.func
