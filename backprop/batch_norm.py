@@ -15,6 +15,7 @@ Running statistics are never updated in place (torch's kernel does that): in tra
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -51,8 +52,8 @@ class Cache(NamedTuple):
     versions: tuple[int | None, ...] = ()  # of x and weight (None if absent) at forward; () when built by hand
     training: bool = True  # False: the statistics are constants, backward is the affine one
     # training with running statistics: the updated ones (ours, new tensors), else None
-    updated_mean: torch.Tensor | None = None  # (C,) (1 - m) running_mean + m mean
-    updated_var: torch.Tensor | None = None  # (C,) (1 - m) running_var + m var * n / (n - 1)
+    updated_mean: torch.Tensor | None = None  # (C,) m mean + (1 - m) running_mean
+    updated_var: torch.Tensor | None = None  # (C,) m var * n / (n - 1) + (1 - m) running_var
     updated_batches: int | None = None  # num_batches_tracked + 1
 
 
@@ -94,9 +95,11 @@ def forward(
 
     Training with running statistics also returns, on the cache, with m = momentum (or
     1 / (num_batches_tracked + 1) for momentum=None, nn.BatchNorm's cumulative average):
-    updated_mean = (1 - m) running_mean + m mean,  updated_var = (1 - m) running_var + m var_unbiased
-    (the unbiased variance, 1/(n-1), whatever correction is, as torch keeps it). No value per
-    channel (N = 0) leaves them as they were and gives an empty output, as torch does.
+    updated_mean = m mean + (1 - m) running_mean,  updated_var = m var_unbiased + (1 - m) running_var
+    (the unbiased variance, 1/(n-1), whatever correction is, as torch keeps it), torch's formula
+    with m rounded as its kernel rounds it: an infinite running statistic stays infinite (its sign
+    that of 1 - m), and is nan where m rounds to 1 (0 * inf). No value per channel (N = 0) leaves
+    them as they were and gives an empty output, as torch does.
 
     An infinite weight gives +-inf (nan where x equals the mean), as the formula does; F.batch_norm
     on the CPU gives nan there, because it folds the affine into x * s + (bias - mean * s).
@@ -262,11 +265,32 @@ def _updated_stats(a: Args, mean: torch.Tensor, var_sum: torch.Tensor, n: int) -
     batches = a.num_batches_tracked + 1
     if n == 0:  # no value per channel: torch leaves the statistics as they were
         return rm.clone(), rv.clone(), batches
-    m = a.momentum if a.momentum is not None else 1.0 / batches
     acc = mean.dtype
-    new_mean = torch.lerp(_check.cast(rm, acc), mean, m)  # (1 - m) rm + m mean
-    new_var = torch.lerp(_check.cast(rv, acc), var_sum / (n - 1), m)  # unbiased, as torch keeps it
+    m, keep = _momentum(a.momentum if a.momentum is not None else 1.0 / batches, rm.dtype)
+    # torch's m stat + (1 - m) r, not torch.lerp's r + m (stat - r): an infinite r stays infinite
+    # (lerp's inf - inf is nan) and is nan where torch's is (m = 1: 0 * inf)
+    new_mean = torch.add(mean * m, _check.cast(rm, acc) * keep)
+    new_var = torch.add((var_sum / (n - 1)) * m, _check.cast(rv, acc) * keep)  # unbiased, as torch keeps it
     return new_mean.to(rm.dtype), new_var.to(rv.dtype), batches
+
+
+def _momentum(m: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(m, 1 - m) with m rounded as torch's CPU kernel rounds it (measured, torch 2.13): to float32 for
+    float32 and float16 statistics, to bfloat16 (through float32) for bfloat16 ones. Where m rounds to
+    1 (m = 1 - 1e-9 in float32, 0.999 in bfloat16), 1 - m is 0 and an infinite statistic becomes nan
+    (0 * inf), as torch's does.
+    For float32, 1 - m here (in float64, then cast by the ops) is torch's float32 1 - m: exact in
+    float64 for 2^-29 <= |m| <= 2^53 (m has 24 bits), and 1 or -m in both outside that."""
+    if dtype == torch.float64:
+        return m, 1 - m
+    try:
+        m = struct.unpack("f", struct.pack("f", m))[0]
+    except OverflowError:  # past float32's largest (some Pythons raise, others give inf)
+        m = math.copysign(math.inf, m)
+    if dtype == torch.bfloat16:  # float32's top 16 bits, rounded to nearest even
+        bits = struct.unpack("<I", struct.pack("<f", m))[0]
+        m = struct.unpack("<f", struct.pack("<I", (bits + 0x7FFF + (bits >> 16 & 1)) >> 16 << 16))[0]
+    return m, 1 - m
 
 
 @_check.no_autograd

@@ -196,6 +196,73 @@ def test_momentum_none_is_nn_batchnorms_cumulative_average():
     assert stats.num_batches_tracked == int(module.num_batches_tracked) == 3
 
 
+# (momentum, num_batches_tracked): m = momentum, or 1 / (num_batches_tracked + 1) for None; 1 - 1e-9
+# is 1 in float32 (torch's CPU kernel rounds m to the statistics' dtype), 2.0 and -0.5 put m or 1 - m
+# below 0
+SPECIAL_MOMENTA = [(0.0, 0), (0.1, 0), (0.5, 0), (1.0, 0), (None, 0), (None, 3), (1 - 1e-9, 0), (2.0, 0),
+                   (-0.5, 0)]
+
+
+def infinite_running_stats_case(shape, dtype, momentum, num_batches_tracked):
+    """x of `shape` with C = 3 channels and running statistics (finite, +inf, -inf) and (finite,
+    -inf, +inf); the options for forward, and torch's updated statistics (F.batch_norm's in place)."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    inf = float("inf")
+    rm, rv = torch.tensor([0.5, inf, -inf], dtype=dtype), torch.tensor([1.5, -inf, inf], dtype=dtype)
+    options = {"running_mean": rm, "running_var": rv, "momentum": momentum,
+               "num_batches_tracked": num_batches_tracked}
+    m = 1 / (num_batches_tracked + 1) if momentum is None else momentum
+    theirs = [rm.clone(), rv.clone()]
+    F.batch_norm(x, *theirs, training=True, momentum=m)
+    return x, options, theirs
+
+
+@pytest.mark.parametrize("path", ["eager", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5)])
+@pytest.mark.parametrize("momentum, num_batches_tracked", SPECIAL_MOMENTA)
+def test_infinite_running_statistics_update_as_torchs(path, shape, dtype, momentum, num_batches_tracked,
+                                                      monkeypatch):
+    """torch updates the statistics r with m * stat + (1 - m) * r, m rounded to the statistics'
+    dtype: an infinite r stays infinite (its sign that of 1 - m) for any m but 1, and is nan for
+    m = 1 (0 * inf), m = 1 - 1e-9 in float32 included. torch.lerp's r + m (stat - r), which both
+    paths computed before, gave nan (inf - inf) in its branch for |m| < 0.5 (m = 0, 0.1, None after
+    3 batches). The cpp path must not reach the eager kernel (its rows layout (8, 3), its planes
+    (4, 3, 5))."""
+    from backprop import cpp
+    from backprop.compiled import cpu_compiler_found
+
+    x, options, theirs = infinite_running_stats_case(shape, dtype, momentum, num_batches_tracked)
+    op = batch_norm
+    if path == "cpp":
+        if not cpu_compiler_found():
+            pytest.skip("backprop.cpp is built with g++")
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the eager kernel ran")
+
+        op = cpp.batch_norm
+        monkeypatch.setattr(batch_norm, "forward", refuse)
+    _, cache = op.forward(x, **options)
+    stats = batch_norm.updated_stats(cache)
+    for name, got, want in zip(("running_mean", "running_var"), stats, theirs):
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.1, 0.998, 0.999, 0.9999, 1.0, 2.0])
+def test_infinite_16_bit_running_statistics_update_as_torchs(dtype, momentum):
+    """16-bit statistics (the eager kernel's; it computes in float32): torch's CPU kernel rounds m to
+    bfloat16 for bfloat16 statistics (0.999 is 1 there: 0 * inf = nan) and to float32 for float16
+    ones (0.9999 stays below 1: +-inf), which we follow. The infinite channels only: torch rounds its
+    16-bit terms, we round once (m = 2 cancels: 2 var - 1.5 differs by far more than 16-bit noise)."""
+    x, options, theirs = infinite_running_stats_case((8, 3), dtype, momentum, 0)
+    stats = batch_norm.updated_stats(batch_norm.forward(x, **options)[1])
+    for name, got, want in zip(("running_mean", "running_var"), stats, theirs):
+        torch.testing.assert_close(got[1:], want[1:], equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_eval_mode_uses_the_running_statistics_and_its_backward_is_affine():
     x = torch.randn(6, 3, 5, dtype=torch.float64)
     w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)

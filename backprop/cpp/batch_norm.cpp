@@ -9,9 +9,9 @@
 //             float64 sums a second time with K = that mu, the eager kernel's corrected two-pass)
 //   eval:     mu = running_mean,  var = running_var
 //   rstd = 1 / sqrt(var + eps),  xhat = (x - mu) rstd,  out = w xhat + b
-//   training with running statistics r (returned, never written): lerp(r, stat, m), stat = mu for the
-//   mean and S / (n - 1) for the variance (unbiased, whatever correction is, as torch keeps it),
-//   m = momentum or, for momentum None, 1 / (num_batches_tracked + 1)
+//   training with running statistics r (returned, never written): torch's m stat + (1 - m) r, stat = mu
+//   for the mean and S / (n - 1) for the variance (unbiased, whatever correction is, as torch keeps it),
+//   m = momentum or, for momentum None, 1 / (num_batches_tracked + 1), rounded to T as torch rounds it
 //
 //   backward, g = dout, xhat recomputed:  dbias = sum(g),  dweight = sum(g xhat)
 //   training: d var / d x_i = 2 (x_i - mu) / d and d rstd = -rstd^3 d var / 2, so
@@ -170,10 +170,11 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
     result.insert(result.end(), {at::empty({C}, opts), at::empty({C}, opts)});
     new_mean = result[4].data_ptr<T>(), new_var = result[5].data_ptr<T>();
   }
-  // torch.lerp's formula: the nearer end plus a fraction of the difference
-  auto lerp = [momentum](double a, double z) {
-    return std::abs(momentum) < 0.5 ? a + momentum * (z - a) : z - (z - a) * (1 - momentum);
-  };
+  // torch's formula, m stat + (1 - m) r, with m rounded to T as torch's kernel rounds it (m = 1 - 1e-9
+  // is 1 in float32, 1 - m then 0): an infinite r stays infinite, or is nan where torch's is (0 * inf);
+  // torch.lerp's r + m (stat - r), its branch for |m| < 0.5, gave nan (inf - inf)
+  const double m = double(T(momentum)), keep = 1 - m;  // 1 - m exact (or torch's 1 or -m) for float32's m
+  auto update = [m, keep](double r, double stat) { return m * stat + keep * r; };
   // channel c's mu and rstd: from its sums (training) or the running statistics (eval)
   auto settle = [&](int64_t c) {
     double mu = rm ? rm[c] : 0, var = rv ? rv[c] : 0;
@@ -181,8 +182,8 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
       const double S = std::max(0.0, s2[c] - s1[c] * s1[c] / n);  // >= 0 (it may round below)
       mu = K[c] + s1[c] / n, var = S / (n - correction);
       if (rm) {
-        new_mean[c] = T(lerp(rm[c], mu));
-        new_var[c] = T(lerp(rv[c], S / (n - 1)));
+        new_mean[c] = T(update(rm[c], mu));
+        new_var[c] = T(update(rv[c], S / (n - 1)));
       }
     }
     hi[c] = T(mu), lo[c] = T(mu - hi[c]), r[c] = T(1 / std::sqrt(var + eps));
