@@ -144,6 +144,8 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]
         # values copied: a sparse tensor over dout's own storage would alias the caller's dout
         return None, torch.sparse_coo_tensor(flat[None].long(), rows.clone(), (V, E),
                                              check_invariants=False)  # indices checked by prepare
+    if padding_idx is not None:  # the padding row gets no gradient: its positions add zeros (a nan too)
+        rows = torch.where((indices.reshape(-1) != padding_idx)[:, None], rows, 0.0)
     dweight = dout.new_zeros(V, E)  # (V, E)
     if cache.deterministic and dweight.is_cuda:
         # on CUDA, index_put_ with accumulate=True sorts the indices and sums each run of repeats
@@ -155,8 +157,6 @@ def backward_math(dout: torch.Tensor, cache: Cache) -> tuple[None, torch.Tensor]
     if cache.scale_grad_by_freq:
         count = torch.bincount(indices.reshape(-1), minlength=V).clamp_(min=1)  # (V,) 1 for unseen rows
         dweight /= count[:, None].to(dweight.dtype)
-    if padding_idx is not None:
-        dweight[padding_idx] = 0
     return None, dweight
 
 
