@@ -159,3 +159,30 @@ def test_the_custom_op_refuses_sparse_and_max_norm_with_the_reason():
         torch.ops.backprop.embedding(torch.tensor([0]), torch.randn(3, 2), sparse=True)
     with pytest.raises(ValueError, match=r"max_norm=1.0 is not supported"):
         torch.ops.backprop.embedding(torch.tensor([0]), torch.randn(3, 2), max_norm=1.0)
+
+
+def test_per_sample_gradients_with_a_padding_row_take_batching_rules():
+    """Under torch.func.vmap the backward runs on batched tensors: zeroing the padding row in place
+    (dweight[padding_idx] = 0, or zero_) has no batching rule, and functorch falls back to a slow
+    per-sample loop with a warning. The padding positions' rows are masked out before the sum
+    instead; the gradients are F.embedding's, per sample."""
+    import warnings
+
+    from torch.func import grad, vmap
+
+    from backprop.autograd import apply
+
+    indices = torch.tensor([[0, 2, 2], [1, 0, 3]])
+    weight = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss(w, idx, op):
+        return op(w, idx).pow(2).sum()
+
+    ours = lambda w, idx: apply(embedding, idx, w, padding_idx=2)  # noqa: E731
+    theirs = lambda w, idx: F.embedding(idx, w, padding_idx=2)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = vmap(grad(loss), in_dims=(None, 0, None))(weight, indices, ours)
+    expected = vmap(grad(loss), in_dims=(None, 0, None))(weight, indices, theirs)
+    torch.testing.assert_close(got, expected)
+    assert got[:, 2].eq(0).all()
