@@ -210,6 +210,32 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, words):
     assert err.count("\n") == 1 and words in err and str(path) in err and "Traceback" not in err
 
 
+def test_an_atom_changed_in_place_is_named_as_such(tmp_path):
+    """Exercise 2 written on a .detach() of logits changes logits itself: not a training step."""
+    ns = run_solution(solution(tmp_path, "dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1])",
+                               "dlogits = logits.detach(); dlogits.exp_(); dlogits /= dlogits.sum(1, keepdim=True)  #"))
+    with pytest.raises(ValueError, match=r"`logits` was changed in place .*\.clone\(\)"):
+        grade(ns, quiet=True)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda t: t.to_sparse(), "sparse_coo tensor"),
+    (lambda t: t.to("meta"), "on device meta"),
+])
+def test_a_sparse_or_other_device_gradient_is_wrong_not_a_crash(change, words):
+    ns = run_solution(CORRECT)
+    ns["dC"] = change(ns["dC"])
+    row = grade(ns, quiet=True)["dC"]
+    assert row.verdict == "wrong" and words in row.diagnosis, row
+
+
+def test_a_sum_that_cancels_counts_ulp_of_its_terms():
+    """db1 sums to 0 in exact arithmetic: its largest entry is rounding noise, no yardstick for ulp."""
+    diagnosis = grade(run_solution(CORRECT), quiet=True)["db1"].diagnosis
+    scaled = float(diagnosis.split("by at most ")[1].split(" ulp")[0])
+    assert scaled < 16 and "sum of |terms|" in diagnosis, diagnosis
+
+
 def test_python_m_backprop_exercise(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread, as a worker
     bad = solution(tmp_path, "db2 = dlogits.sum(0)", "db2 = dlogits.sum(1)")

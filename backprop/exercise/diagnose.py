@@ -216,6 +216,11 @@ def diagnose(g: object, c: Context) -> str:
     """A one-line reason for a gradient that fails the acceptance rule."""
     if not isinstance(g, Tensor):
         return f"not a tensor: {type(g).__name__}"
+    if g.layout != torch.strided:
+        layout = str(g.layout).removeprefix("torch.")
+        return f"a {layout} tensor: a gradient is dense, as autograd's (.to_dense())"
+    if g.device != c.same.device:
+        return f"on device {g.device}, the parameters on {c.same.device}"
     if not g.is_floating_point():
         return f"dtype {g.dtype}: a gradient is floating point (zeros_like of an integer tensor?)"
     g = g.detach().double()
