@@ -210,6 +210,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, words):
     assert err.count("\n") == 1 and words in err and str(path) in err and "Traceback" not in err
 
 
+def test_a_whole_notebook_with_exercise_4_is_graded_where_it_last_fits(tmp_path, capsys):
+    """A learner's whole notebook: exercise 4's training cell changes the parameters after exercise 1's forward,
+    so the final state can't be graded; the last cell after which it can is graded, and the output says so."""
+    step = ("\n# %%\nwith torch.no_grad():\n    for p, grad in zip(parameters, [dC, dW1, db1, dW2, db2, dbngain, "
+            "dbnbias]):\n        p.data += -0.1 * grad\n")
+    nb = notebook(tmp_path)
+    cells = json.loads(nb.read_text())
+    cells["cells"].append({"cell_type": "code", "source": step, "outputs": []})
+    nb.write_text(json.dumps(cells))
+    assert cli_main([str(nb)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "26 of 26 done" in out and "as it stood after cell 7 of 8" in out and "`emb` differs" in out
+    nb.write_text(nb.read_text().replace("dbndiff2 = (1.0/(n-1))*", "dbndiff2 = (1.0/n)*"))
+    assert cli_main([str(nb)]) == 1
+    assert "WRONG   | dbndiff2" in capsys.readouterr().out
+
+
 def test_an_atom_changed_in_place_is_named_as_such(tmp_path):
     """Exercise 2 written on a .detach() of logits changes logits itself: not a training step."""
     ns = run_solution(solution(tmp_path, "dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1])",
@@ -234,6 +251,25 @@ def test_a_sum_that_cancels_counts_ulp_of_its_terms():
     diagnosis = grade(run_solution(CORRECT), quiet=True)["db1"].diagnosis
     scaled = float(diagnosis.split("by at most ")[1].split(" ulp")[0])
     assert scaled < 16 and "sum of |terms|" in diagnosis, diagnosis
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda tmp: solution(tmp, "dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)",
+                          "dcounts_sum_inv = (counts * dprobs).sum(1)"),
+     "non-singleton dimension 1 (at line 68: dcounts += torch.ones_like(counts) * dcounts_sum)"),
+    (lambda tmp: solution(tmp, "words = [", "words = open('names.txt').read().splitlines() or ["),
+     "; relative paths are read from the solution's folder"),
+    (lambda tmp: (tmp / "cells.ipynb").write_text('{"cells": ["x = 1"]}') and tmp / "cells.ipynb",
+     "cells.ipynb: not a Jupyter notebook: "),
+    (lambda tmp: (tmp / "nb.ipynb").write_text("{") and tmp / "nb.ipynb", "nb.ipynb: not a Jupyter notebook: "),
+    (lambda tmp: (tmp / "folder.py").mkdir() or tmp / "folder.py", "folder.py: a directory, not a file"),
+])
+def test_cli_errors_say_where_and_what(tmp_path, capsys, make, words):
+    path = make(tmp_path)
+    assert cli_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert "the solution raised ValueError" not in err
 
 
 def test_python_m_backprop_exercise(tmp_path):
