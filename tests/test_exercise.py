@@ -246,6 +246,13 @@ def test_a_sparse_or_other_device_gradient_is_wrong_not_a_crash(change, words):
     assert row.verdict == "wrong" and words in row.diagnosis, row
 
 
+def test_a_gradient_in_a_coarser_dtype_says_so():
+    ns = run_solution(CORRECT)
+    ns["dW2"] = ns["dW2"].half()
+    row = grade(ns, quiet=True)["dW2"]
+    assert row.verdict == "wrong" and row.diagnosis.startswith("dtype torch.float16, coarser than autograd's torch.float32")
+
+
 def test_a_sum_that_cancels_counts_ulp_of_its_terms():
     """db1 sums to 0 in exact arithmetic: its largest entry is rounding noise, no yardstick for ulp."""
     diagnosis = grade(run_solution(CORRECT), quiet=True)["db1"].diagnosis
