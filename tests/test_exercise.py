@@ -317,6 +317,12 @@ def test_training_with_correct_gradients_passes(form):
     assert [r.name for r in result.rows] == list(PARAMS)
 
 
+def test_training_with_float64_gradients_keeps_the_parameters_dtype():
+    """p.data += -lr * grad keeps a float32 parameter float32 for a float64 grad; so does grade_training."""
+    result = grade_training(lambda p, X, Y: [g.double() for g in manual_grads(p, X, Y)], steps=3, quiet=True)
+    assert result.passed, str(result)
+
+
 def test_training_stops_at_the_first_wrong_step(capsys):
     result = grade_training(lambda p, X, Y: manual_grads(p, X, Y, "no 1/n"), steps=5)
     assert not result.passed and result.wrong_step == 0
