@@ -227,6 +227,14 @@ def test_a_whole_notebook_with_exercise_4_is_graded_where_it_last_fits(tmp_path,
     assert "WRONG   | dbndiff2" in capsys.readouterr().out
 
 
+def test_a_script_with_a_training_step_after_the_backward_says_what_to_do(tmp_path, capsys):
+    path = solution(tmp_path)
+    path.write_text(path.read_text() + "with torch.no_grad():\n    W2 -= 0.1 * dW2\n")
+    assert cli_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`logits` differs" in err and "grade a copy that stops before it" in err, err
+
+
 def test_an_atom_changed_in_place_is_named_as_such(tmp_path):
     """Exercise 2 written on a .detach() of logits changes logits itself: not a training step."""
     ns = run_solution(solution(tmp_path, "dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1])",

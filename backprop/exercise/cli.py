@@ -179,6 +179,10 @@ def cli_main(argv: list[str]) -> int:
     try:
         result = _grade_last_state(ns, states)
     except (ValueError, TypeError) as e:
+        if path.suffix == ".py" and "re-run the forward cell" in str(e):  # a script has no cells to re-run
+            return _fail(path, f"{e}; a script is graded as it ends: if code after the backward pass "
+                               f"changes the parameters (exercise 4's training loop), grade a copy that stops "
+                               f"before it")
         return _fail(path, str(e))
     return 0 if result.passed else 1
 
