@@ -117,6 +117,14 @@ def test_missing_gradients_are_not_done_yet(capsys):
     assert "not done yet: dW1, demb, dC" in out and "23 of 26 done" in out
 
 
+def test_a_gradient_under_another_name_is_pointed_at(capsys):
+    ns = run_solution(CORRECT)
+    ns["dbnmean"] = ns.pop("dbnmeani")  # exercise 4's forward calls it bnmean
+    result = grade(ns)
+    assert result.missing == ["dbnmeani"]
+    assert "dbnmeani is not done yet, but dbnmean is defined" in capsys.readouterr().out
+
+
 def test_table_puts_the_verdict_first_and_quiet_prints_nothing(capsys):
     ns = run_solution(CORRECT)
     grade(ns, quiet=True)

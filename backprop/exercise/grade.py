@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -206,6 +207,17 @@ def _check_forward(ns: Mapping[str, object], atoms: dict[str, Tensor]) -> None:
                              f"the parameters after it?)")
 
 
+def _misnamed(namespace: Mapping[str, object], missing: list[str]) -> list[str]:
+    """A tensor named like a gradient not done yet (dbnmean for dbnmeani) is probably that gradient."""
+    others = [k for k, v in namespace.items() if isinstance(v, Tensor) and k.startswith("d") and k not in GRADS]
+    notes = []
+    for name in missing:
+        close = difflib.get_close_matches(name, others, n=1, cutoff=0.8)
+        if close:
+            notes.append(f"{name} is not done yet, but {close[0]} is defined: is it {name} under another name?")
+    return notes
+
+
 def _changed_in_place(t: Tensor) -> bool:
     """Whether an in-place op ran on ``t`` (or on a tensor sharing its version counter, as .detach() does)."""
     try:
@@ -243,6 +255,7 @@ def grade(namespace: Mapping[str, object], *, quiet: bool = False) -> GradeResul
                          f"{e}") from e
     _check_forward(namespace, atoms)
     result = GradeResult(grade_tensors(namespace, params, Xb, Yb), params["C"].dtype, n)
+    result.notes += _misnamed(namespace, result.missing)
     if not quiet:
         print(result)
     return result
