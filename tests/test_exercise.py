@@ -117,6 +117,14 @@ def test_missing_gradients_are_not_done_yet(capsys):
     assert "not done yet: dW1, demb, dC" in out and "23 of 26 done" in out
 
 
+def test_a_gradient_under_another_name_is_pointed_at(capsys):
+    ns = run_solution(CORRECT)
+    ns["dbnmean"] = ns.pop("dbnmeani")  # exercise 4's forward calls it bnmean
+    result = grade(ns)
+    assert result.missing == ["dbnmeani"]
+    assert "dbnmeani is not done yet, but dbnmean is defined" in capsys.readouterr().out
+
+
 def test_table_puts_the_verdict_first_and_quiet_prints_nothing(capsys):
     ns = run_solution(CORRECT)
     grade(ns, quiet=True)
@@ -210,6 +218,83 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, words):
     assert err.count("\n") == 1 and words in err and str(path) in err and "Traceback" not in err
 
 
+def test_a_whole_notebook_with_exercise_4_is_graded_where_it_last_fits(tmp_path, capsys):
+    """A learner's whole notebook: exercise 4's training cell changes the parameters after exercise 1's forward,
+    so the final state can't be graded; the last cell after which it can is graded, and the output says so."""
+    step = ("\n# %%\nwith torch.no_grad():\n    for p, grad in zip(parameters, [dC, dW1, db1, dW2, db2, dbngain, "
+            "dbnbias]):\n        p.data += -0.1 * grad\n")
+    nb = notebook(tmp_path)
+    cells = json.loads(nb.read_text())
+    cells["cells"].append({"cell_type": "code", "source": step, "outputs": []})
+    nb.write_text(json.dumps(cells))
+    assert cli_main([str(nb)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "26 of 26 done" in out and "as it stood after cell 7 of 8" in out and "`emb` differs" in out
+    nb.write_text(nb.read_text().replace("dbndiff2 = (1.0/(n-1))*", "dbndiff2 = (1.0/n)*"))
+    assert cli_main([str(nb)]) == 1
+    assert "WRONG   | dbndiff2" in capsys.readouterr().out
+
+
+def test_a_script_with_a_training_step_after_the_backward_says_what_to_do(tmp_path, capsys):
+    path = solution(tmp_path)
+    path.write_text(path.read_text() + "with torch.no_grad():\n    W2 -= 0.1 * dW2\n")
+    assert cli_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "`logits` differs" in err and "grade a copy that stops before it" in err, err
+
+
+def test_an_atom_changed_in_place_is_named_as_such(tmp_path):
+    """Exercise 2 written on a .detach() of logits changes logits itself: not a training step."""
+    ns = run_solution(solution(tmp_path, "dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1])",
+                               "dlogits = logits.detach(); dlogits.exp_(); dlogits /= dlogits.sum(1, keepdim=True)  #"))
+    with pytest.raises(ValueError, match=r"`logits` was changed in place .*\.clone\(\)"):
+        grade(ns, quiet=True)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda t: t.to_sparse(), "sparse_coo tensor"),
+    (lambda t: t.to("meta"), "on device meta"),
+])
+def test_a_sparse_or_other_device_gradient_is_wrong_not_a_crash(change, words):
+    ns = run_solution(CORRECT)
+    ns["dC"] = change(ns["dC"])
+    row = grade(ns, quiet=True)["dC"]
+    assert row.verdict == "wrong" and words in row.diagnosis, row
+
+
+def test_a_gradient_in_a_coarser_dtype_says_so():
+    ns = run_solution(CORRECT)
+    ns["dW2"] = ns["dW2"].half()
+    row = grade(ns, quiet=True)["dW2"]
+    assert row.verdict == "wrong" and row.diagnosis.startswith("dtype torch.float16, coarser than autograd's torch.float32")
+
+
+def test_a_sum_that_cancels_counts_ulp_of_its_terms():
+    """db1 sums to 0 in exact arithmetic: its largest entry is rounding noise, no yardstick for ulp."""
+    diagnosis = grade(run_solution(CORRECT), quiet=True)["db1"].diagnosis
+    scaled = float(diagnosis.split("by at most ")[1].split(" ulp")[0])
+    assert scaled < 16 and "sum of |terms|" in diagnosis, diagnosis
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda tmp: solution(tmp, "dcounts_sum_inv = (counts * dprobs).sum(1, keepdim=True)",
+                          "dcounts_sum_inv = (counts * dprobs).sum(1)"),
+     "non-singleton dimension 1 (at line 68: dcounts += torch.ones_like(counts) * dcounts_sum)"),
+    (lambda tmp: solution(tmp, "words = [", "words = open('names.txt').read().splitlines() or ["),
+     "; relative paths are read from the solution's folder"),
+    (lambda tmp: (tmp / "cells.ipynb").write_text('{"cells": ["x = 1"]}') and tmp / "cells.ipynb",
+     "cells.ipynb: not a Jupyter notebook: "),
+    (lambda tmp: (tmp / "nb.ipynb").write_text("{") and tmp / "nb.ipynb", "nb.ipynb: not a Jupyter notebook: "),
+    (lambda tmp: (tmp / "folder.py").mkdir() or tmp / "folder.py", "folder.py: a directory, not a file"),
+])
+def test_cli_errors_say_where_and_what(tmp_path, capsys, make, words):
+    path = make(tmp_path)
+    assert cli_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert "the solution raised ValueError" not in err
+
+
 def test_python_m_backprop_exercise(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread, as a worker
     bad = solution(tmp_path, "db2 = dlogits.sum(0)", "db2 = dlogits.sum(1)")
@@ -246,6 +331,12 @@ def test_training_with_correct_gradients_passes(form):
     result = grade_training(lambda p, X, Y: manual_grads(p, X, Y, form), steps=20, quiet=True)
     assert result.passed and result.wrong_step is None, str(result)
     assert [r.name for r in result.rows] == list(PARAMS)
+
+
+def test_training_with_float64_gradients_keeps_the_parameters_dtype():
+    """p.data += -lr * grad keeps a float32 parameter float32 for a float64 grad; so does grade_training."""
+    result = grade_training(lambda p, X, Y: [g.double() for g in manual_grads(p, X, Y)], steps=3, quiet=True)
+    assert result.passed, str(result)
 
 
 def test_training_stops_at_the_first_wrong_step(capsys):

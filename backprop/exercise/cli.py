@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import linecache
 import os
 import runpy
 import sys
+import traceback
 import types
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
+
+from backprop.exercise.forward import ATOMS, GRADS, PARAMS
+from backprop.exercise.grade import GradeResult, grade
 
 
 class _Anything:
@@ -77,36 +84,73 @@ def notebook_code(path: Path) -> list[str]:
         cells = nb["cells"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"not a Jupyter notebook: {type(e).__name__}: {e}") from e
+    if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
+        raise ValueError("not a Jupyter notebook: its cells are not a list of objects")
     out = []
     for cell in cells:
         if cell.get("cell_type") != "code":
             continue
         src = cell.get("source", "")
-        src = "".join(src) if isinstance(src, list) else src
+        src = "".join(src) if isinstance(src, list) and all(isinstance(s, str) for s in src) else src
+        if not isinstance(src, str):
+            raise ValueError("not a Jupyter notebook: a code cell's source is not text")
         if src.lstrip().startswith("%%"):
-            continue  # a cell magic makes the whole cell non-Python
+            out.append("")  # a cell magic makes the whole cell non-Python; it keeps its number
+            continue
         lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!"))]
         out.append("\n".join(lines))
     return out
 
 
-def run_solution(path: Path) -> dict[str, object]:
-    """Run a .py or .ipynb in a fresh namespace and return its globals."""
+def run_solution(path: Path, states: list[tuple[int, dict[str, object]]] | None = None) -> dict[str, object]:
+    """Run a .py or .ipynb in a fresh namespace and return its globals.
+
+    For a notebook, ``states`` (if given) gets (cell number, what grade() reads) after each code cell, the
+    parameters and the batch copied: a later cell, say exercise 4's training loop, may change them in place.
+    """
     path = path.resolve()
     with _in_dir(path.parent), _plotting_stub():
         if path.suffix == ".py":
             return runpy.run_path(str(path), run_name="__main__")
         ns: dict[str, object] = {"__name__": "__main__", "__file__": str(path)}
         for i, code in enumerate(notebook_code(path)):
-            exec(compile(code, f"{path.name}, cell {i + 1}", "exec"), ns)
+            name = f"{path.name}, cell {i + 1}"
+            linecache.cache[name] = (len(code), None, code.splitlines(keepends=True), name)  # for error lines
+            exec(compile(code, name, "exec"), ns)
+            if states is not None:
+                states.append((i + 1, _state(ns)))
         return ns
+
+
+def _state(ns: dict[str, object]) -> dict[str, object]:
+    copied = (*PARAMS, "Xb", "Yb")
+    return {k: v.detach().clone() if k in copied and isinstance(v, torch.Tensor) else v
+            for k, v in ns.items() if k in (*copied, "n", *ATOMS, *GRADS)}
+
+
+def _grade_last_state(ns: dict[str, object], states: list[tuple[int, dict[str, object]]]) -> GradeResult:
+    """grade(ns); if the notebook's end can't be graded (exercise 4 trained the parameters after exercise
+    1's forward), the state after the last cell that can, saying which."""
+    try:
+        return grade(ns)
+    except (ValueError, TypeError) as at_end:
+        for cell, state in reversed(states):
+            try:
+                result = grade(state, quiet=True)
+            except (ValueError, TypeError):
+                continue
+            if len(result.missing) < len(result.rows):
+                why = str(at_end).removeprefix("grade(namespace): ").split(";")[0]
+                print(f"graded the notebook as it stood after cell {cell} of {states[-1][0]}, the last state "
+                      f"that grades; at its end, {why}")
+                print(result)
+                return result
+        raise
 
 
 def cli_main(argv: list[str]) -> int:
     """``backprop grade SOLUTION`` (``argv`` is what follows ``grade``): 0 when every done gradient
     passes, 1 when one is wrong, 2 for bad input or a solution that raises."""
-    from backprop.exercise.grade import grade
-
     parser = argparse.ArgumentParser(prog="backprop grade", description=__doc__)
     parser.add_argument("solution", type=Path, help="a .py script or .ipynb notebook of the exercise")
     try:
@@ -116,19 +160,47 @@ def cli_main(argv: list[str]) -> int:
     path: Path = args.solution
     if path.suffix not in (".py", ".ipynb"):
         return _fail(path, "expected a .py or .ipynb file")
+    if path.is_dir():
+        return _fail(path, "a directory, not a file")
     if not path.is_file():
         return _fail(path, "no such file")
+    if path.suffix == ".ipynb":
+        try:
+            notebook_code(path)
+        except ValueError as e:
+            return _fail(path, str(e))
+    states: list[tuple[int, dict[str, object]]] = []
     try:
-        ns = run_solution(path)
+        ns = run_solution(path, states)
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # a learner's sys.exit() or error ends the run, not the grader
-        return _fail(path, f"the solution raised {type(e).__name__}: {e}")
+        return _fail(path, _raised(e, path.resolve()))
     try:
-        result = grade(ns)
+        result = _grade_last_state(ns, states)
     except (ValueError, TypeError) as e:
+        if path.suffix == ".py" and "re-run the forward cell" in str(e):  # a script has no cells to re-run
+            return _fail(path, f"{e}; a script is graded as it ends: if code after the backward pass "
+                               f"changes the parameters (exercise 4's training loop), grade a copy that stops "
+                               f"before it")
         return _fail(path, str(e))
     return 0 if result.passed else 1
+
+
+def _raised(e: BaseException, path: Path) -> str:
+    """What the solution raised, and where in it: the last line of the solution's own code that ran."""
+    mine = [f for f in traceback.extract_tb(e.__traceback__)
+            if f.filename == str(path) or f.filename.startswith(f"{path.name}, cell ")]
+    where = ""
+    if mine and not isinstance(e, SyntaxError):  # a SyntaxError's message has its line
+        f = mine[-1]
+        cell = f.filename.removeprefix(path.name).removeprefix(", ") if f.filename != str(path) else ""
+        where = f" (at {cell + ', ' if cell else ''}line {f.lineno}" + (f": {f.line})" if f.line else ")")
+    text = f"the solution raised {type(e).__name__}: {e}{where}"
+    if isinstance(e, FileNotFoundError) and e.filename and not os.path.isabs(e.filename):
+        text += (f"; relative paths are read from the solution's folder, {path.parent}, and `!` shell lines "
+                 f"such as !wget are not run")
+    return text
 
 
 def _fail(path: Path, why: str) -> int:

@@ -216,16 +216,24 @@ def diagnose(g: object, c: Context) -> str:
     """A one-line reason for a gradient that fails the acceptance rule."""
     if not isinstance(g, Tensor):
         return f"not a tensor: {type(g).__name__}"
+    if g.layout != torch.strided:
+        layout = str(g.layout).removeprefix("torch.")
+        return f"a {layout} tensor: a gradient is dense, as autograd's (.to_dense())"
+    if g.device != c.same.device:
+        return f"on device {g.device}, the parameters on {c.same.device}"
     if not g.is_floating_point():
         return f"dtype {g.dtype}: a gradient is floating point (zeros_like of an integer tensor?)"
+    coarse = ""
+    if torch.finfo(g.dtype).eps > c.eps:
+        coarse = f"dtype {g.dtype}, coarser than autograd's {c.same.dtype} (keep the gradient in it); "
     g = g.detach().double()
     if g.shape != c.ref.shape:
-        return _shape(g, c)
+        return coarse + _shape(g, c)
     bad = ~torch.isfinite(g)
     if bad.any():
         i = [int(j) for j in torch.unravel_index(bad.flatten().nonzero()[0, 0], g.shape)]
-        return f"not finite: {g[tuple(i)].item()} at index {i}"
-    return _values(g, c)
+        return coarse + f"not finite: {g[tuple(i)].item()} at index {i}"
+    return coarse + _values(g, c)
 
 
 def ulps(a: Tensor, b: Tensor) -> Tensor:

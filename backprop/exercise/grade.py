@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -104,7 +105,8 @@ def _cmp_columns(g: Tensor, same: Tensor) -> tuple[bool | None, bool | None, flo
 
 def judge(g: object, c: Context) -> str:
     """The verdict of the acceptance rule (docs/grader.md); fills ``c.err`` and ``c.allowed``."""
-    if not isinstance(g, Tensor) or not g.is_floating_point() or g.shape != c.ref.shape:
+    if (not isinstance(g, Tensor) or g.layout != torch.strided or g.device != c.same.device
+            or not g.is_floating_point() or g.shape != c.ref.shape):
         return "wrong"
     if g.dtype == c.same.dtype and torch.equal(g, c.same):
         return "exact"
@@ -167,13 +169,15 @@ def _not_exact(g: Tensor, c: Context, up: str | None) -> str:
     if g.dtype != c.same.dtype:
         return f"dtype {g.dtype}, autograd's is {c.same.dtype}"
     u = ulps(g.detach(), c.same)
-    top = max_abs(c.same)
+    top, of = max_abs(c.same), "its largest entry"
+    if c.scale > 2 * top:  # a sum that cancels (db1 is 0 in exact arithmetic): its terms set its rounding
+        top, of = c.scale, "its largest sum of |terms|"
     ulp_top = c.eps * 2.0 ** math.floor(math.log2(top)) if top else 1.0  # one ulp of the largest entry
     scaled = max_abs(g.detach().double() - c.same.double()) / ulp_top
     why = (f"carries the rounding of {up} upstream" if up else
            REASONS.get(c.name, "a different order of rounding than autograd's kernels"))
     return (f"not bit-exact: {int((u > 0).sum())} of {u.numel()} entries differ from autograd, by at most "
-            f"{scaled:.3g} ulp of its largest entry ({u.max().item():.0f} ulp elementwise); {why}")
+            f"{scaled:.3g} ulp of {of} ({u.max().item():.0f} ulp elementwise); {why}")
 
 
 def _tensor(ns: Mapping[str, object], name: str) -> Tensor:
@@ -194,9 +198,32 @@ def _check_forward(ns: Mapping[str, object], atoms: dict[str, Tensor]) -> None:
             continue
         a = atoms[name]
         if t.shape != a.shape or not torch.allclose(t.detach().to(a.dtype), a, rtol=1e-4, atol=1e-6):
+            if _changed_in_place(t):
+                raise ValueError(f"grade(namespace): `{name}` was changed in place after the forward pass (an "
+                                 f"in-place op on it or on a tensor sharing its memory, such as "
+                                 f"{name}.detach(); copy it with .clone() first); re-run the forward cell")
             raise ValueError(f"grade(namespace): `{name}` differs from the forward pass recomputed from the "
                              f"parameters and Xb, Yb; re-run the forward cell (did a training step change "
                              f"the parameters after it?)")
+
+
+def _misnamed(namespace: Mapping[str, object], missing: list[str]) -> list[str]:
+    """A tensor named like a gradient not done yet (dbnmean for dbnmeani) is probably that gradient."""
+    others = [k for k, v in namespace.items() if isinstance(v, Tensor) and k.startswith("d") and k not in GRADS]
+    notes = []
+    for name in missing:
+        close = difflib.get_close_matches(name, others, n=1, cutoff=0.8)
+        if close:
+            notes.append(f"{name} is not done yet, but {close[0]} is defined: is it {name} under another name?")
+    return notes
+
+
+def _changed_in_place(t: Tensor) -> bool:
+    """Whether an in-place op ran on ``t`` (or on a tensor sharing its version counter, as .detach() does)."""
+    try:
+        return t._version > 0
+    except RuntimeError:  # inference tensors keep no version counter
+        return False
 
 
 def grade(namespace: Mapping[str, object], *, quiet: bool = False) -> GradeResult:
@@ -228,6 +255,7 @@ def grade(namespace: Mapping[str, object], *, quiet: bool = False) -> GradeResul
                          f"{e}") from e
     _check_forward(namespace, atoms)
     result = GradeResult(grade_tensors(namespace, params, Xb, Yb), params["C"].dtype, n)
+    result.notes += _misnamed(namespace, result.missing)
     if not quiet:
         print(result)
     return result

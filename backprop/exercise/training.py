@@ -10,7 +10,7 @@ from torch import Tensor
 
 from backprop.exercise.diagnose import Context, max_abs
 from backprop.exercise.forward import PARAMS, autograd, init_params
-from backprop.exercise.grade import Row, format_table, grade_tensors, judge
+from backprop.exercise.grade import Row, _cmp_columns, format_table, grade_tensors, judge
 
 GradsFn = Callable[[dict[str, Tensor], Tensor, Tensor], "Mapping[str, Tensor] | Sequence[Tensor]"]
 
@@ -52,7 +52,8 @@ def _grads(grads_fn: GradsFn, params: dict[str, Tensor], Xb: Tensor, Yb: Tensor)
 
 
 def _sgd(params: dict[str, Tensor], grads: Mapping[str, object], lr: float) -> dict[str, Tensor]:
-    return {k: p - lr * grads["d" + k] for k, p in params.items()}
+    # In the parameters' dtype, as the notebook's p.data += -lr * grad keeps it for a float64 grad.
+    return {k: (p - lr * grads["d" + k]).to(p.dtype) for k, p in params.items()}
 
 
 def _batches(data: tuple[Tensor, Tensor] | None, steps: int, n: int, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -115,8 +116,8 @@ def _final_row(name: str, got: Tensor, same: Tensor, ref: Tensor) -> Row:
     err_same = max_abs(same.double() - ref)
     c = Context(name, ref, same, {}, {}, torch.zeros(0), torch.finfo(same.dtype).eps, err_same, max_abs(ref))
     verdict = judge(got, c)
-    row = Row(name, verdict, exact=bool(torch.equal(got, same)), approx=torch.allclose(got, same),
-              maxdiff=max_abs(got - same))
+    row = Row(name, verdict)
+    row.exact, row.approx, row.maxdiff = _cmp_columns(got, same)
     if verdict == "wrong":
         row.diagnosis = f"max error {c.err:.3g} against float64 training, allowed {c.allowed:.3g}"
     return row
