@@ -46,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backprop-device", default=None, metavar="DEVICE", help="device of the cases (cpu)")
     group.addoption("--backprop-dtypes", default=None, metavar="DTYPES",
                     help="comma-separated float dtypes of the drawn cases, e.g. float32,bfloat16 "
-                         "(default: float64, float32, bfloat16)")
+                         "(default: the strategies' own, float64, float32, bfloat16, float16)")
     group.addoption("--backprop-mutants", action="append", default=[], metavar="SPEC",
                     help="module:attr of your own known bugs (a list of mutants), added to the catalogue")
 
@@ -139,9 +139,11 @@ class BackpropRun:
         self.checks = checks
 
     def pytest_report_header(self) -> list[str]:
+        from backprop.testing.strategies import FLOAT_DTYPES
+
         o = self.options
         impls = ", ".join(f"{n}={spec.partition('@')[0]} ({kind})" for n, (_, kind, spec) in self.impls.items())
-        dtypes = ",".join(str(d).removeprefix("torch.") for d in o.dtypes) or "float64,float32,bfloat16"
+        dtypes = ",".join(str(d).removeprefix("torch.") for d in o.dtypes or FLOAT_DTYPES)
         return [f"backprop: {impls}",
                 f"backprop: profile {o.profile}, max_examples {o.max_examples or o.settings().max_examples}, "
                 f"dtypes {dtypes}, device {o.device}"]

@@ -17,6 +17,7 @@ from backprop import pytest_plugin
 from backprop.plugin.implementations import adapt, detect, load
 from backprop.testing import CheckFailure, check_against_autograd, references
 from backprop.testing.mutants import MUTANTS as CATALOGUE
+from backprop.testing.strategies import FLOAT_DTYPES
 
 pytest_plugins = ("pytester",)
 
@@ -32,6 +33,22 @@ from backprop import tanh
 MUTANTS = [SimpleNamespace(forward=tanh.forward, backward=tanh.backward, Cache=tanh.Cache,
                            __name__="tanh_equivalent", __doc__="No bug at all.", op="tanh")]
 """
+
+
+def record_dtypes(monkeypatch):
+    """Patch the oracle and gradcheck out of every check (suite power's included): the set they fill
+    with the dtype of every tensor, positional or option, of each case they are handed."""
+    import backprop.testing.suite as suite
+
+    seen = set()
+
+    def record(name, op, case, **kwargs):
+        args, options = case
+        seen.update(t.dtype for t in (*args, *options.values()) if isinstance(t, torch.Tensor))
+
+    monkeypatch.setattr(suite, "check_case", record)
+    monkeypatch.setattr(suite, "gradcheck_case", lambda *a, **k: True)
+    return seen
 
 
 class Tanh(torch.autograd.Function):
@@ -184,3 +201,24 @@ def test_end_to_end_the_worked_example_as_a_user_runs_it(tmp_path):
     assert "backprop: tanh=mykernels.tanh:Tanh (autograd), cross_entropy=mykernels.cross_entropy (contract)" in out
     caught = re.search(r"suite power: (\d+) of (\d+) known bugs caught", out)
     assert caught and caught[1] == caught[2] and int(caught[1]) >= 7, out  # every known bug of both ops
+
+
+def test_default_dtypes_are_the_strategies_own_as_header_help_and_docs_say(pytester, monkeypatch):
+    """Without --backprop-dtypes the drawn cases come in the strategies' own dtypes (float16
+    included), the fixed cases in their own float32; the header, --help and docs/plugin.md say so."""
+    names = [str(d).removeprefix("torch.") for d in FLOAT_DTYPES]
+    seen = record_dtypes(monkeypatch)
+    args = (*FAST, "--backprop-impl", "tanh=backprop.tanh", "--backprop-profile", "ci")
+    result = pytester.runpytest_inprocess(*args, "--backprop-max-examples", "40", "-k", "gradient_vs_float64")
+    result.assert_outcomes(passed=1, deselected=5)
+    assert seen == set(FLOAT_DTYPES)
+    result.stdout.fnmatch_lines([f"backprop: profile ci, max_examples 40, dtypes {','.join(names)}, device cpu"])
+    seen.clear()
+    pytester.runpytest_inprocess(*args, "-k", "fixed_cases").assert_outcomes(passed=1, deselected=5)
+    assert seen == {torch.float32}
+    usage = " ".join(pytester.runpytest_inprocess("-p", "backprop.pytest_plugin", "--help").stdout.str().split())
+    assert f"(default: the strategies' own, {', '.join(names)})" in usage
+    row = next(line for line in (ROOT / "docs" / "plugin.md").read_text().splitlines()
+               if line.startswith("| `--backprop-dtypes"))
+    assert f"the strategies' own: {', '.join(names)}" in row
+

@@ -42,7 +42,7 @@ POWER_EXAMPLES = 100
 class Options:
     profile: str = "dev"
     max_examples: int | None = None
-    dtypes: tuple[torch.dtype, ...] = ()  # () : the strategies' own (float64, float32, bfloat16)
+    dtypes: tuple[torch.dtype, ...] = ()  # (): the strategies' own (strategies.FLOAT_DTYPES)
     device: str = "cpu"
     extra_mutants: tuple[Any, ...] = field(default=())  # the user's own known bugs, each with .op
 
