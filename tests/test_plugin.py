@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# pytester's in-process runs drop the modules each imported: one that imported torch._dynamo first left
+# the next to import it again, re-registering a TORCH_LIBRARY (a RuntimeError)
+import torch._dynamo  # noqa: F401
+
 import backprop
 from backprop import pytest_plugin
 from backprop.plugin.implementations import adapt, detect, load
@@ -221,4 +225,24 @@ def test_default_dtypes_are_the_strategies_own_as_header_help_and_docs_say(pytes
     row = next(line for line in (ROOT / "docs" / "plugin.md").read_text().splitlines()
                if line.startswith("| `--backprop-dtypes"))
     assert f"the strategies' own: {', '.join(names)}" in row
+
+
+def test_requested_dtypes_cast_floating_options_too(pytester, monkeypatch):
+    """--backprop-dtypes casts a case's floating tensor options (class weights, running statistics)
+    as its positional floats, in the fixed cases, the drawn ones and suite power's; integer targets
+    stay int64."""
+    seen = record_dtypes(monkeypatch)
+    ops = ("cross_entropy", "batch_norm", "linear_cross_entropy")
+    impls = [arg for op in ops for arg in ("--backprop-impl", f"{op}=backprop.{op}")]
+    pytester.runpytest_inprocess(*FAST, *impls, "--backprop-dtypes", "bfloat16",
+                                 "-k", "suite_power or fixed_cases or gradient_vs_float64")
+    assert seen == {torch.bfloat16, torch.int64}
+
+
+def test_own_kernels_with_class_weights_pass_fixed_cases_in_a_requested_dtype(pytester):
+    """backprop's own kernels refuse class weights of another dtype than the logits (a TypeError)."""
+    impls = ("--backprop-impl", "cross_entropy=backprop.cross_entropy",
+             "--backprop-impl", "linear_cross_entropy=backprop.linear_cross_entropy")
+    result = pytester.runpytest_inprocess(*FAST, *impls, "--backprop-dtypes", "bfloat16", "-k", "fixed_cases")
+    result.assert_outcomes(passed=2, deselected=10)
 
