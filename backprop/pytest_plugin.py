@@ -172,21 +172,33 @@ class BackpropRun:
             report=pytest.CollectReport("backprop", "passed", None, result=new))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.nodeid.endswith("::suite_power]"):
+            self.power.setdefault(report.nodeid, None)  # it ran; None until it reports its results
         for key, value in report.user_properties:
             if key == "backprop_suite_power":
                 self.power[report.nodeid] = [tuple(v) for v in value]
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        results = [r for found in self.power.values() for r in found]
+        if terminalreporter.config.option.collectonly:
+            return
+        ran = {n: self.power[f"backprop[{n}::suite_power]"] for n in self.impls
+               if f"backprop[{n}::suite_power]" in self.power}
+        not_run = [n for n in self.impls if n not in ran]  # deselected (-k, -m), or the session stopped first
+        terminalreporter.write_sep("=", "backprop")
+        if not ran:
+            terminalreporter.write_line(f"suite power: not run for {', '.join(not_run)}")
+            return
+        results = [r for found in ran.values() if found is not None for r in found]
         caught = sum(stage is not None for _, stage in results)
         missed = [name for name, stage in results if stage is None]
-        wanted = [n for n in self.impls if f"backprop[{n}::suite_power]" not in self.power]
+        wanted = [n for n, found in ran.items() if found is None]  # ran, but ended before its results
         line = f"suite power: {caught} of {len(results)} known bugs caught"
         if missed:
             line += f"; MISSED: {', '.join(missed)} (the session fails)"
         if wanted:
             line += f"; not measured for {', '.join(wanted)}"
-        terminalreporter.write_sep("=", "backprop")
+        if not_run:
+            line += f"; not run for {', '.join(not_run)}"
         terminalreporter.write_line(line, red=bool(missed or wanted), green=not (missed or wanted), bold=True)
 
 

@@ -246,3 +246,20 @@ def test_own_kernels_with_class_weights_pass_fixed_cases_in_a_requested_dtype(py
     result = pytester.runpytest_inprocess(*FAST, *impls, "--backprop-dtypes", "bfloat16", "-k", "fixed_cases")
     result.assert_outcomes(passed=2, deselected=10)
 
+
+def test_summary_when_suite_power_did_not_run(pytester):
+    """--co prints no suite power; with its tests deselected, a plain line says it was not run (not
+    a red 0 of 0, which reads as a failure); an op's run alongside another's not run is still green."""
+    args = (*FAST, "--backprop-impl", "tanh=backprop.tanh", "--color=yes")
+    result = pytester.runpytest_inprocess(*args, "--co")
+    assert "suite power" not in result.stdout.str() and "backprop =" not in result.stdout.str()
+    result = pytester.runpytest_inprocess(*args, "-k", "bad_inputs")
+    result.assert_outcomes(passed=1, deselected=5)
+    line = next(line for line in result.stdout.lines if "suite power" in line)
+    assert line == "suite power: not run for tanh", repr(line)  # no colour
+    result = pytester.runpytest_inprocess(*args, "--backprop-impl", "logsumexp=backprop.logsumexp",
+                                          "-k", "tanh and suite_power")
+    result.assert_outcomes(passed=1, deselected=11)
+    line = next(line for line in result.stdout.lines if "suite power" in line)
+    assert line.startswith("\x1b[32m") and "\x1b[31m" not in line, repr(line)
+    assert f"suite power: {TANH_BUGS} of {TANH_BUGS} known bugs caught; not run for logsumexp" in line, line
