@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-# pytester's in-process runs drop the modules each imported: one that imported torch._dynamo first left
-# the next to import it again, re-registering a TORCH_LIBRARY (a RuntimeError)
+# pytester's in-process runs drop the modules each imported: one that imported torch._dynamo or
+# backprop.library first left the next to import it again, re-registering its ops (a RuntimeError)
 import torch._dynamo  # noqa: F401
 
 import backprop
+import backprop.library  # noqa: F401
 from backprop import pytest_plugin
 from backprop.plugin.implementations import adapt, detect, load
 from backprop.testing import CheckFailure, check_against_autograd, references
@@ -43,6 +44,7 @@ def record_dtypes(monkeypatch):
     """Patch the oracle and gradcheck out of every check (suite power's included): the set they fill
     with the dtype of every tensor, positional or option, of each case they are handed."""
     import backprop.testing.suite as suite
+    from backprop.plugin import checks
 
     seen = set()
 
@@ -50,8 +52,11 @@ def record_dtypes(monkeypatch):
         args, options = case
         seen.update(t.dtype for t in (*args, *options.values()) if isinstance(t, torch.Tensor))
 
-    monkeypatch.setattr(suite, "check_case", record)
-    monkeypatch.setattr(suite, "gradcheck_case", lambda *a, **k: True)
+    # the suite the checks hold, and the one suite power imports when it runs: the package
+    # backprop.plugin keeps an earlier in-process run's checks, and so its suite, which that run dropped
+    for module in {suite, checks.suite}:
+        monkeypatch.setattr(module, "check_case", record)
+        monkeypatch.setattr(module, "gradcheck_case", lambda *a, **k: True)
     return seen
 
 
