@@ -46,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backprop-device", default=None, metavar="DEVICE", help="device of the cases (cpu)")
     group.addoption("--backprop-dtypes", default=None, metavar="DTYPES",
                     help="comma-separated float dtypes of the drawn cases, e.g. float32,bfloat16 "
-                         "(default: float64, float32, bfloat16)")
+                         "(default: the strategies' own, float64, float32, bfloat16, float16)")
     group.addoption("--backprop-mutants", action="append", default=[], metavar="SPEC",
                     help="module:attr of your own known bugs (a list of mutants), added to the catalogue")
 
@@ -139,9 +139,11 @@ class BackpropRun:
         self.checks = checks
 
     def pytest_report_header(self) -> list[str]:
+        from backprop.testing.strategies import FLOAT_DTYPES
+
         o = self.options
         impls = ", ".join(f"{n}={spec.partition('@')[0]} ({kind})" for n, (_, kind, spec) in self.impls.items())
-        dtypes = ",".join(str(d).removeprefix("torch.") for d in o.dtypes) or "float64,float32,bfloat16"
+        dtypes = ",".join(str(d).removeprefix("torch.") for d in o.dtypes or FLOAT_DTYPES)
         return [f"backprop: {impls}",
                 f"backprop: profile {o.profile}, max_examples {o.max_examples or o.settings().max_examples}, "
                 f"dtypes {dtypes}, device {o.device}"]
@@ -170,21 +172,33 @@ class BackpropRun:
             report=pytest.CollectReport("backprop", "passed", None, result=new))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.nodeid.endswith("::suite_power]"):
+            self.power.setdefault(report.nodeid, None)  # it ran; None until it reports its results
         for key, value in report.user_properties:
             if key == "backprop_suite_power":
                 self.power[report.nodeid] = [tuple(v) for v in value]
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        results = [r for found in self.power.values() for r in found]
+        if terminalreporter.config.option.collectonly:
+            return
+        ran = {n: self.power[f"backprop[{n}::suite_power]"] for n in self.impls
+               if f"backprop[{n}::suite_power]" in self.power}
+        not_run = [n for n in self.impls if n not in ran]  # deselected (-k, -m), or the session stopped first
+        terminalreporter.write_sep("=", "backprop")
+        if not ran:
+            terminalreporter.write_line(f"suite power: not run for {', '.join(not_run)}")
+            return
+        results = [r for found in ran.values() if found is not None for r in found]
         caught = sum(stage is not None for _, stage in results)
         missed = [name for name, stage in results if stage is None]
-        wanted = [n for n in self.impls if f"backprop[{n}::suite_power]" not in self.power]
+        wanted = [n for n, found in ran.items() if found is None]  # ran, but ended before its results
         line = f"suite power: {caught} of {len(results)} known bugs caught"
         if missed:
             line += f"; MISSED: {', '.join(missed)} (the session fails)"
         if wanted:
             line += f"; not measured for {', '.join(wanted)}"
-        terminalreporter.write_sep("=", "backprop")
+        if not_run:
+            line += f"; not run for {', '.join(not_run)}"
         terminalreporter.write_line(line, red=bool(missed or wanted), green=not (missed or wanted), bold=True)
 
 

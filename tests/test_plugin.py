@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+# pytester's in-process runs drop the modules each imported: one that imported torch._dynamo or
+# backprop.library first left the next to import it again, re-registering its ops (a RuntimeError)
+import torch._dynamo  # noqa: F401
+
 import backprop
+import backprop.library  # noqa: F401
 from backprop import pytest_plugin
 from backprop.plugin.implementations import adapt, detect, load
 from backprop.testing import CheckFailure, check_against_autograd, references
 from backprop.testing.mutants import MUTANTS as CATALOGUE
+from backprop.testing.strategies import FLOAT_DTYPES
 
 pytest_plugins = ("pytester",)
 
@@ -32,6 +38,26 @@ from backprop import tanh
 MUTANTS = [SimpleNamespace(forward=tanh.forward, backward=tanh.backward, Cache=tanh.Cache,
                            __name__="tanh_equivalent", __doc__="No bug at all.", op="tanh")]
 """
+
+
+def record_dtypes(monkeypatch):
+    """Patch the oracle and gradcheck out of every check (suite power's included): the set they fill
+    with the dtype of every tensor, positional or option, of each case they are handed."""
+    import backprop.testing.suite as suite
+    from backprop.plugin import checks
+
+    seen = set()
+
+    def record(name, op, case, **kwargs):
+        args, options = case
+        seen.update(t.dtype for t in (*args, *options.values()) if isinstance(t, torch.Tensor))
+
+    # the suite the checks hold, and the one suite power imports when it runs: the package
+    # backprop.plugin keeps an earlier in-process run's checks, and so its suite, which that run dropped
+    for module in {suite, checks.suite}:
+        monkeypatch.setattr(module, "check_case", record)
+        monkeypatch.setattr(module, "gradcheck_case", lambda *a, **k: True)
+    return seen
 
 
 class Tanh(torch.autograd.Function):
@@ -184,3 +210,61 @@ def test_end_to_end_the_worked_example_as_a_user_runs_it(tmp_path):
     assert "backprop: tanh=mykernels.tanh:Tanh (autograd), cross_entropy=mykernels.cross_entropy (contract)" in out
     caught = re.search(r"suite power: (\d+) of (\d+) known bugs caught", out)
     assert caught and caught[1] == caught[2] and int(caught[1]) >= 7, out  # every known bug of both ops
+
+
+def test_default_dtypes_are_the_strategies_own_as_header_help_and_docs_say(pytester, monkeypatch):
+    """Without --backprop-dtypes the drawn cases come in the strategies' own dtypes (float16
+    included), the fixed cases in their own float32; the header, --help and docs/plugin.md say so."""
+    names = [str(d).removeprefix("torch.") for d in FLOAT_DTYPES]
+    seen = record_dtypes(monkeypatch)
+    args = (*FAST, "--backprop-impl", "tanh=backprop.tanh", "--backprop-profile", "ci")
+    result = pytester.runpytest_inprocess(*args, "--backprop-max-examples", "40", "-k", "gradient_vs_float64")
+    result.assert_outcomes(passed=1, deselected=5)
+    assert seen == set(FLOAT_DTYPES)
+    result.stdout.fnmatch_lines([f"backprop: profile ci, max_examples 40, dtypes {','.join(names)}, device cpu"])
+    seen.clear()
+    pytester.runpytest_inprocess(*args, "-k", "fixed_cases").assert_outcomes(passed=1, deselected=5)
+    assert seen == {torch.float32}
+    usage = " ".join(pytester.runpytest_inprocess("-p", "backprop.pytest_plugin", "--help").stdout.str().split())
+    assert f"(default: the strategies' own, {', '.join(names)})" in usage
+    row = next(line for line in (ROOT / "docs" / "plugin.md").read_text().splitlines()
+               if line.startswith("| `--backprop-dtypes"))
+    assert f"the strategies' own: {', '.join(names)}" in row
+
+
+def test_requested_dtypes_cast_floating_options_too(pytester, monkeypatch):
+    """--backprop-dtypes casts a case's floating tensor options (class weights, running statistics)
+    as its positional floats, in the fixed cases, the drawn ones and suite power's; integer targets
+    stay int64."""
+    seen = record_dtypes(monkeypatch)
+    ops = ("cross_entropy", "batch_norm", "linear_cross_entropy")
+    impls = [arg for op in ops for arg in ("--backprop-impl", f"{op}=backprop.{op}")]
+    pytester.runpytest_inprocess(*FAST, *impls, "--backprop-dtypes", "bfloat16",
+                                 "-k", "suite_power or fixed_cases or gradient_vs_float64")
+    assert seen == {torch.bfloat16, torch.int64}
+
+
+def test_own_kernels_with_class_weights_pass_fixed_cases_in_a_requested_dtype(pytester):
+    """backprop's own kernels refuse class weights of another dtype than the logits (a TypeError)."""
+    impls = ("--backprop-impl", "cross_entropy=backprop.cross_entropy",
+             "--backprop-impl", "linear_cross_entropy=backprop.linear_cross_entropy")
+    result = pytester.runpytest_inprocess(*FAST, *impls, "--backprop-dtypes", "bfloat16", "-k", "fixed_cases")
+    result.assert_outcomes(passed=2, deselected=10)
+
+
+def test_summary_when_suite_power_did_not_run(pytester):
+    """--co prints no suite power; with its tests deselected, a plain line says it was not run (not
+    a red 0 of 0, which reads as a failure); an op's run alongside another's not run is still green."""
+    args = (*FAST, "--backprop-impl", "tanh=backprop.tanh", "--color=yes")
+    result = pytester.runpytest_inprocess(*args, "--co")
+    assert "suite power" not in result.stdout.str() and "backprop =" not in result.stdout.str()
+    result = pytester.runpytest_inprocess(*args, "-k", "bad_inputs")
+    result.assert_outcomes(passed=1, deselected=5)
+    line = next(line for line in result.stdout.lines if "suite power" in line)
+    assert line == "suite power: not run for tanh", repr(line)  # no colour
+    result = pytester.runpytest_inprocess(*args, "--backprop-impl", "logsumexp=backprop.logsumexp",
+                                          "-k", "tanh and suite_power")
+    result.assert_outcomes(passed=1, deselected=11)
+    line = next(line for line in result.stdout.lines if "suite power" in line)
+    assert line.startswith("\x1b[32m") and "\x1b[31m" not in line, repr(line)
+    assert f"suite power: {TANH_BUGS} of {TANH_BUGS} known bugs caught; not run for logsumexp" in line, line

@@ -24,7 +24,7 @@ from backprop.testing.fuzz import bad_cases, check_bad_input
 from backprop.testing.mutants import MUTANTS, first_catch
 from backprop.testing.opinfo import OPS
 from backprop.testing.oracle import random_dout
-from backprop.testing.strategies import Case, to_device
+from backprop.testing.strategies import Case, to_device, to_dtype
 from backprop.testing.strategies import noncontiguous as strided  # the check below is named noncontiguous
 
 # suite_power first: a green run is trusted only once the suite has caught the known bugs here
@@ -42,7 +42,7 @@ POWER_EXAMPLES = 100
 class Options:
     profile: str = "dev"
     max_examples: int | None = None
-    dtypes: tuple[torch.dtype, ...] = ()  # () : the strategies' own (float64, float32, bfloat16)
+    dtypes: tuple[torch.dtype, ...] = ()  # (): the strategies' own (strategies.FLOAT_DTYPES)
     device: str = "cpu"
     extra_mutants: tuple[Any, ...] = field(default=())  # the user's own known bugs, each with .op
 
@@ -78,9 +78,7 @@ def fixed_cases(name: str, op: Any, options: Options) -> list[Report]:
     reports = []
     for args, kw in OPS[name].fixed_cases(options.device):
         for dtype in options.dtypes or (None,):
-            cast = tuple(a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point()
-                         else a for a in args)
-            reports.append(suite.check_case(name, op, (cast, kw)))
+            reports.append(suite.check_case(name, op, to_dtype((args, kw), dtype)))
     return reports
 
 

@@ -55,7 +55,7 @@ def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype
     ``fixed`` tries the op table's fixed cases first, as the plugin's run does."""
     from backprop.testing.opinfo import OPS
     from backprop.testing.oracle import CheckFailure
-    from backprop.testing.strategies import to_device
+    from backprop.testing.strategies import to_device, to_dtype
     from backprop.testing.suite import ALL_CHECKS, check_case, gradcheck_case
 
     info = OPS[m.op]
@@ -65,10 +65,8 @@ def first_catch(m: Any, *, max_examples: int = 300, dtypes: Sequence[torch.dtype
     caught = []
     for args, options in info.fixed_cases(device) if fixed else ():
         for dtype in dtypes or (None,):
-            cast = tuple(a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point()
-                         else a for a in args)
             try:
-                check_case(m.op, m, (cast, options), checks=ALL_CHECKS)
+                check_case(m.op, m, to_dtype((args, options), dtype), checks=ALL_CHECKS)
             except CheckFailure as e:
                 return e.stage
             except Exception:

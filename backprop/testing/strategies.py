@@ -64,6 +64,18 @@ def to_device(case: Case, device: str | torch.device) -> Case:
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), options
 
 
+def to_dtype(case: Case, dtype: torch.dtype | None) -> Case:
+    """The case with its floating-point tensors in dtype, options too (class weights, running
+    statistics), as the strategies draw them; integer tensors (class indices) keep theirs. None:
+    the case unchanged."""
+
+    def cast(a: Any) -> Any:
+        return a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    args, options = case
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in options.items()}
+
+
 @st.composite
 def cross_entropy_cases(draw: st.DrawFn, dtype: torch.dtype | None = None) -> Case:
     dtype = dtype or draw(dtypes(), label="dtype")
