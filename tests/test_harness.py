@@ -182,3 +182,14 @@ def test_adapter_passes_the_kernel_gradient_through_autograd():
     y.backward(dout)
     _, cache = tanh.forward(X)
     assert torch.equal(x.grad, tanh.backward(dout, cache)[0])
+
+
+def test_to_device_moves_tensor_options_too():
+    """The CUDA tests draw on the CPU and move the case: class weights and running statistics are
+    options, and left on the CPU they made every weighted case a device mismatch on a GPU."""
+    from backprop.testing.strategies import to_device
+
+    logits, targets, weight = torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.rand(4)
+    (m_logits, m_targets), options = to_device(((logits, targets), {"weight": weight, "reduction": "sum"}), "meta")
+    assert m_logits.is_meta and m_targets.is_meta and options["weight"].is_meta
+    assert options["reduction"] == "sum" and weight.device.type == "cpu"  # the caller's tensors stay

@@ -58,10 +58,15 @@ def integers(shape: Sequence[int], low: int, high: int, seed: int) -> torch.Tens
 
 
 def to_device(case: Case, device: str | torch.device) -> Case:
-    """Move a drawn (args, options) case to device: cases are drawn on the CPU, so they replay
-    identically everywhere and can be pinned with @example."""
+    """Move a drawn (args, options) case to device, its tensor options too (class weights, running
+    statistics): cases are drawn on the CPU, so they replay identically everywhere and can be pinned
+    with @example."""
+
+    def move(a: Any) -> Any:
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+
     args, options = case
-    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), options
+    return tuple(move(a) for a in args), {k: move(v) for k, v in options.items()}
 
 
 def to_dtype(case: Case, dtype: torch.dtype | None) -> Case:
