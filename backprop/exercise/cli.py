@@ -97,7 +97,8 @@ def notebook_code(path: Path) -> list[str]:
         if src.lstrip().startswith("%%"):
             out.append("")  # a cell magic makes the whole cell non-Python; it keeps its number
             continue
-        lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+        # a line magic or shell line becomes a blank line: the cell's other lines keep their numbers
+        lines = ["" if ln.lstrip().startswith(("%", "!")) else ln for ln in src.splitlines()]
         out.append("\n".join(lines))
     return out
 
@@ -128,13 +129,27 @@ def _state(ns: dict[str, object]) -> dict[str, object]:
             for k, v in ns.items() if k in (*copied, "n", *ATOMS, *GRADS)}
 
 
+def _trained(ns: dict[str, object], state: dict[str, object]) -> bool:
+    """Whether a later cell changed the parameters or the batch of ``state`` (exercise 4's training
+    loop, a new batch): only then is an earlier state the one to grade."""
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.detach().cpu(), b.cpu()))
+        return a is b
+    return any(not same(ns.get(k), state.get(k)) for k in (*PARAMS, "Xb", "Yb"))
+
+
 def _grade_last_state(ns: dict[str, object], states: list[tuple[int, dict[str, object]]]) -> GradeResult:
-    """grade(ns); if the notebook's end can't be graded (exercise 4 trained the parameters after exercise
-    1's forward), the state after the last cell that can, saying which."""
+    """grade(ns); if the notebook's end can't be graded because a later cell trained the parameters or
+    drew a new batch after exercise 1's forward (exercise 4), the state after the last cell that can,
+    saying which. Any other reason the end can't be graded (an atom or gradient changed after the
+    backward, say) is the notebook's answer: it is raised, never graded from an earlier state."""
     try:
         return grade(ns)
     except (ValueError, TypeError) as at_end:
         for cell, state in reversed(states):
+            if not _trained(ns, state):
+                continue
             try:
                 result = grade(state, quiet=True)
             except (ValueError, TypeError):
