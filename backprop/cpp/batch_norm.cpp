@@ -173,7 +173,9 @@ Tensors forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor*
   // torch's formula, m stat + (1 - m) r, with m rounded to T as torch's kernel rounds it (m = 1 - 1e-9
   // is 1 in float32, 1 - m then 0): an infinite r stays infinite, or is nan where torch's is (0 * inf);
   // torch.lerp's r + m (stat - r), its branch for |m| < 0.5, gave nan (inf - inf)
-  const double m = double(T(momentum)), keep = 1 - m;  // 1 - m exact (or torch's 1 or -m) for float32's m
+  // keep = 1 - m in double: torch rounds it to T as well (for float32 below 1 ulp of r; the eager kernel
+  // keeps it unrounded too)
+  const double m = double(T(momentum)), keep = 1 - m;
   auto update = [m, keep](double r, double stat) { return m * stat + keep * r; };
   // channel c's mu and rstd: from its sums (training) or the running statistics (eval)
   auto settle = [&](int64_t c) {

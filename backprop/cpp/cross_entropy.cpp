@@ -52,7 +52,7 @@ Tensors forward(const at::Tensor& logits, const at::Tensor& targets, const at::T
   // torch divides its nll and smoothing terms by the weight total apart: a total of 0 (every target's
   // weight 0) makes the nll term 0 / 0 = nan, where acc / 0 is inf. A nan total, as the eager cache's,
   // gives that nan here and in the backward (every gradient)
-  if (w && eps > 0 && total == 0) total = std::numeric_limits<double>::quiet_NaN();
+  if (w && eps > 0 && reduction == kMean && total == 0) total = std::numeric_limits<double>::quiet_NaN();
   if (reduction == kMean) out[0] = T(acc / total);
   else if (reduction == kSum) out[0] = T(acc);
   if (!w) return {loss, shift, logsum};
