@@ -57,28 +57,27 @@ def integers(shape: Sequence[int], low: int, high: int, seed: int) -> torch.Tens
     return torch.randint(low, high, tuple(shape), generator=gen)
 
 
+def _map_case(case: Case, f: Any) -> Case:
+    """f applied to every tensor of a case, its positional arguments and its options alike."""
+    def g(a: Any) -> Any:
+        return f(a) if isinstance(a, torch.Tensor) else a
+
+    args, options = case
+    return tuple(map(g, args)), {k: g(v) for k, v in options.items()}
+
+
 def to_device(case: Case, device: str | torch.device) -> Case:
     """Move a drawn (args, options) case to device, its tensor options too (class weights, running
     statistics): cases are drawn on the CPU, so they replay identically everywhere and can be pinned
     with @example."""
-
-    def move(a: Any) -> Any:
-        return a.to(device) if isinstance(a, torch.Tensor) else a
-
-    args, options = case
-    return tuple(move(a) for a in args), {k: move(v) for k, v in options.items()}
+    return _map_case(case, lambda t: t.to(device))
 
 
 def to_dtype(case: Case, dtype: torch.dtype | None) -> Case:
     """The case with its floating-point tensors in dtype, options too (class weights, running
     statistics), as the strategies draw them; integer tensors (class indices) keep theirs. None:
     the case unchanged."""
-
-    def cast(a: Any) -> Any:
-        return a.to(dtype) if dtype and isinstance(a, torch.Tensor) and a.is_floating_point() else a
-
-    args, options = case
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in options.items()}
+    return _map_case(case, lambda t: t.to(dtype) if dtype and t.is_floating_point() else t)
 
 
 @st.composite
